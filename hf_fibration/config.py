@@ -1,0 +1,107 @@
+"""FibrationConfig: every knob of a compression run, validated on construction and stored in config.json."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from .core.fibers import EPSILON_MAX, LINKAGES
+
+PARTS = ("attention", "mlp", "embeddings")
+SEARCH_ORDERS = ("forward", "backward")
+
+
+@dataclass
+class FibrationConfig:
+    """How to find fibers and how far to collapse them. Fields carry their help text in ``metadata``."""
+
+    tolerance: float = field(
+        default=0.01,
+        metadata={"help": "τ: the search keeps the eval loss ≤ base_loss·(1+τ)."},
+    )
+    epsilon: float | None = field(
+        default=None,
+        metadata={"help": "A fixed ε ∈ [0, 2) for every compressed module; None runs the per-layer ε search."},
+    )
+    epsilons: dict[str, float] = field(
+        default_factory=dict,
+        metadata={"help": "Per-module ε by part ('attention', 'mlp', 'embeddings') or module name; beats epsilon."},
+    )
+    epsilon_min: float = field(default=0.0, metadata={"help": "Lower bound of the ε binary search."})
+    epsilon_max: float = field(default=1.0, metadata={"help": "Upper bound of the ε binary search (< 2)."})
+    search_steps: int = field(default=8, metadata={"help": "Bisection steps per layer in the ε search."})
+    search_order: str = field(
+        default="forward", metadata={"help": "Order in which layers are searched: 'forward' or 'backward'."}
+    )
+    linkage: str = field(
+        default="complete", metadata={"help": "Agglomerative linkage: 'complete' (paper), 'average' or 'single'."}
+    )
+    exact_rtol: float = field(
+        default=1e-6, metadata={"help": "Relative tolerance under which rows count as equal at ε = 0."}
+    )
+    scale_aware: bool = field(
+        default=False,
+        metadata={"help": "Merge rows that are positive multiples (exact only for ReLU/LeakyReLU activations)."},
+    )
+    parts: tuple[str, ...] = field(
+        default=PARTS, metadata={"help": "What to compress: any of 'attention', 'mlp', 'embeddings'."}
+    )
+    max_eval_samples: int = field(default=256, metadata={"help": "Eval examples used by the ε search."})
+    eval_batch_size: int = field(default=16, metadata={"help": "Batch size of search evaluations."})
+    max_length: int = field(default=128, metadata={"help": "Truncation length of eval examples, in tokens."})
+    seed: int = field(default=0, metadata={"help": "Seed for sampling the eval split and for baselines."})
+
+    def __post_init__(self) -> None:
+        self.parts = tuple(self.parts)
+        self.epsilons = dict(self.epsilons)
+        _check(math.isfinite(self.tolerance) and self.tolerance >= 0,
+               f"tolerance must be a finite number ≥ 0, got {self.tolerance}.")
+        if self.epsilon is not None:
+            _check_epsilon("epsilon", self.epsilon)
+        for name, eps in self.epsilons.items():
+            _check_epsilon(f"epsilons[{name!r}]", eps)
+        _check_epsilon("epsilon_min", self.epsilon_min)
+        _check_epsilon("epsilon_max", self.epsilon_max)
+        _check(self.epsilon_min <= self.epsilon_max,
+               f"epsilon_min ({self.epsilon_min}) must not exceed epsilon_max ({self.epsilon_max}).")
+        _check(self.search_steps >= 1, f"search_steps must be ≥ 1, got {self.search_steps}.")
+        _check(self.search_order in SEARCH_ORDERS,
+               f"Unknown search_order {self.search_order!r}; choose one of {', '.join(SEARCH_ORDERS)}.")
+        _check(self.linkage in LINKAGES, f"Unknown linkage {self.linkage!r}; choose one of {', '.join(LINKAGES)}.")
+        _check(0 <= self.exact_rtol < 1, f"exact_rtol must lie in [0, 1), got {self.exact_rtol}.")
+        unknown = [p for p in self.parts if p not in PARTS]
+        _check(not unknown and self.parts, f"Unknown parts {unknown or '()'}; choose from {', '.join(PARTS)}.")
+        _check(self.max_eval_samples >= 1, f"max_eval_samples must be ≥ 1, got {self.max_eval_samples}.")
+        _check(self.eval_batch_size >= 1, f"eval_batch_size must be ≥ 1, got {self.eval_batch_size}.")
+        _check(self.max_length >= 2, f"max_length must be ≥ 2, got {self.max_length}.")
+
+    def epsilon_for(self, part: str, module_name: str) -> float | None:
+        """The fixed ε of a module: its name, then its part, then the global ε (None: to be searched)."""
+        if module_name in self.epsilons:
+            return self.epsilons[module_name]
+        return self.epsilons.get(part, self.epsilon)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["parts"] = list(self.parts)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FibrationConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"Unknown FibrationConfig fields {unknown}; valid fields are {sorted(names)}.")
+        return cls(**data)
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def _check_epsilon(name: str, value: float) -> None:
+    _check(isinstance(value, (int, float)) and 0.0 <= value < EPSILON_MAX,
+           f"{name} must lie in [0, 2) (cosine distance threshold), got {value}.")

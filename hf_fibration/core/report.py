@@ -1,0 +1,66 @@
+"""What a compression did, layer by layer."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class LayerReport:
+    name: str
+    units_before: int
+    units_after: int
+    epsilon: float
+    params_before: int
+    params_after: int
+    loss: float | None = None
+
+
+@dataclass
+class CompressionReport:
+    layers: list[LayerReport] = field(default_factory=list)
+    params_before: int = 0
+    params_after: int = 0
+    non_embedding_params_before: int | None = None
+    non_embedding_params_after: int | None = None
+    base_loss: float | None = None
+    final_loss: float | None = None
+
+    @property
+    def ratio(self) -> float:
+        return self.params_before / max(self.params_after, 1)
+
+    @property
+    def non_embedding_ratio(self) -> float | None:
+        if self.non_embedding_params_before is None or self.non_embedding_params_after is None:
+            return None
+        return self.non_embedding_params_before / max(self.non_embedding_params_after, 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompressionReport:
+        data = dict(data)
+        data["layers"] = [LayerReport(**layer) for layer in data.get("layers", [])]
+        return cls(**data)
+
+    def table(self) -> str:
+        header = f"{'layer':<48} {'eps':>7} {'units':>13} {'params':>21}"
+        lines = [header, "-" * len(header)]
+        for r in self.layers:
+            units = f"{r.units_before}->{r.units_after}"
+            params = f"{r.params_before}->{r.params_after}"
+            lines.append(f"{r.name:<48} {r.epsilon:>7.4f} {units:>13} {params:>21}")
+        lines.append(f"parameters: {self.params_before} -> {self.params_after} ({self.ratio:.2f}x)")
+        if self.non_embedding_ratio is not None:
+            lines.append(
+                f"non-embedding parameters: {self.non_embedding_params_before} -> "
+                f"{self.non_embedding_params_after} ({self.non_embedding_ratio:.2f}x)"
+            )
+        if self.base_loss is not None and self.final_loss is not None:
+            change = 100.0 * (self.final_loss / self.base_loss - 1.0)
+            lines.append(f"loss: {self.base_loss:.4f} -> {self.final_loss:.4f} ({change:+.2f}%)")
+        return "\n".join(lines)
+
+    __str__ = table
