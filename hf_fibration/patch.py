@@ -1,0 +1,289 @@
+"""Walk a transformers model with the architecture table and swap modules for fibration-compressed ones.
+
+A *site* is one place that collapses at one ε: an attention projection or a residual writer (rows merged, the
+outputs repeated back to full width), an MLP's intermediate units (fc1/gate+up rows averaged, fc2/down columns
+summed), or the input embedding's hidden dims (a tied head sums its input over the same fibers). Sites are
+applied in order; each builds its dendrogram once, from the model as it stands when it is reached.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .architectures import Architecture, architecture_for
+from .config import FibrationConfig
+from .core.collapse import collapse_weight, mean_rows
+from .core.embedding import FiberEmbedding, FiberInputLinear
+from .core.fibers import FiberDendrogram, FiberPartition, colored_in_weights
+from .core.modules import FiberLinear, count_parameters
+from .core.report import CompressionReport, LayerReport
+
+FIBER_MODULES = (FiberLinear, FiberEmbedding, FiberInputLinear)
+HOMOGENEOUS_ACTIVATIONS = ("relu", "leaky_relu")
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    return model.get_submodule(name)
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(out, in) weight and bias of an nn.Linear or a GPT-2 style Conv1D, detached."""
+    if isinstance(module, nn.Linear):
+        weight = module.weight.detach()
+    elif hasattr(module, "nf") and module.weight.dim() == 2:  # transformers.pytorch_utils.Conv1D
+        weight = module.weight.detach().T
+    else:
+        raise TypeError(f"Cannot read a linear weight from {type(module).__name__}.")
+    bias = None if module.bias is None else module.bias.detach()
+    return weight, bias
+
+
+@dataclass
+class Site:
+    """One collapsible place: its modules, the units it clusters, and how to swap in a partition."""
+
+    name: str
+    part: str
+    kind: str  # "rows" (repeat outputs), "mlp" (inner units) or "embedding"
+    modules: tuple[str, ...]
+    scale_aware: bool = False
+    _originals: dict[str, nn.Module] = field(default_factory=dict, repr=False)
+    _dendrogram: FiberDendrogram | None = field(default=None, repr=False)
+
+    def units(self, model: nn.Module) -> int:
+        if self.kind == "embedding":
+            return model.get_input_embeddings().weight.shape[1]
+        return linear_weight(get_module(model, self.modules[0]))[0].shape[0]
+
+    def params(self, model: nn.Module) -> int:
+        return sum(count_parameters(get_module(model, m)) for m in self.modules)
+
+    def dendrogram(self, model: nn.Module, config: FibrationConfig) -> FiberDendrogram:
+        if self._dendrogram is None:
+            self._dendrogram = FiberDendrogram(self._rows(model), config.linkage, self.scale_aware, config.exact_rtol)
+        return self._dendrogram
+
+    def _rows(self, model: nn.Module) -> torch.Tensor:
+        if self.kind == "embedding":
+            return model.get_input_embeddings().weight.detach().to(torch.float64).T
+        return torch.cat([colored_in_weights(*linear_weight(get_module(model, m))) for m in self.modules_in()], 1)
+
+    def modules_in(self) -> tuple[str, ...]:
+        return self.modules[:-1] if self.kind == "mlp" else self.modules
+
+    def apply(self, model: nn.Module, partition: FiberPartition) -> None:
+        """Swap in the collapsed modules (remembering the originals so ``restore`` can undo it)."""
+        if not self._originals:
+            self._originals = {m: get_module(model, m) for m in self.modules}
+        else:
+            self.restore(model)
+        if self.kind == "rows":
+            self._apply_rows(model, partition)
+        elif self.kind == "mlp":
+            self._apply_mlp(model, partition)
+        else:
+            self._apply_embedding(model, partition)
+
+    def restore(self, model: nn.Module) -> None:
+        if self.kind != "embedding":
+            for name, module in self._originals.items():
+                set_module(model, name, module)
+        elif self._originals:
+            model.set_input_embeddings(self._originals["input"])
+            if "output" in self._originals:
+                model.set_output_embeddings(self._originals["output"])
+
+    def commit(self) -> None:
+        """Forget the originals (and the dendrogram): the applied partition stays."""
+        self._originals = {}
+        self._dendrogram = None
+
+    def _apply_rows(self, model: nn.Module, partition: FiberPartition) -> None:
+        (name,) = self.modules
+        original = self._originals[name]
+        weight, bias = linear_weight(original)
+        w, b = collapse_weight(weight, bias, partition)
+        set_module(model, name, FiberLinear.from_weights(w, b, partition.labels.clone()))
+
+    def _apply_mlp(self, model: nn.Module, partition: FiberPartition) -> None:
+        for name in self.modules_in():
+            weight, bias = linear_weight(self._originals[name])
+            w, b = collapse_weight(weight, bias, partition)
+            set_module(model, name, FiberLinear.from_weights(w, b))
+        out = self.modules[-1]
+        weight, bias = linear_weight(self._originals[out])
+        w, b = collapse_weight(weight, bias, None, partition)
+        set_module(model, out, FiberLinear.from_weights(w, b))
+
+    def _apply_embedding(self, model: nn.Module, partition: FiberPartition) -> None:
+        emb = model.get_input_embeddings()
+        head = model.get_output_embeddings()
+        self._originals = {"input": emb}
+        tied = head is not None and head.weight is emb.weight
+        if tied:
+            self._originals["output"] = head
+        table = mean_rows(emb.weight.detach().T, partition).T.contiguous()
+        new = FiberEmbedding(emb.num_embeddings, partition.num_fibers, emb.embedding_dim, emb.padding_idx,
+                             float(getattr(emb, "embed_scale", 1.0)), emb.weight.device, emb.weight.dtype)
+        with torch.no_grad():
+            new.weight.copy_(table)
+            new.fiber_index.copy_(partition.labels)
+        model.set_input_embeddings(new)
+        if tied:
+            new_head = FiberInputLinear(emb.embedding_dim, head.out_features, partition.num_fibers,
+                                        head.bias is not None, head.weight.device, head.weight.dtype)
+            new_head.weight = new.weight
+            with torch.no_grad():
+                new_head.fiber_index.copy_(partition.labels)
+                if head.bias is not None:
+                    new_head.bias.copy_(head.bias)
+            model.set_output_embeddings(new_head)
+
+
+def model_type_of(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    if config is None:
+        raise TypeError("compress_pretrained takes a transformers PreTrainedModel; use compress_sequential for "
+                        "plain torch models.")
+    return config.model_type
+
+
+def build_sites(model: nn.Module, config: FibrationConfig) -> list[Site]:
+    """Every site of ``model`` that ``config.parts`` selects, in forward order."""
+    arch = architecture_for(model_type_of(model))
+    activation = str(getattr(model.config, "activation_function", getattr(model.config, "hidden_act", "")))
+    if config.scale_aware and activation not in HOMOGENEOUS_ACTIVATIONS:
+        raise ValueError(f"scale_aware is exact only for ReLU-family MLPs; this model uses {activation!r}. "
+                         "Set scale_aware=False.")
+    sites: list[Site] = []
+    if "embeddings" in config.parts and _embedding_supported(model):
+        sites.append(Site("embeddings", "embeddings", "embedding", ()))
+    for block_name, block in arch.blocks(model):
+        sites += _block_sites(arch, block_name, block, config)
+    return sites
+
+
+def _embedding_supported(model: nn.Module) -> bool:
+    emb = model.get_input_embeddings()
+    return isinstance(emb, nn.Embedding) and not isinstance(emb, FiberEmbedding)
+
+
+def _block_sites(arch: Architecture, block_name: str, block: nn.Module, config: FibrationConfig) -> list[Site]:
+    present = {name for name, _ in block.named_modules()}
+    full = lambda n: f"{block_name}.{n}"  # noqa: E731
+    sites = []
+    if "attention" in config.parts:
+        for attn in arch.attentions:
+            for proj in (*attn.projections, attn.out):
+                if proj in present:
+                    sites.append(Site(full(proj), "attention", "rows", (full(proj),)))
+    if "mlp" in config.parts and all(m in present for m in (*arch.mlp.inputs, arch.mlp.out)):
+        modules = tuple(full(m) for m in (*arch.mlp.inputs, arch.mlp.out))
+        sites.append(Site(full(arch.mlp.inputs[-1]), "mlp", "mlp", modules, scale_aware=config.scale_aware))
+        sites.append(Site(full(arch.mlp.out), "mlp", "rows", (full(arch.mlp.out),)))
+    return sites
+
+
+def layer_report(model: nn.Module, site: Site, partition: FiberPartition, epsilon: float, before: int,
+                 params_before: int) -> LayerReport:
+    return LayerReport(site.name, before, partition.num_fibers, float(epsilon), params_before, site.params(model))
+
+
+def compress_with_epsilons(model: nn.Module, config: FibrationConfig) -> CompressionReport:
+    """Collapse every site at its fixed ε from the config (no search); ε = None sites are left as they are."""
+    report = CompressionReport(params_before=count_parameters(model),
+                               non_embedding_params_before=non_embedding_parameters(model))
+    for site in build_sites(model, config):
+        eps = config.epsilon_for(site.part, site.name)
+        if eps is None:
+            continue
+        before, params_before = site.units(model), site.params(model) if site.modules else 0
+        partition = site.dendrogram(model, config).cut(eps)
+        if site.kind == "embedding":
+            params_before = model.get_input_embeddings().weight.numel()
+        if partition.is_trivial:
+            site.commit()
+            continue
+        site.apply(model, partition)
+        site.commit()
+        layer = layer_report(model, site, partition, eps, before, params_before)
+        if site.kind == "embedding":
+            layer.params_after = model.get_input_embeddings().weight.numel()
+        report.layers.append(layer)
+    report.params_after = count_parameters(model)
+    report.non_embedding_params_after = non_embedding_parameters(model)
+    return report
+
+
+def non_embedding_parameters(model: nn.Module) -> int:
+    """Parameters outside the embedding tables (token, position, type) and the tied/untied LM head."""
+    skip = set()
+    for m in model.modules():
+        if isinstance(m, nn.Embedding):
+            skip.update(id(p) for p in m.parameters())
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:
+        skip.update(id(p) for p in head.parameters())
+    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
+
+
+def fiber_module_specs(model: nn.Module) -> dict[str, dict]:
+    """Shapes of every compressed module, by every name it is reachable under (tied modules share one spec)."""
+    specs: dict[str, dict] = {}
+    for name, m in model.named_modules(remove_duplicate=False):
+        if isinstance(m, FiberEmbedding):
+            specs[name] = {"kind": "embedding", "num_embeddings": m.num_embeddings, "num_fibers": m.embedding_dim,
+                           "full_width": m.full_width, "padding_idx": m.padding_idx, "embed_scale": m.embed_scale,
+                           "fiber_index": m.fiber_index.tolist()}
+        elif isinstance(m, FiberInputLinear):
+            specs[name] = {"kind": "input_linear", "full_width": m.full_width, "out_features": m.out_features,
+                           "num_fibers": m.in_features, "bias": m.bias is not None,
+                           "fiber_index": m.fiber_index.tolist()}
+        elif isinstance(m, FiberLinear):
+            specs[name] = {"kind": "linear", "in_features": m.in_features, "out_features": m.out_features,
+                           "bias": m.bias is not None, "full_width": m.full_width}
+    return specs
+
+
+def build_fiber_modules(model: nn.Module, specs: dict[str, dict]) -> None:
+    """Swap in empty modules of the saved shapes (before the weights load); aliases get one shared object."""
+    built: dict[str, nn.Module] = {}
+    for name, spec in specs.items():
+        old = get_module(model, name)
+        param = next(old.parameters(), None)
+        device = param.device if param is not None else None
+        dtype = param.dtype if param is not None else None
+        key = repr(sorted(spec.items())) + str(id(old))
+        if key not in built:
+            built[key] = _empty_module(spec, device, dtype)
+        set_module(model, name, built[key])
+
+
+def restore_fiber_indices(model: nn.Module, specs: dict[str, dict]) -> None:
+    """Set the (non-persistent) fiber indices of embeddings and tied heads from the saved specs."""
+    for name, spec in specs.items():
+        if "fiber_index" in spec:
+            module = get_module(model, name)
+            module.fiber_index = torch.tensor(spec["fiber_index"], dtype=torch.long, device=module.weight.device)
+
+
+def _empty_module(spec: dict, device: torch.device | None, dtype: torch.dtype | None) -> nn.Module:
+    kind = spec["kind"]
+    if kind == "linear":
+        return FiberLinear(spec["in_features"], spec["out_features"], spec["bias"], spec["full_width"], device, dtype)
+    if kind == "embedding":
+        return FiberEmbedding(spec["num_embeddings"], spec["num_fibers"], spec["full_width"], spec["padding_idx"],
+                              spec["embed_scale"], device, dtype)
+    if kind == "input_linear":
+        return FiberInputLinear(spec["full_width"], spec["out_features"], spec["num_fibers"], spec["bias"], device,
+                                dtype)
+    raise ValueError(f"Unknown compressed module kind {kind!r} in the checkpoint's quantization_config; "
+                     "upgrade hf-fibration.")
