@@ -11,6 +11,7 @@ from .core.fibers import EPSILON_MAX, LINKAGES
 
 PARTS = ("attention", "mlp", "embeddings")
 SEARCH_ORDERS = ("forward", "backward")
+BUDGETS = ("uniform", "greedy")
 
 
 @dataclass
@@ -32,6 +33,11 @@ class FibrationConfig:
     epsilon_min: float = field(default=0.0, metadata={"help": "Lower bound of the ε binary search."})
     epsilon_max: float = field(default=1.0, metadata={"help": "Upper bound of the ε binary search (< 2)."})
     search_steps: int = field(default=8, metadata={"help": "Bisection steps per layer in the ε search."})
+    budget: str = field(
+        default="uniform",
+        metadata={"help": "How the loss headroom τ is shared: 'greedy' (paper: each layer may use all that is "
+                          "left) or 'uniform' (after the i-th of N layers the loss may have used i/N of it)."},
+    )
     search_order: str = field(
         default="forward", metadata={"help": "Order in which layers are searched: 'forward' or 'backward'."}
     )
@@ -67,6 +73,7 @@ class FibrationConfig:
         _check(self.epsilon_min <= self.epsilon_max,
                f"epsilon_min ({self.epsilon_min}) must not exceed epsilon_max ({self.epsilon_max}).")
         _check(self.search_steps >= 1, f"search_steps must be ≥ 1, got {self.search_steps}.")
+        _check(self.budget in BUDGETS, f"Unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}.")
         _check(self.search_order in SEARCH_ORDERS,
                f"Unknown search_order {self.search_order!r}; choose one of {', '.join(SEARCH_ORDERS)}.")
         _check(self.linkage in LINKAGES, f"Unknown linkage {self.linkage!r}; choose one of {', '.join(LINKAGES)}.")

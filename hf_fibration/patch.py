@@ -111,17 +111,19 @@ class Site:
         original = self._originals[name]
         weight, bias = linear_weight(original)
         w, b = collapse_weight(weight, bias, partition)
-        set_module(model, name, FiberLinear.from_weights(w, b, partition.labels.clone()))
+        # a layer compressed before keeps its slots: slot → old row → new fiber
+        previous = getattr(original, "fiber_index", None)
+        index = partition.labels.clone() if previous is None else partition.labels.to(previous.device)[previous]
+        set_module(model, name, FiberLinear.from_weights(w, b, index))
 
     def _apply_mlp(self, model: nn.Module, partition: FiberPartition) -> None:
         for name in self.modules_in():
-            weight, bias = linear_weight(self._originals[name])
-            w, b = collapse_weight(weight, bias, partition)
-            set_module(model, name, FiberLinear.from_weights(w, b))
-        out = self.modules[-1]
-        weight, bias = linear_weight(self._originals[out])
-        w, b = collapse_weight(weight, bias, None, partition)
-        set_module(model, out, FiberLinear.from_weights(w, b))
+            original = self._originals[name]
+            w, b = collapse_weight(*linear_weight(original), partition)
+            set_module(model, name, FiberLinear.from_weights(w, b, getattr(original, "fiber_index", None)))
+        out = self._originals[self.modules[-1]]
+        w, b = collapse_weight(*linear_weight(out), None, partition)
+        set_module(model, self.modules[-1], FiberLinear.from_weights(w, b, getattr(out, "fiber_index", None)))
 
     def _apply_embedding(self, model: nn.Module, partition: FiberPartition) -> None:
         emb = model.get_input_embeddings()

@@ -62,21 +62,28 @@ def _rows(module: torch.nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def plant_fibers(model: T.PreTrainedModel) -> int:
-    """Copy a quarter of each site's unit rows onto other units, so ε = 0 finds exact fibers; returns copies."""
+def plant_fibers(model: T.PreTrainedModel, noise: float = 0.0) -> int:
+    """Copy a quarter of each site's unit rows onto other units, so ε = 0 finds exact fibers; returns copies.
+
+    With ``noise`` the copies get relative Gaussian noise: near-fibers that only ε > 0 merges."""
     copies = 0
+    g = torch.Generator().manual_seed(0)
+
+    def jitter(t: torch.Tensor) -> torch.Tensor:
+        return t if noise == 0 else t + noise * t.abs().mean() * torch.randn(t.shape, generator=g)
+
     for site in build_sites(model, FibrationConfig(epsilon=0.0)):
         if site.kind == "embedding":
             table = model.get_input_embeddings().weight
             n = table.shape[1]
-            table[:, n // 2: n // 2 + n // 4] = table[:, : n // 4]
+            table[:, n // 2: n // 2 + n // 4] = jitter(table[:, : n // 4])
             copies += n // 4
             continue
         for name in site.modules_in():
             module = get_module(model, name)
             rows = _rows(module)
             n = rows.shape[0]
-            rows[n // 2: n // 2 + n // 4] = rows[: n // 4].clone()
+            rows[n // 2: n // 2 + n // 4] = jitter(rows[: n // 4].clone())
             if module.bias is not None:
                 module.bias[n // 2: n // 2 + n // 4] = module.bias[: n // 4].clone()
         copies += n // 4

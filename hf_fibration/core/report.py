@@ -46,12 +46,13 @@ class CompressionReport:
         return cls(**data)
 
     def table(self) -> str:
-        header = f"{'layer':<48} {'eps':>7} {'units':>13} {'params':>21}"
+        header = f"{'layer':<48} {'eps':>7} {'units':>13} {'params':>21} {'loss':>9}"
         lines = [header, "-" * len(header)]
         for r in self.layers:
             units = f"{r.units_before}->{r.units_after}"
             params = f"{r.params_before}->{r.params_after}"
-            lines.append(f"{r.name:<48} {r.epsilon:>7.4f} {units:>13} {params:>21}")
+            loss = "" if r.loss is None else f"{r.loss:.4f}"
+            lines.append(f"{r.name:<48} {r.epsilon:>7.4f} {units:>13} {params:>21} {loss:>9}")
         lines.append(f"parameters: {self.params_before} -> {self.params_after} ({self.ratio:.2f}x)")
         if self.non_embedding_ratio is not None:
             lines.append(
@@ -59,8 +60,8 @@ class CompressionReport:
                 f"{self.non_embedding_params_after} ({self.non_embedding_ratio:.2f}x)"
             )
         if self.base_loss is not None and self.final_loss is not None:
-            change = 100.0 * (self.final_loss / self.base_loss - 1.0)
-            lines.append(f"loss: {self.base_loss:.4f} -> {self.final_loss:.4f} ({change:+.2f}%)")
+            change = f" ({100.0 * (self.final_loss / self.base_loss - 1.0):+.2f}%)" if self.base_loss > 1e-6 else ""
+            lines.append(f"loss: {self.base_loss:.4f} -> {self.final_loss:.4f}{change}")
         return "\n".join(lines)
 
     __str__ = table

@@ -1,0 +1,221 @@
+"""Eval/train splits through `datasets` (hub names and local files alike) and the task's loss.
+
+Tasks: ``causal`` (next-token loss), ``seq2seq`` (teacher-forced cross-entropy on the target), ``masked``
+(MLM loss on a fixed, seeded 15% mask) and ``fidelity`` for bare encoders (1 − cosine between the mean-pooled
+outputs of the model and of the uncompressed model, whose base value is 0, so its bound is absolute).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+PACKAGE_DATA = Path(__file__).parent / "data"
+DEFAULT_TEXT = PACKAGE_DATA / "wikitext2_valid.txt"
+DEFAULT_PAIRS = PACKAGE_DATA / "multi30k_val_de_en.jsonl"
+FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+TASKS = ("causal", "seq2seq", "masked", "fidelity")
+
+
+class DataError(ValueError):
+    """Bad eval/train data: a missing split or column, an empty split, an unreadable file."""
+
+
+def task_of(model: nn.Module) -> str:
+    name = type(model).__name__
+    if getattr(model.config, "is_encoder_decoder", False):
+        return "seq2seq"
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal"
+    if name.endswith("ForMaskedLM"):
+        return "masked"
+    return "fidelity"
+
+
+def load_split(
+    dataset: str | None,
+    split: str = "validation",
+    config_name: str | None = None,
+    max_samples: int | None = None,
+    seed: int = 0,
+):
+    """A `datasets.Dataset` from a hub name, a local data file or directory (None: the packaged eval text)."""
+    import datasets
+
+    if dataset is None:
+        dataset, split = str(DEFAULT_TEXT), "train"
+    path = Path(dataset)
+    try:
+        if path.is_file():
+            if path.stat().st_size == 0:
+                raise DataError(f"The data file {path} is empty; pass a file with examples.")
+            builder = FILE_BUILDERS.get("".join(path.suffixes[-1:]).lower())
+            if builder is None:
+                raise DataError(f"Cannot read {path}: use a .txt, .json, .jsonl, .csv or .parquet file.")
+            ds = datasets.load_dataset(builder, data_files={"train": str(path)}, split="train")
+        else:
+            ds = datasets.load_dataset(dataset, config_name, split=split)
+    except DataError:
+        raise
+    except ValueError as err:
+        raise DataError(f"Split {split!r} of {dataset!r} could not be loaded ({_first_line(err)}); "
+                        "pass --split with one of the dataset's splits.") from None
+    except (FileNotFoundError, ConnectionError, OSError, StopIteration) as err:
+        raise DataError(f"Dataset {dataset!r} not found locally and the Hub is unreachable "
+                        f"({_first_line(err)}); pass a local file or an available dataset.") from None
+    if len(ds) == 0:
+        raise DataError(f"The split {split!r} of {dataset!r} is empty; choose a split with examples.")
+    if max_samples is not None and len(ds) > max_samples:
+        ds = ds.shuffle(seed=seed).select(range(max_samples))
+    return ds
+
+
+def _first_line(err: Exception) -> str:
+    return str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+
+
+def _column(ds, name: str | None, candidates: tuple[str, ...], what: str) -> str:
+    if name is not None:
+        if name not in ds.column_names:
+            raise DataError(f"Column {name!r} not in the data (columns: {', '.join(ds.column_names)}); "
+                            f"pass --{what}-column.")
+        return name
+    for cand in candidates:
+        if cand in ds.column_names:
+            return cand
+    raise DataError(f"No {what} column found among {', '.join(ds.column_names)}; pass --{what}-column.")
+
+
+@dataclass
+class EvalSet:
+    """Tokenized, padded batches fixed once, with the number of loss terms each contributes."""
+
+    task: str
+    batches: list[dict[str, torch.Tensor]]
+    weights: list[int]
+    reference: list[torch.Tensor] = field(default_factory=list)  # fidelity: the uncompressed embeddings
+
+    @property
+    def total_weight(self) -> int:
+        return sum(self.weights)
+
+    def to(self, device: torch.device | str) -> EvalSet:
+        self.batches = [{k: v.to(device) for k, v in b.items()} for b in self.batches]
+        self.reference = [r.to(device) for r in self.reference]
+        return self
+
+
+def build_eval_set(
+    model: nn.Module,
+    tokenizer,
+    ds=None,
+    *,
+    text_column: str | None = None,
+    source_column: str | None = None,
+    target_column: str | None = None,
+    batch_size: int = 16,
+    max_length: int = 128,
+    seed: int = 0,
+    task: str | None = None,
+    max_samples: int = 256,
+) -> EvalSet:
+    """Tokenize ``ds`` for the model's task (None: ``max_samples`` of the packaged data for that task)."""
+    task = task or task_of(model)
+    if ds is None:
+        ds = load_split(str(DEFAULT_PAIRS if task == "seq2seq" else DEFAULT_TEXT), max_samples=max_samples, seed=seed)
+    batches, weights = [], []
+    if task == "seq2seq":
+        src = _column(ds, source_column, ("de", "source", "src", "translation_source"), "source")
+        tgt = _column(ds, target_column, ("en", "target", "tgt", "translation_target"), "target")
+        texts = [(s, t) for s, t in zip(ds[src], ds[tgt], strict=True) if s and t]
+    else:
+        col = _column(ds, text_column, ("text", "sentence", "content"), "text")
+        texts = [t for t in ds[col] if t and t.strip()]
+    if not texts:
+        raise DataError("The eval data has no non-empty examples; check the split and the column.")
+    gen = torch.Generator().manual_seed(seed)
+    for i in range(0, len(texts), batch_size):
+        chunk = texts[i:i + batch_size]
+        if task == "seq2seq":
+            enc = tokenizer([s for s, _ in chunk], text_target=[t for _, t in chunk], padding=True,
+                            truncation=True, max_length=max_length, return_tensors="pt")
+            enc["labels"] = enc["labels"].masked_fill(enc["labels"] == tokenizer.pad_token_id, -100)
+            weight = int((enc["labels"] != -100).sum())
+        else:
+            enc = tokenizer(chunk, padding=True, truncation=True, max_length=max_length, return_tensors="pt")
+            enc, weight = _labels(task, enc, tokenizer, gen)
+        batches.append(dict(enc))
+        weights.append(weight)
+    evalset = EvalSet(task, batches, weights)
+    if task == "fidelity":
+        evalset.reference = [embed(model, b) for b in batches]
+    return evalset
+
+
+def _labels(task: str, enc, tokenizer, gen: torch.Generator):
+    mask = enc["attention_mask"].bool()
+    if task == "causal":
+        labels = enc["input_ids"].masked_fill(~mask, -100)
+        enc["labels"] = labels
+        return enc, int((labels[:, 1:] != -100).sum())
+    if task == "masked":
+        special = torch.zeros_like(mask)
+        for tid in tokenizer.all_special_ids:
+            special |= enc["input_ids"] == tid
+        pick = (torch.rand(mask.shape, generator=gen) < 0.15) & mask & ~special
+        labels = enc["input_ids"].masked_fill(~pick, -100)
+        enc["input_ids"] = enc["input_ids"].masked_fill(pick, tokenizer.mask_token_id)
+        enc["labels"] = labels
+        return enc, int(pick.sum())
+    return enc, int(enc["input_ids"].shape[0])
+
+
+@torch.no_grad()
+def embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Mean-pooled, normalized last hidden state (the sentence-embedding recipe of MiniLM and friends)."""
+    out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+    pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+    return nn.functional.normalize(pooled, dim=-1)
+
+
+@torch.no_grad()
+def batch_loss_sum(model: nn.Module, evalset: EvalSet, index: int) -> float:
+    """Sum of the batch's loss terms (mean loss × its weight), so the running total bounds the final mean."""
+    batch = evalset.batches[index]
+    if evalset.weights[index] == 0:
+        return 0.0
+    if evalset.task == "fidelity":
+        cos = (embed(model, batch) * evalset.reference[index]).sum(-1)
+        return float((1.0 - cos).clamp_min(0.0).sum())
+    out = model(**batch, use_cache=False) if evalset.task in ("causal", "seq2seq") else model(**batch)
+    return float(out.loss) * evalset.weights[index]
+
+
+def evaluate_loss(
+    model: nn.Module,
+    evalset: EvalSet,
+    bound: float | None = None,
+    before_batch: Callable[[int], None] | None = None,
+) -> float:
+    """Mean loss over the eval set; with ``bound``, returns early (a value > bound) once it must exceed it."""
+    total = 0.0
+    budget = None if bound is None else bound * evalset.total_weight
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(len(evalset.batches)):
+            if before_batch is not None:
+                before_batch(i)
+            total += batch_loss_sum(model, evalset, i)
+            if budget is not None and total > budget:
+                return total / evalset.total_weight  # every term is ≥ 0: the final mean can only be larger
+    finally:
+        model.train(was_training)
+    return total / evalset.total_weight
+
