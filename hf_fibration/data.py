@@ -152,7 +152,8 @@ def build_eval_set(
         weights.append(weight)
     evalset = EvalSet(task, batches, weights)
     if task == "fidelity":
-        evalset.reference = [embed(model, b) for b in batches]
+        with torch.no_grad():
+            evalset.reference = [embed(model, b) for b in batches]
     return evalset
 
 
@@ -174,9 +175,10 @@ def _labels(task: str, enc, tokenizer, gen: torch.Generator):
     return enc, int(enc["input_ids"].shape[0])
 
 
-@torch.no_grad()
 def embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Mean-pooled, normalized last hidden state (the sentence-embedding recipe of MiniLM and friends)."""
+    """Mean-pooled, normalized last hidden state (the sentence-embedding recipe of MiniLM and friends).
+
+    Runs with gradients when they are enabled (fidelity retuning); the reference is computed under no_grad."""
     out = model(**{k: v for k, v in batch.items() if k != "labels"})
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
@@ -184,17 +186,22 @@ def embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return nn.functional.normalize(pooled, dim=-1)
 
 
+def task_loss(model: nn.Module, evalset: EvalSet, index: int) -> torch.Tensor:
+    """The batch's mean loss as a tensor (differentiable: retuning trains on it)."""
+    batch = evalset.batches[index]
+    if evalset.task == "fidelity":
+        cos = (embed(model, batch) * evalset.reference[index]).sum(-1)
+        return (1.0 - cos).clamp_min(0.0).mean()
+    out = model(**batch, use_cache=False) if evalset.task in ("causal", "seq2seq") else model(**batch)
+    return out.loss
+
+
 @torch.no_grad()
 def batch_loss_sum(model: nn.Module, evalset: EvalSet, index: int) -> float:
     """Sum of the batch's loss terms (mean loss × its weight), so the running total bounds the final mean."""
-    batch = evalset.batches[index]
     if evalset.weights[index] == 0:
         return 0.0
-    if evalset.task == "fidelity":
-        cos = (embed(model, batch) * evalset.reference[index]).sum(-1)
-        return float((1.0 - cos).clamp_min(0.0).sum())
-    out = model(**batch, use_cache=False) if evalset.task in ("causal", "seq2seq") else model(**batch)
-    return float(out.loss) * evalset.weights[index]
+    return float(task_loss(model, evalset, index)) * evalset.weights[index]
 
 
 def evaluate_loss(

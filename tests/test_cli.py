@@ -82,3 +82,34 @@ def test_evaluate_reports_loss(marian_dir, capsys):
     assert main(["evaluate", str(marian_dir), "--max-samples", "16", "--bleu"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert out["task"] == "seq2seq" and out["loss"] > 0 and "bleu" in out and torch.isfinite(torch.tensor(out["loss"]))
+
+
+def test_compress_with_retune_then_retune_command(marian_dir, tmp_path, capsys):
+    from conftest import PAIRS
+
+    rows = PAIRS.read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(rows[:128]))
+    (tmp_path / "eval.jsonl").write_text("\n".join(rows[128:192]))
+    out = tmp_path / "fib"
+    data = ["--dataset", str(tmp_path / "eval.jsonl"), "--max-length", "32", "--batch-size", "32"]
+    code = main(["compress", str(marian_dir), "--epsilon", "0.5", "--parts", "mlp", "--retune", "--max-rounds",
+                 "1", "--quench", "1.5", "--train-dataset", str(tmp_path / "train.jsonl"), "--epochs", "1",
+                 "--lr", "1e-3", "--output", str(out), "--no-progress", *data])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "round" in printed and "loss retuned" in printed
+    record = json.loads((out / "fibration_report.json").read_text())
+    assert record["rounds"][0]["loss_retuned"] < record["metrics"]["before"]["loss"]
+    assert T.AutoModelForSeq2SeqLM.from_pretrained(out) is not None
+    code = main(["retune", str(out), "--train-dataset", str(tmp_path / "train.jsonl"), "--epochs", "1",
+                 "--lr", "1e-3", "--no-progress", *data])
+    assert code == 0
+    assert (tmp_path / "fib-retuned" / "model.safetensors").exists()
+    assert "eval loss" in capsys.readouterr().out
+
+
+def test_retune_without_train_data_is_refused(marian_dir, tmp_path):
+    result = subprocess.run(CLI + ["compress", str(marian_dir), "--epsilon", "0.1", "--retune", "--output",
+                                   str(tmp_path / "o"), "--no-progress", "--max-samples", "8"],
+                            capture_output=True, text=True)
+    assert result.returncode == 2 and "--train-dataset" in result.stderr and not (tmp_path / "o").exists()

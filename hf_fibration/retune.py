@@ -1,0 +1,207 @@
+"""Retune a compressed model with accelerate: early stopping on the eval split, checkpoints, resume.
+
+Mixed precision, gradient accumulation and multi-GPU/DeepSpeed/FSDP come from ``Accelerator`` and the user's
+``accelerate config``. Checkpoints are safetensors (model and optimizer tensors) plus JSON, never pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, load_model, save_file, save_model
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import EvalSet, evaluate_loss, task_loss
+
+STATE_DIR = "retune_state"
+
+
+@dataclass
+class RetuneResult:
+    best_loss: float
+    initial_loss: float
+    steps: int
+    epochs: int
+    stopped_early: bool
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, entries in state["state"].items():
+        for key, value in entries.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    save_file(tensors, path / "optimizer.safetensors")
+    (path / "optimizer.json").write_text(json.dumps({"param_groups": state["param_groups"], "scalars": scalars}))
+
+
+def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
+    meta = json.loads((path / "optimizer.json").read_text())
+    state: dict[int, dict] = {}
+    for key, value in {**load_file(path / "optimizer.safetensors"), **meta["scalars"]}.items():
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+def retune(
+    model: nn.Module,
+    train: EvalSet,
+    evalset: EvalSet,
+    *,
+    epochs: int = 3,
+    learning_rate: float = 5e-5,
+    patience: int = 2,
+    eval_every: int | None = None,
+    max_steps: int | None = None,
+    output_dir: str | Path | None = None,
+    resume: bool = False,
+    mixed_precision: str = "no",
+    gradient_accumulation_steps: int = 1,
+    seed: int = 0,
+    progress: bool = True,
+) -> RetuneResult:
+    """Train ``model`` on ``train``'s batches, evaluate every ``eval_every`` steps (default: each epoch), stop after
+    ``patience`` evaluations without improvement, and leave the best weights in ``model``.
+
+    With ``output_dir`` a checkpoint is written at every evaluation; ``resume=True`` continues from it."""
+    from accelerate import Accelerator
+
+    if not train.batches:
+        raise ValueError("The retuning train split is empty; pass a split with examples.")
+    accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps)
+    torch.manual_seed(seed)
+    eval_every = eval_every or len(train.batches)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+    order = torch.utils.data.DataLoader(range(len(train.batches)), batch_size=1, shuffle=True,
+                                        generator=torch.Generator().manual_seed(seed))
+    model, optimizer, order = accelerator.prepare(model, optimizer, order)
+    device = accelerator.device
+    train.to(device)
+    evalset.to(device)
+    unwrapped = accelerator.unwrap_model(model)
+    state_dir = Path(output_dir) / STATE_DIR if output_dir is not None else None
+
+    initial = evaluate_loss(unwrapped, evalset)
+    progress_state = {"step": 0, "epoch": 0, "best": initial, "bad": 0, "history": []}
+    if resume and state_dir is not None and (state_dir / "trainer.json").exists():
+        load_model(unwrapped, state_dir / "model.safetensors", strict=True)
+        _load_optimizer(optimizer, state_dir)
+        progress_state = json.loads((state_dir / "trainer.json").read_text())
+    best_state = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
+    if resume and state_dir is not None and (state_dir / "best.safetensors").exists():
+        best_state = {**best_state, **load_file(state_dir / "best.safetensors", device=str(device))}
+
+    total = epochs * len(train.batches) if max_steps is None else min(max_steps, epochs * len(train.batches))
+    bar = tqdm(total=total, initial=progress_state["step"], desc="retune", disable=not progress, unit="step")
+    stopped = False
+    done = progress_state["epoch"] >= epochs or progress_state["step"] >= total
+    model.train()
+    while not done:
+        skip = progress_state["step"] - progress_state["epoch"] * len(train.batches)  # resuming mid-epoch
+        for i, index in enumerate(order):
+            if i < skip:
+                continue
+            with accelerator.accumulate(model):
+                loss = task_loss(model, train, int(index))
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            progress_state["step"] += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss.detach()):.4f}", best=f"{progress_state['best']:.4f}")
+            if progress_state["step"] % eval_every == 0 or progress_state["step"] == total:
+                value = evaluate_loss(unwrapped, evalset)
+                progress_state["history"].append({"step": progress_state["step"], "eval_loss": value})
+                if value < progress_state["best"]:
+                    progress_state["best"], progress_state["bad"] = value, 0
+                    best_state = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
+                else:
+                    progress_state["bad"] += 1
+                stopped = progress_state["bad"] >= patience
+                if state_dir is not None and accelerator.is_main_process:
+                    _checkpoint(unwrapped, optimizer, best_state, progress_state, state_dir)
+                model.train()
+            if stopped or progress_state["step"] >= total:
+                done = True
+                break
+        else:
+            progress_state["epoch"] += 1
+            done = progress_state["epoch"] >= epochs
+    bar.close()
+    model.eval()
+    unwrapped.load_state_dict(best_state)
+    return RetuneResult(progress_state["best"], initial, progress_state["step"], progress_state["epoch"], stopped,
+                        progress_state["history"])
+
+
+def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, best_state: dict, progress_state: dict,
+                state_dir: Path) -> None:
+    state_dir.mkdir(parents=True, exist_ok=True)
+    save_model(model, str(state_dir / "model.safetensors"))
+    _save_optimizer(optimizer, state_dir)
+    unique = {}
+    seen = set()
+    for k, v in best_state.items():  # tied tensors are stored once; load_state_dict re-ties them
+        if v.data_ptr() not in seen:
+            seen.add(v.data_ptr())
+            unique[k] = v.contiguous()
+    save_file(unique, str(state_dir / "best.safetensors"))
+    (state_dir / "trainer.json").write_text(json.dumps(progress_state))
+
+
+def compress_retune(
+    model: nn.Module,
+    config,
+    evalset: EvalSet,
+    train: EvalSet,
+    *,
+    rho: float = 0.041,
+    quench: float = 1.05,
+    max_rounds: int = 5,
+    progress: bool = True,
+    **retune_kwargs,
+) -> tuple[nn.Module, list[dict]]:
+    """Seed Alg. 2: greedy search and retune, then raise every layer's ε by ``quench`` and retune again while the
+    retuned loss stays ≤ (1+ρ)·L_base. Returns the last model within the bound and a row per round."""
+    import copy
+
+    from .config import FibrationConfig
+    from .core.modules import count_parameters
+    from .patch import compress_with_epsilons, non_embedding_parameters
+    from .search import greedy_search
+
+    if rho < 0 or quench < 1:
+        raise ValueError(f"rho must be ≥ 0 and quench ≥ 1, got rho={rho}, quench={quench}.")
+    base = evaluate_loss(model, evalset)
+    bound = base * (1 + rho) if evalset.task != "fidelity" else rho
+    report = greedy_search(model, config, evalset, progress=progress)
+    epsilons = {layer.name: layer.epsilon for layer in report.layers}
+    rounds: list[dict] = []
+    best = None
+    for r in range(max_rounds + 1):
+        if r > 0:
+            epsilons = {k: min(max(v, 1e-3) * quench, 1.99) for k, v in epsilons.items()}
+            round_config = FibrationConfig(**{**config.to_dict(), "epsilon": None, "epsilons": epsilons})
+            compress_with_epsilons(model, round_config)
+        compressed_loss = evaluate_loss(model, evalset)
+        result = retune(model, train, evalset, progress=progress, **retune_kwargs)
+        row = {"round": r, "params": count_parameters(model), "non_embedding_params": non_embedding_parameters(model),
+               "loss_compressed": compressed_loss, "loss_retuned": result.best_loss, "steps": result.steps,
+               "within_bound": result.best_loss <= bound}
+        rounds.append(row)
+        if not row["within_bound"]:
+            break
+        best = copy.deepcopy(model)
+    return (best if best is not None else model), rounds
