@@ -69,6 +69,9 @@ def retune(
     resume: bool = False,
     mixed_precision: str = "no",
     gradient_accumulation_steps: int = 1,
+    betas: tuple[float, float] = (0.9, 0.999),
+    adam_eps: float = 1e-8,
+    warmup_steps: int = 0,
     seed: int = 0,
     progress: bool = True,
 ) -> RetuneResult:
@@ -83,10 +86,12 @@ def retune(
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps)
     torch.manual_seed(seed)
     eval_every = eval_every or len(train.batches)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
+                                  betas=betas, eps=adam_eps)
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(warmup_steps, 1)))
     order = torch.utils.data.DataLoader(range(len(train.batches)), batch_size=1, shuffle=True,
                                         generator=torch.Generator().manual_seed(seed))
-    model, optimizer, order = accelerator.prepare(model, optimizer, order)
+    model, optimizer, order, warmup = accelerator.prepare(model, optimizer, order, warmup)
     device = accelerator.device
     train.to(device)
     evalset.to(device)
@@ -99,6 +104,8 @@ def retune(
         load_model(unwrapped, state_dir / "model.safetensors", strict=True)
         _load_optimizer(optimizer, state_dir)
         progress_state = json.loads((state_dir / "trainer.json").read_text())
+        for _ in range(progress_state["step"]):
+            warmup.step()
     best_state = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
     if resume and state_dir is not None and (state_dir / "best.safetensors").exists():
         best_state = {**best_state, **load_file(state_dir / "best.safetensors", device=str(device))}
@@ -117,6 +124,7 @@ def retune(
                 loss = task_loss(model, train, int(index))
                 accelerator.backward(loss)
                 optimizer.step()
+                warmup.step()
                 optimizer.zero_grad()
             progress_state["step"] += 1
             bar.update(1)

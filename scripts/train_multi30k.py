@@ -1,0 +1,137 @@
+"""Train a Marian-architecture de→en model on Multi30k (the seed's setup, CPU-sized by default) with accelerate.
+
+    python scripts/train_multi30k.py --d-model 128 --out runs/multi30k-d128 [--epochs 40 --lr 5e-4 --warmup 400]
+    python scripts/train_multi30k.py ... --resume          # continue an interrupted run from its checkpoint
+
+3+3 layers, 8 heads, FFN = d_model, Adam betas (0.9, 0.98), eps 1e-9, batch 128, early stopping on the val loss
+(patience in epochs). The seed used lr 1e-4 and patience 20; on this CPU a higher lr with warmup converges in far
+fewer epochs (pass --lr 1e-4 --warmup 0 --patience 20 for the seed's exact schedule). The output is a normal HF
+directory (MarianMTModel + MarianTokenizer) that `hf-fibration compress DIR` takes like a hub id; results.json
+beside it records val loss, test_2016 BLEU, parameters, wall time, machine and command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import transformers as T
+
+from hf_fibration.data import EvalSet, evaluate_loss
+from hf_fibration.marian_tokenizer import train_marian_tokenizer
+from hf_fibration.metrics import bleu
+from hf_fibration.patch import non_embedding_parameters
+from hf_fibration.retune import retune
+
+DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "multi30k"
+
+
+def read_split(data: Path, split: str, limit: int | None = None) -> tuple[list[str], list[str]]:
+    def lines(lang: str) -> list[str]:
+        with gzip.open(data / f"{split}.{lang}.gz", "rt", encoding="utf-8") as f:
+            return [line.strip() for line in f]
+
+    de, en = lines("de"), lines("en")
+    pairs = [(d, e) for d, e in zip(de, en, strict=True) if d and e][:limit]
+    return [d for d, _ in pairs], [e for _, e in pairs]
+
+
+def batches(tokenizer, sources: list[str], targets: list[str], batch_size: int, max_length: int) -> EvalSet:
+    out, weights = [], []
+    for i in range(0, len(sources), batch_size):
+        enc = tokenizer(sources[i:i + batch_size], text_target=targets[i:i + batch_size], padding=True,
+                        truncation=True, max_length=max_length, return_tensors="pt")
+        enc["labels"] = enc["labels"].masked_fill(enc["labels"] == tokenizer.pad_token_id, -100)
+        out.append(dict(enc))
+        weights.append(int((enc["labels"] != -100).sum()))
+    return EvalSet("seq2seq", out, weights)
+
+
+def build_model(tokenizer, d_model: int, layers: int, heads: int, ffn: int | None) -> T.MarianMTModel:
+    config = T.MarianConfig(
+        vocab_size=len(tokenizer), d_model=d_model, encoder_layers=layers, decoder_layers=layers,
+        encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn or d_model,
+        decoder_ffn_dim=ffn or d_model, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
+        forced_eos_token_id=tokenizer.eos_token_id, activation_function="relu", dropout=0.1, num_beams=1,
+        max_length=64, share_encoder_decoder_embeddings=True, scale_embedding=True,
+    )
+    return T.MarianMTModel(config)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(DATA), help="folder with {train,val,test_2016_flickr}.{de,en}.gz")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--d-model", type=int, default=128)
+    parser.add_argument("--ffn", type=int, help="FFN width (default: d_model, as in the seed)")
+    parser.add_argument("--layers", type=int, default=3)
+    parser.add_argument("--heads", type=int, default=8)
+    parser.add_argument("--vocab", type=int, default=8000)
+    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--patience", type=int, default=3, help="epochs without val improvement before stopping")
+    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--warmup", type=int, default=400)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--max-length", type=int, default=64)
+    parser.add_argument("--train-limit", type=int, help="use only this many training pairs (smoke tests)")
+    parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--bleu-limit", type=int, help="score BLEU on this many test sentences (default: all)")
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    data, out = Path(args.data), Path(args.out)
+    if not (data / "train.de.gz").exists():
+        raise SystemExit(f"Multi30k not found in {data}; pass --data.")
+    command = f"python scripts/train_multi30k.py {' '.join(argv if argv is not None else sys.argv[1:])}"
+    print(f"command: {command}\nmachine: {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+          f" ({torch.get_num_threads()} threads)\ndate: {datetime.date.today()}", flush=True)
+
+    train_src, train_tgt = read_split(data, "train", args.train_limit)
+    val_src, val_tgt = read_split(data, "val")
+    test_src, test_tgt = read_split(data, "test_2016_flickr", args.bleu_limit)
+    out.mkdir(parents=True, exist_ok=True)
+    if (out / "vocab.json").exists():
+        tokenizer = T.AutoTokenizer.from_pretrained(out)
+    else:
+        tokenizer = train_marian_tokenizer(train_src + train_tgt, out, vocab_size=args.vocab)
+    torch.manual_seed(args.seed)
+    model = build_model(tokenizer, args.d_model, args.layers, args.heads, args.ffn)
+    train = batches(tokenizer, train_src, train_tgt, args.batch_size, args.max_length)
+    val = batches(tokenizer, val_src, val_tgt, args.batch_size, args.max_length)
+    print(f"{len(train_src)} train pairs, {len(train.batches)} batches/epoch; parameters "
+          f"{sum(p.numel() for p in model.parameters()):,} (non-embedding {non_embedding_parameters(model):,})",
+          flush=True)
+    start = time.perf_counter()
+    result = retune(model, train, val, epochs=args.epochs, learning_rate=args.lr, patience=args.patience,
+                    max_steps=args.max_steps, output_dir=out, resume=args.resume, betas=(0.9, 0.98),
+                    adam_eps=1e-9, warmup_steps=args.warmup, seed=args.seed, progress=not args.no_progress)
+    seconds = time.perf_counter() - start
+    model.eval()
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    summary = {
+        "command": command, "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
+        "date": str(datetime.date.today()), "d_model": args.d_model, "ffn": args.ffn or args.d_model,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "non_embedding_parameters": non_embedding_parameters(model), "steps": result.steps,
+        "epochs": result.epochs, "val_loss": evaluate_loss(model, val),
+        "test2016_bleu": bleu(model, tokenizer, test_src, test_tgt), "train_seconds_this_run": round(seconds, 1),
+        "history": result.history,
+    }
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2), flush=True)
+    return summary
+
+
+if __name__ == "__main__":
+    main()
