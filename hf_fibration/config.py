@@ -12,6 +12,7 @@ from .core.fibers import EPSILON_MAX, LINKAGES
 PARTS = ("attention", "mlp", "embeddings")
 SEARCH_ORDERS = ("forward", "backward")
 BUDGETS = ("uniform", "greedy")
+FIBER_SOURCES = ("weights", "activations")
 
 
 @dataclass
@@ -51,6 +52,18 @@ class FibrationConfig:
         default=False,
         metadata={"help": "Merge rows that are positive multiples (exact only for ReLU/LeakyReLU activations)."},
     )
+    compensate: bool = field(
+        default=True,
+        metadata={"help": "Compensated collapse: refit each collapsed MLP's fc2/down in closed form (ridge least "
+                          "squares) on calibration activations. Used whenever data is given (the ε search)."},
+    )
+    fibers_from: str = field(
+        default="weights",
+        metadata={"help": "MLP fibers from 'weights' (colored in-weights, the paper; exact at ε = 0) or "
+                          "'activations' (cosine of calibration activations; needs data)."},
+    )
+    calibration_tokens: int = field(default=4096, metadata={"help": "Tokens of calibration activations per MLP."})
+    ridge: float = field(default=1e-3, metadata={"help": "Ridge strength of the refit, relative to the Gram."})
     parts: tuple[str, ...] = field(
         default=PARTS, metadata={"help": "What to compress: any of 'attention', 'mlp', 'embeddings'."}
     )
@@ -73,6 +86,10 @@ class FibrationConfig:
         _check(self.epsilon_min <= self.epsilon_max,
                f"epsilon_min ({self.epsilon_min}) must not exceed epsilon_max ({self.epsilon_max}).")
         _check(self.search_steps >= 1, f"search_steps must be ≥ 1, got {self.search_steps}.")
+        _check(self.fibers_from in FIBER_SOURCES,
+               f"Unknown fibers_from {self.fibers_from!r}; choose one of {', '.join(FIBER_SOURCES)}.")
+        _check(self.calibration_tokens >= 1, f"calibration_tokens must be ≥ 1, got {self.calibration_tokens}.")
+        _check(self.ridge >= 0, f"ridge must be ≥ 0, got {self.ridge}.")
         _check(self.budget in BUDGETS, f"Unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}.")
         _check(self.search_order in SEARCH_ORDERS,
                f"Unknown search_order {self.search_order!r}; choose one of {', '.join(SEARCH_ORDERS)}.")

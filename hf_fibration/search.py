@@ -12,15 +12,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import architecture_for
+from .calibration import capture_inputs, compensate_mlp, original_hidden
 from .config import FibrationConfig
-from .core.fibers import FiberPartition
+from .core.compensate import activation_rows
+from .core.fibers import FiberDendrogram, FiberPartition
 from .core.modules import count_parameters
 from .core.report import CompressionReport, LayerReport
-from .data import EvalSet, evaluate_loss
+from .data import EvalSet, batch_loss_sum, evaluate_loss
 from .patch import Site, build_sites, model_type_of, non_embedding_parameters
 
 
@@ -118,7 +121,10 @@ def greedy_search(
                     replay.freeze_through(s, b - 1, loss)
             fixed = config.epsilon_for(site.part, site.name)
             site_bound = bound if config.budget == "greedy" else base + (bound - base) * (i + 1) / len(sites)
-            layer, current = _search_site(model, config, site, loss, site_bound, current, fixed)
+            calibration = None
+            if site.kind == "mlp" and (config.compensate or config.fibers_from == "activations"):
+                calibration = _calibrate(model, config, site, evalset, replay)
+            layer, current = _search_site(model, config, site, loss, site_bound, current, fixed, calibration)
             if layer is not None:
                 report.layers.append(layer)
             bar.set_postfix(loss=f"{current:.4f}", bound=f"{site_bound:.4f}")
@@ -138,17 +144,26 @@ def _search_site(
     bound: float,
     current: float,
     fixed: float | None,
+    calibration: torch.Tensor | None = None,
 ) -> tuple[LayerReport | None, float]:
     units, params_before = site.units(model), _site_params(model, site)
+    if calibration is not None and config.fibers_from == "activations":
+        site._dendrogram = FiberDendrogram(activation_rows(original_hidden(site, model, calibration)),
+                                           config.linkage, False, config.exact_rtol)
     dendro = site.dendrogram(model, config)
     tried: dict[int, tuple[FiberPartition, float]] = {}
+
+    def apply(part: FiberPartition) -> None:
+        site.apply(model, part)
+        if calibration is not None and config.compensate:
+            compensate_mlp(site, model, calibration, config.ridge)
 
     def trial(eps: float) -> tuple[bool, FiberPartition, float]:
         part = dendro.cut(eps)
         if part.is_trivial:
             return True, part, current
         if part.num_fibers not in tried:
-            site.apply(model, part)
+            apply(part)
             tried[part.num_fibers] = (part, loss(bound))
         part, value = tried[part.num_fibers]
         return value <= bound, part, value
@@ -156,7 +171,7 @@ def _search_site(
     if fixed is not None:  # a user-fixed ε is applied as given; the loss is reported, not bounded
         best_part = dendro.cut(fixed)
         if not best_part.is_trivial:
-            site.apply(model, best_part)
+            apply(best_part)
         best_eps, best_loss = fixed, loss(None)
     else:
         best_eps, best_part, best_loss = None, None, current
@@ -179,11 +194,22 @@ def _search_site(
         site.restore(model)
         site.commit()
         return None, current
-    site.apply(model, best_part)
+    apply(best_part)
     site.commit()
     layer = LayerReport(site.name, units, best_part.num_fibers, float(best_eps), params_before,
                         _site_params(model, site), loss=best_loss)
     return layer, best_loss
+
+
+def _calibrate(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalSet, replay: BlockReplay
+               ) -> torch.Tensor:
+    """Activations entering the MLP site, from the first eval batches (the search's own data)."""
+
+    def run(i: int) -> None:
+        replay.batch = i
+        batch_loss_sum(model, evalset, i)
+
+    return capture_inputs(model, site, run, len(evalset.batches), config.calibration_tokens)
 
 
 def _site_params(model: nn.Module, site: Site) -> int:

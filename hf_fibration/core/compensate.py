@@ -1,0 +1,156 @@
+"""Data-aware fibration: activation-aware fibers, unit-importance criteria, and the compensated collapse.
+
+All on calibration tensors: X (tokens × d_in) entering an MLP, H = act(up X) (tokens × units) the hidden units,
+and the consumer's weight W_down (d_out × units). Pure torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from .fibers import FiberPartition, relabel
+
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+
+def mlp_hidden(x: torch.Tensor, inputs: list[tuple[torch.Tensor, torch.Tensor | None]], act: Activation
+               ) -> torch.Tensor:
+    """H = act(x W_upᵀ + b) for one input matrix, or act(x W_gateᵀ) ⊙ (x W_upᵀ) for a gated (gate, up) pair."""
+    outs = [x @ w.T + (0 if b is None else b) for w, b in inputs]
+    return act(outs[0]) if len(outs) == 1 else act(outs[0]) * outs[1]
+
+
+def ridge_refit(hidden: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """argmin_{W,b} ‖H Wᵀ + b − Y‖² + λ‖W‖²: the consumer's columns and bias refit in closed form.
+
+    λ is relative to the mean diagonal of the Gram matrix, so it does not depend on the activation scale."""
+    h = hidden.to(torch.float64)
+    y = target.to(torch.float64)
+    h_mean, y_mean = h.mean(0, keepdim=True), y.mean(0, keepdim=True)
+    hc, yc = h - h_mean, y - y_mean
+    gram = hc.T @ hc
+    lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
+    weight = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), hc.T @ yc).T
+    bias = (y_mean - h_mean @ weight.T).squeeze(0)
+    return weight, bias
+
+
+def reconstruction_error(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         target: torch.Tensor) -> float:
+    pred = hidden.to(torch.float64) @ weight.to(torch.float64).T
+    if bias is not None:
+        pred = pred + bias.to(torch.float64)
+    return float(((pred - target.to(torch.float64)) ** 2).mean())
+
+
+def activation_rows(hidden: torch.Tensor, weight_rows: torch.Tensor | None = None, blend: float = 1.0
+                    ) -> torch.Tensor:
+    """Rows to cluster for activation-aware fibers: each unit's activations over the calibration tokens,
+    normalized, optionally blended with its normalized colored in-weights (cosine of the concatenation is the
+    ``blend``-weighted mean of the two cosines)."""
+    act = hidden.to(torch.float64).T
+    act = act / act.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    if weight_rows is None or blend >= 1.0:
+        return act
+    w = weight_rows.to(torch.float64)
+    w = w / w.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return torch.cat([act * blend ** 0.5, w * (1 - blend) ** 0.5], dim=1)
+
+
+def importance(criterion: str, up_rows: torch.Tensor, down_weight: torch.Tensor, hidden: torch.Tensor | None,
+               generator: torch.Generator | None = None) -> torch.Tensor:
+    """Per-unit scores for pruning baselines: random, l2 / l1 (input rows), wanda-sp (Σ_j |W_down[j,i]|·‖H_i‖),
+    flap (Var(H_i)·‖W_down[:,i]‖², the fluctuation metric)."""
+    n = up_rows.shape[0]
+    if criterion == "random":
+        return torch.rand(n, generator=generator, dtype=torch.float64)
+    if criterion == "l2":
+        return up_rows.to(torch.float64).norm(dim=1)
+    if criterion == "l1":
+        return up_rows.to(torch.float64).abs().sum(dim=1)
+    if hidden is None:
+        raise ValueError(f"The {criterion!r} criterion needs calibration activations.")
+    h = hidden.to(torch.float64)
+    w = down_weight.to(torch.float64)
+    if criterion == "wanda-sp":
+        return w.abs().sum(dim=0) * h.norm(dim=0)
+    if criterion == "flap":
+        return h.var(dim=0) * (w ** 2).sum(dim=0)
+    raise ValueError(f"Unknown criterion {criterion!r}; choose random, l2, l1, wanda-sp or flap.")
+
+
+def merge_into_kept(scores: torch.Tensor, k: int, rows: torch.Tensor) -> FiberPartition:
+    """"Merge instead of drop": keep the k best-scoring units as fiber centers and fold every other unit into the
+    center whose row (e.g. activation pattern) is nearest in cosine."""
+    n = scores.numel()
+    k = max(1, min(k, n))
+    centers = torch.topk(scores, k).indices
+    unit = rows.to(torch.float64)
+    unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    nearest = (unit @ unit[centers].T).argmax(dim=1)
+    nearest[centers] = torch.arange(k)
+    return FiberPartition(relabel(nearest), torch.ones(n, dtype=torch.float64))
+
+
+def activation_fibers(hidden: torch.Tensor, scores: torch.Tensor, k: int, linkage: str = "average",
+                      representatives: torch.Tensor | None = None) -> tuple[FiberPartition, torch.Tensor]:
+    """Fibers of units whose calibration activations are (nearly) collinear, each kept as its best-scoring
+    member (its input row unchanged) with the others folded into it: h_j ≈ a_j·h_rep, so the consumer's column
+    of the representative becomes Σ_j a_j·col_j.
+
+    With ``representatives`` given (e.g. ``span_representatives``), every unit joins the nearest one.
+    Returns the partition (representatives labeled 0..k-1, other units −1) and the fold matrix F (k × units)
+    with F[c, j] = a_j for the members of fiber c, so the new consumer weight is W_down Fᵀ."""
+    from .fibers import FiberDendrogram
+
+    h = hidden.to(torch.float64)
+    n = h.shape[1]
+    if representatives is not None:  # fibers around given representatives: each unit joins its nearest one
+        unit = activation_rows(h)
+        fibers = (unit @ unit[representatives].T).argmax(dim=1)
+        fibers[representatives] = torch.arange(representatives.numel())
+        scores = torch.zeros(n, dtype=torch.float64).index_fill_(0, representatives, 1.0)
+    else:
+        fibers = FiberDendrogram(activation_rows(h), linkage).cut_to_count(k).labels
+    num = int(fibers.max()) + 1
+    reps = torch.full((num,), -1, dtype=torch.long)
+    for j in torch.argsort(scores.to(torch.float64), descending=True).tolist():  # best-scoring member first
+        c = int(fibers[j])
+        if reps[c] < 0:
+            reps[c] = j
+    rep_of = reps[fibers]
+    coef = (h * h[:, rep_of]).sum(0) / (h[:, reps] ** 2).sum(0).clamp_min(1e-30)[fibers]
+    coef[reps] = 1.0
+    order = torch.argsort(reps)
+    new_label = torch.empty(num, dtype=torch.long)
+    new_label[order] = torch.arange(num)
+    labels = torch.full((n,), -1, dtype=torch.long)
+    labels[reps] = new_label
+    fold = torch.zeros(num, n, dtype=torch.float64)
+    fold[new_label[fibers], torch.arange(n)] = coef
+    return FiberPartition(labels, torch.ones(n, dtype=torch.float64)), fold
+
+
+def span_representatives(hidden: torch.Tensor, down_weight: torch.Tensor, k: int) -> torch.Tensor:
+    """The k units whose (centered, output-weighted) activations span the others best: the first k pivots of a
+    pivoted Cholesky of the Gram of Φ = H·diag(‖W_down[:, i]‖) (the pivots of a column-pivoted QR of Φ), found
+    greedily in O(n·k²). Units in their span are linear fibers of them."""
+    h = hidden.to(torch.float64)
+    phi = (h - h.mean(0, keepdim=True)) * down_weight.to(torch.float64).norm(dim=0)
+    gram = phi.T @ phi
+    n = gram.shape[0]
+    k = max(1, min(k, n))
+    residual = gram.diagonal().clone()
+    factor = torch.zeros(n, k, dtype=torch.float64)
+    pivots = torch.empty(k, dtype=torch.long)
+    for t in range(k):
+        i = int(torch.argmax(residual))
+        pivots[t] = i
+        column = (gram[:, i] - factor[:, :t] @ factor[i, :t]) / residual[i].clamp_min(1e-30).sqrt()
+        factor[:, t] = column
+        residual -= column**2
+        residual[pivots[: t + 1]] = -float("inf")
+    return pivots

@@ -1,0 +1,113 @@
+import copy
+
+import pytest
+import torch
+from tiny_models import inputs, plant_fibers, tiny_model
+
+from hf_fibration import FibrationConfig
+from hf_fibration.baselines import METHODS, compress_mlps
+from hf_fibration.calibration import capture_inputs, compensate_mlp
+from hf_fibration.core.compensate import activation_fibers, ridge_refit, span_representatives
+from hf_fibration.core.fibers import FiberDendrogram
+from hf_fibration.data import EvalSet, batch_loss_sum
+from hf_fibration.patch import build_sites
+from hf_fibration.search import greedy_search
+
+
+def causal_evalset(model, n_batches=3):
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(n_batches):
+        ids = torch.randint(3, 64, (4, 12), generator=g)
+        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return EvalSet("causal", batches, [4 * 11] * n_batches)
+
+
+def test_ridge_refit_matches_least_squares():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(500, 7, generator=g, dtype=torch.float64)
+    y = h @ torch.randn(7, 3, generator=g, dtype=torch.float64) + 0.5
+    w, b = ridge_refit(h, y, ridge=0.0)
+    torch.testing.assert_close(h @ w.T + b, y)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_compensation_never_increases_the_reconstruction_error(family):
+    model = tiny_model(family)
+    evalset = causal_evalset(model) if family != "bert" else None
+    if evalset is None:
+        ids = torch.randint(3, 64, (4, 12), generator=torch.Generator().manual_seed(0))
+        evalset = EvalSet("masked", [{"input_ids": ids, "labels": ids.clone()}], [48])
+    config = FibrationConfig(parts=("mlp",))
+    for site in [s for s in build_sites(model, config) if s.kind == "mlp"]:
+        x = capture_inputs(model, site, lambda i: batch_loss_sum(model, evalset, i), len(evalset.batches), 512)
+        dendro = site.dendrogram(model, config)
+        site.apply(model, dendro.cut_to_count(dendro.num_units // 3))
+        errors = compensate_mlp(site, model, x)
+        assert errors["refit"] <= errors["plain"]
+        assert errors["refit"] < 0.9 * errors["plain"]  # a coarse random collapse leaves room to refit
+        site.commit()
+
+
+def test_exact_fibers_stay_exact_with_compensation():
+    model = tiny_model("llama")
+    plant_fibers(model)
+    batch = inputs(model)
+    with torch.no_grad():
+        reference = model(**batch).logits
+    config = FibrationConfig(epsilon=0.0, parts=("mlp",), compensate=True)
+    report = greedy_search(model, config, causal_evalset(model), progress=False)
+    assert report.layers and all(r.units_after < r.units_before for r in report.layers)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, reference, atol=1e-4, rtol=1e-4)
+
+
+def test_search_with_compensation_keeps_the_bound_and_compresses_more():
+    base_model = tiny_model("gpt2")
+    plant_fibers(base_model, noise=0.05)
+    evalset = causal_evalset(base_model)
+    results = {}
+    for compensate in (False, True):
+        model = copy.deepcopy(base_model)
+        config = FibrationConfig(tolerance=0.01, parts=("mlp",), compensate=compensate, search_steps=5)
+        report = greedy_search(model, config, evalset, progress=False)
+        assert report.final_loss <= report.base_loss * 1.01 + 1e-9
+        results[compensate] = report.params_after
+    assert results[True] <= results[False]
+
+
+def test_span_representatives_find_the_independent_units():
+    g = torch.Generator().manual_seed(0)
+    basis = torch.randn(400, 5, generator=g, dtype=torch.float64)
+    mix = torch.randn(5, 15, generator=g, dtype=torch.float64)
+    hidden = torch.cat([basis, basis @ mix], dim=1)  # 15 units in the span of the first 5
+    reps = span_representatives(hidden, torch.ones(3, 20), 5)
+    partition, fold = activation_fibers(hidden, None, 5, representatives=reps)
+    assert partition.num_fibers == 5 and fold.shape == (5, 20)
+    assert torch.linalg.matrix_rank(hidden[:, reps]) == 5
+
+
+def test_every_method_reaches_the_same_width():
+    base_model = tiny_model("llama")
+    evalset = causal_evalset(base_model)
+    sizes = set()
+    for method in METHODS:
+        for compensate in (False, True):
+            model = copy.deepcopy(base_model)
+            report = compress_mlps(model, method, 0.5, evalset, compensate=compensate)
+            assert [r.units_after for r in report.layers] == [32, 32]
+            sizes.add(sum(p.numel() for n, p in model.named_parameters() if "mlp" in n and "bias" not in n))
+    assert len(sizes) == 1
+
+
+def test_unknown_method():
+    with pytest.raises(ValueError, match="Unknown method"):
+        compress_mlps(tiny_model("llama"), "magic", 0.5, None)
+
+
+def test_weight_dendrogram_is_exact_at_zero_for_planted_rows():
+    model = tiny_model("gpt2")
+    plant_fibers(model)
+    site = next(s for s in build_sites(model, FibrationConfig(parts=("mlp",))) if s.kind == "mlp")
+    assert isinstance(site.dendrogram(model, FibrationConfig()), FiberDendrogram)
+    assert site.dendrogram(model, FibrationConfig()).cut(0.0).num_fibers == 128 - 32
