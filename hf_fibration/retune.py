@@ -179,10 +179,15 @@ def compress_retune(
     quench: float = 1.05,
     max_rounds: int = 5,
     progress: bool = True,
+    searched=None,
+    base_loss: float | None = None,
     **retune_kwargs,
 ) -> tuple[nn.Module, list[dict]]:
     """Seed Alg. 2: greedy search and retune, then raise every layer's ε by ``quench`` and retune again while the
-    retuned loss stays ≤ (1+ρ)·L_base. Returns the last model within the bound and a row per round."""
+    retuned loss stays ≤ (1+ρ)·L_base. Returns the last model within the bound and a row per round.
+
+    ``searched`` (a CompressionReport) says ``model`` already went through the greedy search: its ε's are reused
+    and ``base_loss`` is the uncompressed model's loss."""
     import copy
 
     from .config import FibrationConfig
@@ -192,9 +197,9 @@ def compress_retune(
 
     if rho < 0 or quench < 1:
         raise ValueError(f"rho must be ≥ 0 and quench ≥ 1, got rho={rho}, quench={quench}.")
-    base = evaluate_loss(model, evalset)
+    base = evaluate_loss(model, evalset) if base_loss is None else base_loss
     bound = base * (1 + rho) if evalset.task != "fidelity" else rho
-    report = greedy_search(model, config, evalset, progress=progress)
+    report = searched if searched is not None else greedy_search(model, config, evalset, progress=progress)
     epsilons = {layer.name: layer.epsilon for layer in report.layers}
     rounds: list[dict] = []
     best = None
