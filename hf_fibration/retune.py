@@ -159,13 +159,7 @@ def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, best_state: 
     state_dir.mkdir(parents=True, exist_ok=True)
     save_model(model, str(state_dir / "model.safetensors"))
     _save_optimizer(optimizer, state_dir)
-    unique = {}
-    seen = set()
-    for k, v in best_state.items():  # tied tensors are stored once; load_state_dict re-ties them
-        if v.data_ptr() not in seen:
-            seen.add(v.data_ptr())
-            unique[k] = v.contiguous()
-    save_file(unique, str(state_dir / "best.safetensors"))
+    save_file({k: v.contiguous() for k, v in best_state.items()}, str(state_dir / "best.safetensors"))
     (state_dir / "trainer.json").write_text(json.dumps(progress_state))
 
 

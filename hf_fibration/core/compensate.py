@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from .fibers import FiberPartition, relabel
+from .fibers import FiberPartition
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -80,19 +80,6 @@ def importance(criterion: str, up_rows: torch.Tensor, down_weight: torch.Tensor,
     if criterion == "flap":
         return h.var(dim=0) * (w ** 2).sum(dim=0)
     raise ValueError(f"Unknown criterion {criterion!r}; choose random, l2, l1, wanda-sp or flap.")
-
-
-def merge_into_kept(scores: torch.Tensor, k: int, rows: torch.Tensor) -> FiberPartition:
-    """"Merge instead of drop": keep the k best-scoring units as fiber centers and fold every other unit into the
-    center whose row (e.g. activation pattern) is nearest in cosine."""
-    n = scores.numel()
-    k = max(1, min(k, n))
-    centers = torch.topk(scores, k).indices
-    unit = rows.to(torch.float64)
-    unit = unit / unit.norm(dim=1, keepdim=True).clamp_min(1e-30)
-    nearest = (unit @ unit[centers].T).argmax(dim=1)
-    nearest[centers] = torch.arange(k)
-    return FiberPartition(relabel(nearest), torch.ones(n, dtype=torch.float64))
 
 
 def activation_fibers(hidden: torch.Tensor, scores: torch.Tensor, k: int, linkage: str = "average",

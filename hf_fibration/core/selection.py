@@ -9,9 +9,8 @@ from collections.abc import Callable, Mapping
 
 import torch
 
+from .compensate import importance
 from .fibers import FiberPartition
-
-Criterion = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 def keep_top(scores: torch.Tensor, k: int) -> FiberPartition:
@@ -24,11 +23,7 @@ def keep_top(scores: torch.Tensor, k: int) -> FiberPartition:
     return FiberPartition(labels, torch.ones(n, dtype=torch.float64))
 
 
-CRITERIA: dict[str, Criterion] = {
-    "random": lambda rows, gen: torch.rand(rows.shape[0], generator=gen, dtype=torch.float64),
-    "l2": lambda rows, gen: rows.norm(dim=1),
-    "l1": lambda rows, gen: rows.abs().sum(dim=1),
-}
+CRITERIA = ("random", "l2", "l1")
 
 
 def selection_partitioner(
@@ -40,6 +35,6 @@ def selection_partitioner(
     gen = torch.Generator().manual_seed(seed)
 
     def partition(name: str, rows: torch.Tensor) -> FiberPartition:
-        return keep_top(CRITERIA[criterion](rows, gen), counts[name])
+        return keep_top(importance(criterion, rows, None, None, gen), counts[name])
 
     return partition
