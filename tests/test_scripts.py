@@ -44,3 +44,39 @@ def test_mlp_digits_script(tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     table = (tmp_path / "results.md").read_text()
     assert "| 0.00 |" in table and (tmp_path / "accuracy_vs_params.png").stat().st_size > 1000
+
+
+def test_power_law_fit_recovers_exponent_and_interval_brackets_it():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import scaling_law
+
+    exact = scaling_law.fit_power_law([1e4, 3e4, 1e5, 3e5, 1e6], [3.0 * p ** -0.05 for p in (1e4, 3e4, 1e5, 3e5, 1e6)])
+    assert abs(exact["alpha"] - 0.05) < 1e-9 and abs(exact["L0"] - 3.0) < 1e-6 and exact["r2"] > 0.999999
+    noisy = scaling_law.fit_power_law([1e4, 3e4, 1e5, 3e5, 1e6], [4.1, 3.9, 3.55, 3.5, 3.2])
+    assert noisy["alpha_ci"][0] < noisy["alpha"] < noisy["alpha_ci"][1]
+    assert noisy["L0_ci"][0] < noisy["L0"] < noisy["L0_ci"][1]
+
+
+def test_scaling_law_and_baseline_bench_few_steps(tmp_path):
+    from hf_fibration.data import DEFAULT_TEXT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_pretrained
+    import scaling_law
+
+    result = scaling_law.main(["--data", str(DEFAULT_TEXT), "--sizes", "16", "24", "32", "--layers", "1",
+                               "--steps", "3", "--eval-every", "3", "--vocab", "300", "--search-steps", "1",
+                               "--search-blocks", "16", "--runs", str(tmp_path / "runs"), "--out",
+                               str(tmp_path / "out"), "--no-progress"])
+    rows = result["rows"]
+    assert len(rows) == 3 and all(r["after"]["non_embedding"] <= r["before"]["non_embedding"] for r in rows)
+    assert [r["before"]["non_embedding"] for r in rows] == sorted(r["before"]["non_embedding"] for r in rows)
+    assert (tmp_path / "out" / "scaling_law.png").stat().st_size > 1000
+    assert "| 32 |" in (tmp_path / "out" / "results.md").read_text()
+
+    bench = bench_pretrained.main(["--model", str(tmp_path / "runs" / "gpt2-d32"), "--data", str(DEFAULT_TEXT),
+                                   "--keep", "0.5", "--calib", "4", "--eval", "8", "--methods", "random", "flap",
+                                   "fibration-span", "--out", str(tmp_path / "bench")])
+    half = [r for r in bench if r["keep"] == 0.5]
+    assert len(half) == 6 and all(0.5 < r["fraction"] < 1.0 and r["quality"] > 0 for r in half)
+    assert (tmp_path / "bench" / "val_loss_vs_params.png").stat().st_size > 1000

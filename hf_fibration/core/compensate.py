@@ -62,8 +62,8 @@ def activation_rows(hidden: torch.Tensor, weight_rows: torch.Tensor | None = Non
 
 def importance(criterion: str, up_rows: torch.Tensor, down_weight: torch.Tensor, hidden: torch.Tensor | None,
                generator: torch.Generator | None = None) -> torch.Tensor:
-    """Per-unit scores for pruning baselines: random, l2 / l1 (input rows), wanda-sp (Σ_j |W_down[j,i]|·‖H_i‖),
-    flap (Var(H_i)·‖W_down[:,i]‖², the fluctuation metric)."""
+    """Per-unit scores for pruning baselines: random, l2 / l1 (input rows), magnitude (‖input row‖·‖output column‖),
+    wanda-sp (Σ_j |W_down[j,i]|·‖H_i‖), flap (Var(H_i)·‖W_down[:,i]‖², the fluctuation metric)."""
     n = up_rows.shape[0]
     if criterion == "random":
         return torch.rand(n, generator=generator, dtype=torch.float64)
@@ -71,6 +71,8 @@ def importance(criterion: str, up_rows: torch.Tensor, down_weight: torch.Tensor,
         return up_rows.to(torch.float64).norm(dim=1)
     if criterion == "l1":
         return up_rows.to(torch.float64).abs().sum(dim=1)
+    if criterion == "magnitude":
+        return up_rows.to(torch.float64).norm(dim=1) * down_weight.to(torch.float64).norm(dim=0)
     if hidden is None:
         raise ValueError(f"The {criterion!r} criterion needs calibration activations.")
     h = hidden.to(torch.float64)
@@ -79,7 +81,7 @@ def importance(criterion: str, up_rows: torch.Tensor, down_weight: torch.Tensor,
         return w.abs().sum(dim=0) * h.norm(dim=0)
     if criterion == "flap":
         return h.var(dim=0) * (w ** 2).sum(dim=0)
-    raise ValueError(f"Unknown criterion {criterion!r}; choose random, l2, l1, wanda-sp or flap.")
+    raise ValueError(f"Unknown criterion {criterion!r}; choose random, l2, l1, magnitude, wanda-sp or flap.")
 
 
 def activation_fibers(hidden: torch.Tensor, scores: torch.Tensor, k: int, linkage: str = "average",
