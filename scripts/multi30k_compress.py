@@ -25,7 +25,7 @@ from hf_fibration import FibrationConfig
 from hf_fibration.data import evaluate_loss
 from hf_fibration.metrics import bleu
 from hf_fibration.patch import non_embedding_parameters
-from hf_fibration.retune import compress_retune
+from hf_fibration.retune import compress_retune, retune
 from hf_fibration.search import greedy_search
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -46,6 +46,8 @@ def main() -> None:
     parser.add_argument("--bleu-samples", type=int, default=500)
     parser.add_argument("--epochs", type=int, default=1)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--control", action="store_true",
+                        help="also retune the uncompressed model with one round's budget (is the gain compression's?)")
     parser.add_argument("--out", default="results/multi30k.md")
     args = parser.parse_args()
     command = f"python {' '.join(sys.argv)}"
@@ -77,6 +79,11 @@ def main() -> None:
                                       base_loss=rows[0][3], epochs=args.epochs, learning_rate=args.lr, patience=1)
     row(f"compress–retune (ρ={args.rho}, q={args.quench}), last round within bound", retuned,
         search_seconds + time.perf_counter() - start, f"{len(rounds)} rounds")
+    if args.control:
+        control = copy.deepcopy(base)
+        start = time.perf_counter()
+        retune(control, train, val, epochs=args.epochs, learning_rate=args.lr, patience=1, progress=False)
+        row("control: uncompressed, retuned with one round's budget", control, time.perf_counter() - start)
     base_ne = rows[0][2]
     lines = [f"\n## {Path(args.model).name}: greedy vs compress–retune", "", f"- command: `{command}`",
              f"- machine: {machine}", f"- date: {datetime.date.today()}",

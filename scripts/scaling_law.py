@@ -178,6 +178,11 @@ def plot(rows: list[dict], fits: dict, path: Path, tolerance: float) -> None:
         grid = [min(p) * (max(p) / min(p)) ** (i / 50) for i in range(51)]
         ax.loglog(p, loss, "o", color=color, label=f"{label}: α={f['alpha']:.3f}, L0={f['L0']:.2f}")
         ax.loglog(grid, [f["L0"] * g ** -f["alpha"] for g in grid], "-", color=color, alpha=0.7)
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.yaxis.set_major_formatter(ScalarFormatter())
+    ax.yaxis.set_minor_formatter(ScalarFormatter())
     ax.set_xlabel("non-embedding parameters")
     ax.set_ylabel("validation loss")
     ax.legend(fontsize=8)
