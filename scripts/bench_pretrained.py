@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import json
 import os
 import platform
 import sys
@@ -116,7 +117,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "seconds": time.perf_counter() - start})
                 print(f"keep {keep:.2f}  {method:<24} compensate={compensate!s:<5}  {quality} {value:.4f}  "
                       f"non-embedding {rows[-1]['fraction']:.3f}  ({rows[-1]['seconds']:.1f} s)", flush=True)
-    write(rows, Path(args.out), command, machine, description, quality)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "rows.json").write_text(json.dumps({"command": command, "machine": machine, "description": description,
+                                               "quality": quality, "rows": rows}, indent=1) + "\n")
+    write(rows, out, command, machine, description, quality)
     return rows
 
 
@@ -124,7 +129,7 @@ def write(rows: list[dict], out: Path, command: str, machine: str, description: 
     out.mkdir(parents=True, exist_ok=True)
     keeps = sorted({r["keep"] for r in rows if r["method"] != "uncompressed"}, reverse=True)
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "uncompressed"))
-    comps = sorted({r["compensate"] for r in rows})
+    comps = sorted({r["compensate"] for r in rows if r["method"] != "uncompressed"})
     get = {(r["keep"], r["method"], r["compensate"]): r for r in rows}
     higher = quality == "cosine"
     base = get[(1.0, "uncompressed", False)]["quality"]
