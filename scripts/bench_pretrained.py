@@ -117,16 +117,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "seconds": time.perf_counter() - start})
                 print(f"keep {keep:.2f}  {method:<24} compensate={compensate!s:<5}  {quality} {value:.4f}  "
                       f"non-embedding {rows[-1]['fraction']:.3f}  ({rows[-1]['seconds']:.1f} s)", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rows.json").write_text(json.dumps({"command": command, "machine": machine, "description": description,
-                                               "quality": quality, "rows": rows}, indent=1) + "\n")
-    write(rows, out, command, machine, description, quality)
+    write(rows, Path(args.out), command, machine, description, quality)
     return rows
 
 
 def write(rows: list[dict], out: Path, command: str, machine: str, description: str, quality: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    (out / "rows.json").write_text(json.dumps({"command": command, "machine": machine, "description": description,
+                                               "quality": quality, "rows": rows}, indent=1) + "\n")
     keeps = sorted({r["keep"] for r in rows if r["method"] != "uncompressed"}, reverse=True)
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "uncompressed"))
     comps = sorted({r["compensate"] for r in rows if r["method"] != "uncompressed"})

@@ -63,7 +63,8 @@ def train_size(d_model: int, args, runs: Path) -> Path:
         heads = max(1, d_model // 32)
         train_lm.main(["--data", args.data, "--out", str(out), "--d-model", str(d_model), "--layers",
                        str(args.layers), "--heads", str(heads), "--steps", str(args.steps), "--eval-every",
-                       str(args.eval_every), "--vocab", str(args.vocab), "--batch-size", str(args.batch_size)]
+                       str(args.eval_every), "--vocab", str(args.vocab), "--batch-size", str(args.batch_size),
+                       "--block", str(args.block)]
                       + (["--resume"] if (out / "retune_state").exists() else [])
                       + (["--no-progress"] if args.no_progress else []))
     return out
@@ -86,7 +87,7 @@ def compress_size(model_dir: Path, args) -> dict:
         train = train_lm.blocks(tok, train_text, args.block, args.batch_size)
         retune(model, train, search, epochs=1, max_steps=args.retune_steps, learning_rate=args.retune_lr,
                patience=10**9, eval_every=max(1, args.retune_steps // 4), progress=not args.no_progress)
-    result = {"d_model": json.loads((model_dir / "config.json").read_text())["n_embd"], "before": before,
+    result = {"d_model": model.config.n_embd, "before": before,
               "after": {"non_embedding": non_embedding_parameters(model), "loss": evaluate_loss(model, report_set)},
               "seconds": round(time.perf_counter() - start, 1)}
     record.write_text(json.dumps(result, indent=2) + "\n")
