@@ -1,0 +1,105 @@
+"""Lossless mode on transformers models: each MLP site is reduced by the rules exact for the model's activation.
+
+The residual stream between blocks keeps every MLP independent, so one pass over the sites is the fixed point
+(it is repeated while a pass still removes units, which only tolerance effects could cause). Applied through
+``Site.apply`` with a ``LosslessPartition`` (signed scales; label −1 for dropped units); constants and sigmoid
+offsets are then folded into the site's output bias.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .config import FibrationConfig
+from .core.lossless import ACTIVATIONS, RULES, LosslessLayer, LosslessPartition, LosslessReport, lossless_partition
+from .core.lossless import rank as _core_rank
+from .patch import Site, build_sites, get_module, linear_weight
+
+
+def activation_of(model: nn.Module) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """(name, σ) of the model's MLP activation, from its config (σ from transformers' ACT2FN)."""
+    from transformers.activations import ACT2FN
+
+    config = model.config
+    name = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
+    if not isinstance(name, str) or name not in ACT2FN:
+        raise ValueError(f"Cannot tell the MLP activation of this model (got {name!r}); lossless mode needs a "
+                         "string activation from transformers' ACT2FN in the config.")
+    return name, ACT2FN[name]
+
+
+def mlp_sites(model: nn.Module) -> list[Site]:
+    return [s for s in build_sites(model, FibrationConfig(parts=("mlp",))) if s.kind == "mlp"]
+
+
+def site_partition(model: nn.Module, site: Site, rtol: float | None = None) -> LosslessPartition:
+    name, fn = activation_of(model)
+    inputs = [linear_weight(get_module(model, m)) for m in site.modules_in()]
+    w_out, b_out = linear_weight(get_module(model, site.modules[-1]))
+    return lossless_partition(inputs, w_out, name if name in ACTIVATIONS else "none", out_bias=b_out is not None,
+                              act_fn=fn, rtol=rtol)
+
+
+def compress_lossless_pretrained(
+    model: nn.Module,
+    *,
+    rtol: float | None = None,
+    batches: Iterable[dict[str, torch.Tensor]] | None = None,
+    data_name: str | None = None,
+) -> LosslessReport:
+    """Reduce every MLP of a transformers model in place; with ``batches`` also measure max |Δ output|."""
+    batches = list(batches) if batches is not None else []
+    before = [_output(model, b) for b in batches]
+    act = activation_of(model)[0]
+    report = LosslessReport()
+    for site in mlp_sites(model):
+        units = site.units(model)
+        entry = LosslessLayer(site.name, act, units, units, dict.fromkeys(RULES, 0), site.params(model))
+        for _ in range(10):
+            part = site_partition(model, site, rtol)
+            if part.num_removed == 0:
+                break
+            w_out, b_out = linear_weight(get_module(model, site.modules[-1]))
+            site.apply(model, part)
+            site.commit()
+            shift = w_out.to(torch.float64) @ part.offsets
+            if b_out is not None:
+                with torch.no_grad():
+                    bias = get_module(model, site.modules[-1]).bias
+                    bias.add_(shift.to(bias))
+            entry.units_after = part.num_fibers
+            for rule, n in part.removed.items():
+                entry.removed[rule] += n
+        entry.params_after = site.params(model)
+        report.layers.append(entry)
+    report.sweeps = 1
+    if batches:
+        after = [_output(model, b) for b in batches]
+        report.max_abs_delta = max(float((x - y).abs().max()) for x, y in zip(before, after, strict=True))
+        report.delta_data = data_name or f"{sum(len(b['input_ids']) for b in batches)} eval examples"
+    return report
+
+
+@torch.no_grad()
+def _output(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**batch)
+    for key in ("logits", "last_hidden_state"):
+        if getattr(out, key, None) is not None:
+            return getattr(out, key).detach().to(torch.float64)
+    return out[0].detach().to(torch.float64)
+
+
+def rank(model: nn.Module | tuple[torch.Tensor, ...], activation: str = "tanh", *, rtol: float | None = None) -> int:
+    """Hidden units left after lossless compression.
+
+    ``(W_in, b_in, W_out)`` or an nn.Sequential with one tanh hidden layer: the rank (seed Alg. 4.2), the
+    minimum number of units of any network computing the same function. Deeper nn.Sequential MLPs: the total
+    width after lossless compression (an upper bound). transformers models: the MLP units left, summed over
+    the blocks (the model is not modified).
+    """
+    if isinstance(model, nn.Module) and hasattr(model, "config") and not isinstance(model, nn.Sequential):
+        return sum(site_partition(model, s, rtol).num_fibers for s in mlp_sites(model))
+    return _core_rank(model, activation, rtol=rtol)
