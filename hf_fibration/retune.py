@@ -6,7 +6,10 @@ Mixed precision, gradient accumulation and multi-GPU/DeepSpeed/FSDP come from ``
 
 from __future__ import annotations
 
+import copy
 import json
+import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,6 +19,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .data import EvalSet, evaluate_loss, task_loss
+from .distill import Distillation
+from .search import greedy_search
+
+EPSILON_CEILING = 1.99  # ε×q stays inside the cosine-distance range [0, 2)
 
 STATE_DIR = "retune_state"
 
@@ -74,15 +81,25 @@ def retune(
     warmup_steps: int = 0,
     seed: int = 0,
     progress: bool = True,
+    teacher: nn.Module | None = None,
+    distill_weight: float = 0.5,
+    distill_temperature: float = 2.0,
+    distill_hidden_weight: float = 0.0,
 ) -> RetuneResult:
     """Train ``model`` on ``train``'s batches, evaluate every ``eval_every`` steps (default: each epoch), stop after
     ``patience`` evaluations without improvement, and leave the best weights in ``model``.
 
-    With ``output_dir`` a checkpoint is written at every evaluation; ``resume=True`` continues from it."""
+    With ``output_dir`` a checkpoint is written at every evaluation; ``resume=True`` continues from it.
+    With ``teacher`` (the uncompressed model) the training loss is (1−distill_weight)·task +
+    distill_weight·KL(teacher ‖ student)·T² (+ distill_hidden_weight·MSE of the last hidden states); the eval
+    loss, and so early stopping, stays the task loss. Memory: see hf_fibration.distill."""
     from accelerate import Accelerator
 
     if not train.batches:
         raise ValueError("The retuning train split is empty; pass a split with examples.")
+    distill = None
+    if teacher is not None:
+        distill = Distillation(teacher, distill_weight, distill_temperature, distill_hidden_weight)
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps)
     torch.manual_seed(seed)
     eval_every = eval_every or len(train.batches)
@@ -96,6 +113,8 @@ def retune(
     train.to(device)
     evalset.to(device)
     unwrapped = accelerator.unwrap_model(model)
+    if distill is not None:
+        distill.prepare(train.task, unwrapped, device)
     state_dir = Path(output_dir) / STATE_DIR if output_dir is not None else None
 
     initial = evaluate_loss(unwrapped, evalset)
@@ -121,7 +140,8 @@ def retune(
             if i < skip:
                 continue
             with accelerator.accumulate(model):
-                loss = task_loss(model, train, int(index))
+                loss = task_loss(model, train, int(index)) if distill is None else distill.loss(model, train,
+                                                                                                int(index))
                 accelerator.backward(loss)
                 optimizer.step()
                 warmup.step()
@@ -163,6 +183,13 @@ def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, best_state: 
     (state_dir / "trainer.json").write_text(json.dumps(progress_state))
 
 
+def _search_refusals() -> tuple[type[Exception], ...]:
+    from . import search
+
+    refusal = getattr(search, "HoldoutError", None)
+    return (refusal,) if refusal is not None else ()
+
+
 def compress_retune(
     model: nn.Module,
     config,
@@ -173,42 +200,73 @@ def compress_retune(
     quench: float = 1.05,
     max_rounds: int = 5,
     progress: bool = True,
-    searched=None,
     base_loss: float | None = None,
+    on_round: Callable[[dict, nn.Module], None] | None = None,
     **retune_kwargs,
 ) -> tuple[nn.Module, list[dict]]:
-    """Seed Alg. 2: greedy search and retune, then raise every layer's ε by ``quench`` and retune again while the
-    retuned loss stays ≤ (1+ρ)·L_base. Returns the last model within the bound and a row per round.
+    """Seed Alg. 2 (Methods 5.4). L = the eval loss of ``model`` (or ``base_loss``). Each round: the greedy search
+    (Alg. 3, at ``config``'s τ) on the CURRENT model gives ε's; the current model is collapsed at ε×q (over-
+    compression) and retuned with early stopping; the loop goes on while the retuned loss L_c ≤ (1+ρ)·L. The answer
+    is the last model within the bound after one more loss-preserving greedy search (Alg. 2 lines 12–13), unless
+    that search's loss leaves the bound, then the retuned model itself. A round whose search finds nothing to
+    collapse ends the loop. ``model`` is changed in place; ``retune_kwargs`` go to :func:`retune` (a ``teacher``
+    there distills from it). Returns the model and one row per retuned round plus a row for the returned model
+    (``round == "final"``, with why the loop ended).
 
-    ``searched`` (a CompressionReport) says ``model`` already went through the greedy search: its ε's are reused
-    and ``base_loss`` is the uncompressed model's loss."""
-    import copy
-
+    ``on_round(row, model)`` is called after every round (to checkpoint a long run)."""
     from .config import FibrationConfig
     from .core.modules import count_parameters
     from .patch import compress_with_epsilons, non_embedding_parameters
-    from .search import greedy_search
 
-    if rho < 0 or quench < 1:
-        raise ValueError(f"rho must be ≥ 0 and quench ≥ 1, got rho={rho}, quench={quench}.")
+    if rho < 0 or quench < 1 or max_rounds < 0:
+        raise ValueError(f"rho must be ≥ 0, quench ≥ 1 and max_rounds ≥ 0, got rho={rho}, quench={quench}, "
+                         f"max_rounds={max_rounds}.")
     base = evaluate_loss(model, evalset) if base_loss is None else base_loss
     bound = base * (1 + rho) if evalset.task != "fidelity" else rho
-    report = searched if searched is not None else greedy_search(model, config, evalset, progress=progress)
-    epsilons = {layer.name: layer.epsilon for layer in report.layers}
-    rounds: list[dict] = []
-    best = None
+
+    def sizes(m: nn.Module) -> dict:
+        return {"params": count_parameters(m), "non_embedding_params": non_embedding_parameters(m)}
+
+    def search(m: nn.Module) -> tuple[nn.Module, dict[str, float], float]:
+        searched = copy.deepcopy(m)
+        try:
+            report = greedy_search(searched, config, evalset, progress=progress)
+        except _search_refusals():  # the search could not keep τ: nothing more to compress at this tolerance
+            return m, {}, evaluate_loss(m, evalset)
+        return searched, {layer.name: layer.epsilon for layer in report.layers}, evaluate_loss(searched, evalset)
+
+    rows: list[dict] = []
+    ended = "bound"
     for r in range(max_rounds + 1):
-        if r > 0:
-            epsilons = {k: min(max(v, 1e-3) * quench, 1.99) for k, v in epsilons.items()}
-            round_config = FibrationConfig(**{**config.to_dict(), "epsilon": None, "epsilons": epsilons})
-            compress_with_epsilons(model, round_config)
+        start = time.perf_counter()
+        last_good = copy.deepcopy(model)  # M_o: every round starts from the last model within the bound
+        searched, epsilons, searched_loss = search(model)
+        search_seconds = time.perf_counter() - start
+        if r == max_rounds or not epsilons:
+            ended = "max_rounds" if epsilons else "nothing left to compress"
+            break
+        over = {name: min(eps * quench, EPSILON_CEILING) for name, eps in epsilons.items()}
+        compress_with_epsilons(model, FibrationConfig(**{**config.to_dict(), "epsilon": None, "epsilons": over}))
         compressed_loss = evaluate_loss(model, evalset)
         result = retune(model, train, evalset, progress=progress, **retune_kwargs)
-        row = {"round": r, "params": count_parameters(model), "non_embedding_params": non_embedding_parameters(model),
-               "loss_compressed": compressed_loss, "loss_retuned": result.best_loss, "steps": result.steps,
-               "within_bound": result.best_loss <= bound}
-        rounds.append(row)
+        row = {"round": r, "epsilons_searched": epsilons, "searched": {**sizes(searched), "loss": searched_loss},
+               "epsilons": over, **sizes(model), "loss_compressed": compressed_loss,
+               "loss_retuned": result.best_loss, "steps": result.steps, "epochs": result.epochs,
+               "within_bound": result.best_loss <= bound, "search_seconds": search_seconds,
+               "seconds": time.perf_counter() - start, "base_loss": base, "bound": bound}
+        rows.append(row)
+        if on_round is not None:
+            on_round(row, model)
         if not row["within_bound"]:
             break
-        best = copy.deepcopy(model)
-    return (best if best is not None else model), rounds
+    # Alg. 2 lines 12–13: the last model within the bound, compressed once more at the searched ε's
+    # (the last round began from M_o, so its search already is that compression)
+    final, final_loss, closing = searched, searched_loss, True
+    if final_loss > bound:
+        final, final_loss, closing = last_good, evaluate_loss(last_good, evalset), False
+    # the returned model is not retuned after the closing collapse: both loss fields hold its loss
+    rows.append({"round": "final", "ended": ended, "closing_search": closing, "epsilons_searched": epsilons,
+                 **sizes(final), "loss_compressed": final_loss, "loss_retuned": final_loss,
+                 "within_bound": final_loss <= bound, "search_seconds": search_seconds, "base_loss": base,
+                 "bound": bound})
+    return final, rows

@@ -2,12 +2,15 @@ import copy
 import json
 
 import pytest
+import torch
 import transformers as T
 from conftest import PAIRS
 
 from hf_fibration import FibrationConfig, compress_pretrained
-from hf_fibration.data import build_eval_set, evaluate_loss, load_split
+from hf_fibration.data import EvalSet, build_eval_set, evaluate_loss, load_split
+from hf_fibration.distill import kl_divergence
 from hf_fibration.retune import compress_retune, retune
+from hf_fibration.search import greedy_search
 
 
 @pytest.fixture(scope="module")
@@ -50,16 +53,114 @@ def test_retune_resumes_from_its_checkpoint(setup, tmp_path):
     assert r2.best_loss <= r1.best_loss
 
 
-def test_compress_retune_loop_keeps_the_bound(setup):
+@pytest.fixture(scope="module")
+def trained(setup):
+    """The tiny Marian after a short training, so that compression costs loss and retuning can win it back."""
     model, train, evalset = setup
-    base = evaluate_loss(model, evalset)
-    config = FibrationConfig(tolerance=0.05, search_steps=3, parts=("mlp",))
-    result, rounds = compress_retune(copy.deepcopy(model), config, evalset, train, rho=0.05, quench=1.5,
-                                     max_rounds=2, epochs=1, learning_rate=1e-3, progress=False)
-    assert rounds and rounds[0]["round"] == 0
-    kept = [r for r in rounds if r["within_bound"]]
-    assert kept and rounds[0]["within_bound"]  # retuning a barely trained model only lowers its loss
-    assert evaluate_loss(result, evalset) <= base * 1.05 + 1e-6
-    assert evaluate_loss(result, evalset) == pytest.approx(kept[-1]["loss_retuned"], rel=1e-4)
-    params = [r["params"] for r in rounds]
-    assert all(a >= b for a, b in zip(params, params[1:], strict=False))
+    model = copy.deepcopy(model)
+    retune(model, train, evalset, epochs=8, max_steps=40, learning_rate=5e-3, patience=100, progress=False)
+    return model
+
+
+ALG2 = FibrationConfig(tolerance=0.02, search_steps=3, epsilon_max=0.8, parts=("mlp",))
+
+
+def test_alg2_searches_the_retuned_model_every_round(setup, trained, monkeypatch):
+    _, train, evalset = setup
+    import hf_fibration.retune as module
+
+    searched_states, retuned_states = [], []
+
+    def spy(model, config, evalset, progress=True):
+        searched_states.append({k: v.clone() for k, v in model.state_dict().items()})
+        return greedy_search(model, config, evalset, progress=progress)
+
+    monkeypatch.setattr(module, "greedy_search", spy)
+    result, rows = compress_retune(copy.deepcopy(trained), ALG2, evalset, train, rho=1.0, quench=1.5, max_rounds=2,
+                                   epochs=1, learning_rate=1e-3, progress=False,
+                                   on_round=lambda row, m: retuned_states.append(
+                                       {k: v.clone() for k, v in m.state_dict().items()}))
+    rounds = rows[:-1]
+    assert [r["round"] for r in rounds] == [0, 1] and rows[-1]["round"] == "final"
+    assert len(searched_states) == 3  # one search per round, the last one is the closing compression (line 12)
+    # round 1 searched the weights round 0 left after retuning, not the trained ones
+    assert searched_states[1].keys() == retuned_states[0].keys()
+    assert all(torch.equal(searched_states[1][k], retuned_states[0][k]) for k in retuned_states[0])
+    assert rounds[1]["non_embedding_params"] < rounds[0]["non_embedding_params"]
+    # every round collapses at its own search's ε × q; round 1's ε's are not round 0's × q
+    for r in rounds:
+        assert r["epsilons"] == {k: min(v * 1.5, 1.99) for k, v in r["epsilons_searched"].items()}
+    assert rounds[1]["epsilons_searched"] != rounds[0]["epsilons"]
+    assert all(r["loss_retuned"] <= r["loss_compressed"] + 1e-9 and r["steps"] > 0 for r in rounds)
+    assert rows[-1]["non_embedding_params"] <= rounds[1]["non_embedding_params"]
+    assert evaluate_loss(result, evalset) == pytest.approx(rows[-1]["loss_retuned"], rel=1e-4)
+
+
+def test_alg2_stops_at_the_bound_and_returns_the_last_model_within_it(setup, trained):
+    _, train, evalset = setup
+    base = evaluate_loss(trained, evalset)
+    kwargs = dict(quench=2.0, max_rounds=2, epochs=1, learning_rate=0.0, progress=False)  # lr 0: no recovery
+    _, probe = compress_retune(copy.deepcopy(trained), ALG2, evalset, train, rho=10.0, **kwargs)
+    first, second = probe[0]["loss_retuned"], probe[1]["loss_retuned"]
+    assert second > first > base
+    rho = (first + second) / 2 / base - 1  # a bound that round 0 keeps and round 1 breaks
+    result, rows = compress_retune(copy.deepcopy(trained), ALG2, evalset, train, rho=rho, **kwargs)
+    assert [r["within_bound"] for r in rows[:-1]] == [True, False]
+    final = rows[-1]
+    assert final["ended"] == "bound" and final["within_bound"]
+    assert evaluate_loss(result, evalset) <= base * (1 + rho) + 1e-9
+    # the answer is round 0's model (plus its loss-preserving search), never the over-compressed round 1
+    assert rows[1]["non_embedding_params"] < final["non_embedding_params"] <= rows[0]["non_embedding_params"]
+
+
+def test_alg2_with_nothing_to_compress_returns_the_model_unchanged(setup, trained):
+    _, train, evalset = setup
+    frozen = FibrationConfig(tolerance=0.0, epsilon_max=0.0, search_steps=1, parts=("mlp",))
+    result, rows = compress_retune(copy.deepcopy(trained), frozen, evalset, train, rho=0.05, epochs=1,
+                                   progress=False)
+    assert len(rows) == 1 and rows[0]["ended"] == "nothing left to compress"
+    assert rows[0]["params"] == sum(p.numel() for p in trained.parameters())
+
+
+def _causal_pair(train_teacher: bool = False):
+    """A tiny GPT-2 student, and a teacher that (optionally) learned the data, so following it lowers the loss."""
+    import tiny_models
+
+    torch.manual_seed(0)
+    student = tiny_models.FAMILIES["gpt2"]().eval()
+    ids = torch.randint(3, 12, (4, 8, 12), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": b, "attention_mask": torch.ones_like(b), "labels": b.clone()} for b in ids]
+    data = EvalSet("causal", batches, [b.numel() for b in ids])
+    teacher = copy.deepcopy(student)
+    if train_teacher:
+        retune(teacher, data, data, epochs=10, learning_rate=1e-2, patience=10, progress=False)
+    return teacher, student, data
+
+
+def _kl(teacher, student, data):
+    with torch.no_grad():
+        return sum(float(kl_divergence(teacher(**b).logits, student(**b).logits, b["attention_mask"].bool(), 2.0))
+                   for b in data.batches)
+
+
+def test_distillation_lowers_the_kl_to_the_teacher(tmp_path):
+    teacher, student, data = _causal_pair(train_teacher=True)
+    before = _kl(teacher, student, data)
+    retune(student, data, data, epochs=3, learning_rate=3e-3, patience=10, progress=False, teacher=teacher,
+           distill_weight=1.0, distill_hidden_weight=0.1)
+    assert _kl(teacher, student, data) < 0.7 * before
+    assert not any(p.requires_grad for p in teacher.parameters())
+
+
+def test_distillation_refuses_a_teacher_that_does_not_fit():
+    teacher, student, data = _causal_pair()
+    fidelity = EvalSet("fidelity", data.batches, data.weights)
+    with pytest.raises(ValueError, match="fidelity loss"):
+        retune(student, fidelity, fidelity, epochs=1, progress=False, teacher=teacher)
+    import tiny_models
+
+    other = T.GPT2LMHeadModel(T.GPT2Config(vocab_size=tiny_models.VOCAB + 5, n_embd=32, n_layer=1, n_head=4))
+    with pytest.raises(ValueError, match="vocabulary"):
+        retune(student, data, data, epochs=1, progress=False, teacher=other)
+    with pytest.raises(ValueError, match="temperature"):
+        retune(student, data, data, epochs=1, progress=False, teacher=teacher, distill_temperature=0)
