@@ -1,4 +1,4 @@
-"""The public entry point for transformers models."""
+"""The public entry points for transformers models: compress in place, publish."""
 
 from __future__ import annotations
 
@@ -7,9 +7,10 @@ from torch import nn
 from .config import FibrationConfig
 from .core.report import CompressionReport
 from .data import EvalSet, build_eval_set
-from .hub import mark_compressed
-from .patch import compress_with_epsilons
-from .search import greedy_search
+from .publish import push_to_hub
+from .quantizer import mark_compressed
+
+__all__ = ["compress_pretrained", "push_to_hub"]
 
 
 def compress_pretrained(
@@ -20,15 +21,24 @@ def compress_pretrained(
     tokenizer=None,
     dataset=None,
     progress: bool = True,
+    layer_losses: bool = False,
+    base_loss: float | None = None,
+    base_model: str | None = None,
 ) -> CompressionReport:
     """Compress a transformers model in place by fibration symmetry and return the per-layer report.
 
-    With a fixed ε for every part (``FibrationConfig(epsilon=...)``) no data is needed. Otherwise the greedy
-    search picks, layer by layer, the largest ε whose eval loss stays ≤ base·(1+τ); the eval data is
+    With a fixed ε for every part (``FibrationConfig(epsilon=...)``) no data is needed; with data, a fixed-ε run
+    costs the dendrograms, the calibration of the compensated refits and one evaluation before and one after
+    (``base_loss`` skips the first); ``layer_losses=True`` evaluates after every layer instead. Otherwise the
+    greedy search picks, layer by layer, the largest ε whose eval loss stays ≤ base·(1+τ); the eval data is
     ``evalset``, or ``dataset`` (a `datasets.Dataset`) tokenized with ``tokenizer``, or — with only a
     tokenizer — the small eval set packaged with hf-fibration. The model stays a ``PreTrainedModel``:
-    ``save_pretrained`` writes a checkpoint that ``from_pretrained`` loads after ``import hf_fibration``.
-    """
+    ``save_pretrained`` writes a checkpoint that ``from_pretrained`` loads after ``import hf_fibration``, and
+    ``hf_fibration.push_to_hub`` publishes it with a model card. ``base_model`` (a hub id or path) records what
+    it was compressed from (default: what it was loaded from)."""
+    from .patch import compress_with_epsilons
+    from .search import greedy_search
+
     config = config or FibrationConfig()
     _check_finite(model)
     fixed = config.epsilon is not None or all(p in config.epsilons for p in config.parts)
@@ -41,9 +51,51 @@ def compress_pretrained(
             raise ValueError("The ε search needs eval data: pass tokenizer= (and optionally dataset=) or evalset=, "
                              "or fix ε with FibrationConfig(epsilon=...).")
         report = compress_with_epsilons(model, config)
+    elif fixed and not layer_losses and config.fibers_from == "weights":
+        report = _compress_fixed(model, config, evalset, base_loss)
     else:
         report = greedy_search(model, config, evalset, progress=progress)
-    mark_compressed(model, config.to_dict(), report.to_dict())
+    mark_compressed(model, config.to_dict(), report.to_dict(), base_model=base_model)
+    return report
+
+
+def _compress_fixed(model: nn.Module, config: FibrationConfig, evalset: EvalSet, base_loss: float | None
+                    ) -> CompressionReport:
+    """Every site at its fixed ε, with the compensated refit of MLP consumers; two evaluations in all."""
+    from .calibration import capture_calibration, compensate_mlp
+    from .core.modules import count_parameters
+    from .data import batch_loss_sum, evaluate_loss
+    from .patch import build_sites, layer_report, non_embedding_parameters
+
+    report = CompressionReport(params_before=count_parameters(model),
+                               non_embedding_params_before=non_embedding_parameters(model))
+    report.base_loss = evaluate_loss(model, evalset) if base_loss is None else base_loss
+    for site in build_sites(model, config):
+        eps = config.epsilon_for(site.part, site.name)
+        if eps is None:
+            continue
+        embedding = site.kind == "embedding"
+        units = site.units(model)
+        params_before = model.get_input_embeddings().weight.numel() if embedding else site.params(model)
+        partition = site.dendrogram(model, config).cut(eps)
+        if partition.is_trivial:
+            site.commit()
+            continue
+        calibration = None
+        if site.kind == "mlp" and config.compensate:
+            calibration = capture_calibration(model, site, lambda i: batch_loss_sum(model, evalset, i),
+                                              len(evalset.batches), config.calibration_tokens)
+        site.apply(model, partition)
+        if calibration is not None:
+            compensate_mlp(site, model, calibration, config.ridge, getattr(config, "min_tokens_per_unit", 4.0))
+        site.commit()
+        layer = layer_report(model, site, partition, eps, units, params_before)
+        if embedding:
+            layer.params_after = model.get_input_embeddings().weight.numel()
+        report.layers.append(layer)
+    report.final_loss = evaluate_loss(model, evalset)
+    report.params_after = count_parameters(model)
+    report.non_embedding_params_after = non_embedding_parameters(model)
     return report
 
 

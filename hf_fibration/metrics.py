@@ -30,9 +30,11 @@ def bleu(model: nn.Module, tokenizer, sources: list[str], references: list[str],
 
 
 def quality(model: nn.Module, evalset: EvalSet, tokenizer=None, pairs: tuple[list[str], list[str]] | None = None,
-            ) -> dict[str, float]:
-    """Eval loss, plus perplexity for language models and BLEU for translation (when ``pairs`` is given)."""
-    loss = evaluate_loss(model, evalset)
+            loss: float | None = None) -> dict[str, float]:
+    """Eval loss, plus perplexity for language models and BLEU for translation (when ``pairs`` is given).
+
+    ``loss``: the eval loss when it was just measured on ``evalset`` (saves an evaluation)."""
+    loss = evaluate_loss(model, evalset) if loss is None else float(loss)
     result = {"loss": loss}
     if evalset.task in ("causal", "masked", "seq2seq"):
         result["perplexity"] = math.exp(min(loss, 50.0))

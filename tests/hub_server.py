@@ -18,11 +18,44 @@ class HubState:
     def __init__(self) -> None:
         self.repos: dict[str, dict] = {}  # repo_id → {"private": bool, "branches": {name: {"files", "sha"}}}
         self.fail_uploads = False
+        self.fail_status: int | None = None  # answer every write (create, preupload, commit) with this status
+        self.drop_connections = False  # close write requests without an answer
         self.lock = threading.Lock()
 
 
 def _sha(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
+
+
+REPO_ID = re.compile(r"^(?:[\w\-.]+/)?[\w\-.]{1,96}$")
+
+
+def metadata_errors(meta: dict) -> list[str]:
+    """The model card rules the Hub enforces on push that a card generator can break: base_model must be hub
+    model ids; every model-index result needs task.type, dataset.type/name and metrics with type and value."""
+    errors = []
+    bases = meta.get("base_model")
+    for base in [bases] if isinstance(bases, str) else bases or []:
+        if not isinstance(base, str) or not REPO_ID.match(base) or ".." in base or base.startswith(("/", ".", "~")):
+            errors.append(f'"base_model" with value "{base}" is not a valid model id')
+    if meta.get("base_model_relation") and not bases:
+        errors.append('"base_model_relation" requires "base_model"')
+    for i, entry in enumerate(meta.get("model-index") or []):
+        if not isinstance(entry, dict) or not entry.get("name"):
+            errors.append(f'"model-index[{i}].name" is required')
+            continue
+        for j, result in enumerate(entry.get("results") or []):
+            where = f"model-index[{i}].results[{j}]"
+            if not (result.get("task") or {}).get("type"):
+                errors.append(f'"{where}.task.type" is required')
+            dataset = result.get("dataset") or {}
+            for key in ("type", "name"):
+                if not isinstance(dataset.get(key), str) or not dataset.get(key):
+                    errors.append(f'"{where}.dataset.{key}" must be a string')
+            for k, metric in enumerate(result.get("metrics") or [{}]):
+                if not metric.get("type") or "value" not in metric:
+                    errors.append(f'"{where}.metrics[{k}]" needs a type and a value')
+    return errors
 
 
 class Handler(BaseHTTPRequestHandler):
@@ -56,6 +89,16 @@ class Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:  # noqa: N802
         path = unquote(urlparse(self.path).path)
         st = self.state
+        if path != "/api/validate-yaml" and (st.drop_connections or st.fail_status):
+            self._body()
+            if st.drop_connections:
+                self.close_connection = True
+                return
+            messages = {401: ("Unauthorized", "Invalid credentials in Authorization header"),
+                        403: ("Forbidden", "You don't have the rights to create a model under this namespace"),
+                        404: ("RepoNotFound", "Repository not found")}
+            code, message = messages.get(st.fail_status, ("InternalError", "Internal Error"))
+            return self._error(st.fail_status, code, message)
         if path == "/api/validate-yaml":
             content = json.loads(self._body())["content"]
             match = re.match(r"^---\n(.*?)\n---", content, re.S)
@@ -64,7 +107,8 @@ class Handler(BaseHTTPRequestHandler):
             except yaml.YAMLError as err:
                 return self._send(400, {"errors": [{"message": str(err)}], "warnings": []})
             warnings = [] if isinstance(meta, dict) and meta else [{"message": "empty or missing yaml metadata"}]
-            return self._send(200, {"errors": [], "warnings": warnings})
+            errors = [{"message": m} for m in metadata_errors(meta if isinstance(meta, dict) else {})]
+            return self._send(400 if errors else 200, {"errors": errors, "warnings": warnings})
         if path == "/api/repos/create":
             payload = json.loads(self._body())
             repo_id = f"{payload['organization']}/{payload['name']}" if payload.get("organization") else \

@@ -6,12 +6,16 @@ import textwrap
 
 import pytest
 import torch
-from hub_server import LoopbackHub
+import transformers as T
+from hub_server import LoopbackHub, metadata_errors
 from huggingface_hub import ModelCard
+from tiny_checkpoints import save_tiny
 from tiny_models import inputs, plant_fibers, tiny_model
 
+import hf_fibration
 from hf_fibration import FibrationConfig, compress_pretrained
-from hf_fibration.publish import REPORT_FILE, PushError, push_to_hub
+from hf_fibration.cli import main
+from hf_fibration.publish import REPORT_FILE, PushError, build_card, push_to_hub, read_record, short_command
 
 PUSH_AND_PULL = textwrap.dedent("""
     import sys, torch, hf_fibration, transformers as T
@@ -24,6 +28,7 @@ PUSH_AND_PULL = textwrap.dedent("""
     with torch.no_grad():
         save_file({"logits": model(**batch).logits.contiguous()}, folder + "/../pulled.safetensors")
 """)
+TASKS = ("seq2seq", "causal", "masked", "fidelity")
 
 
 @pytest.fixture
@@ -51,6 +56,33 @@ def hub_env(hub, tmp_path):
             "HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_loopback_token", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
 
+@pytest.fixture
+def hub(monkeypatch):
+    """A loopback Hub the in-process client talks to (no retry sleeps)."""
+    import huggingface_hub.constants as constants
+
+    with LoopbackHub() as server:
+        monkeypatch.setattr(constants, "ENDPOINT", server.url)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+        monkeypatch.setenv("HF_TOKEN", "hf_loopback_token")
+        monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda s: None)  # the client retries 5xx
+        yield server
+
+
+def snapshot(folder):
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_valid_card(text: str) -> ModelCard:
+    """Parses like the Hub client does (model-index included) and passes the Hub's metadata rules."""
+    card = ModelCard(text)
+    meta = card.data.to_dict()
+    assert metadata_errors(meta) == [], metadata_errors(meta)
+    assert "/" not in str(meta.get("base_model") or "x/y").strip("/").split("/", 1)[1]  # an id, not a path
+    return card
+
+
 @pytest.mark.parametrize("private", [False, True])
 def test_push_then_from_pretrained_gives_identical_logits(checkpoint, tmp_path, private):
     from safetensors.torch import load_file
@@ -67,7 +99,7 @@ def test_push_then_from_pretrained_gives_identical_logits(checkpoint, tmp_path, 
     assert {"README.md", "config.json", "model.safetensors", REPORT_FILE} <= set(files)
     pulled = load_file(tmp_path / "pulled.safetensors")["logits"]
     torch.testing.assert_close(pulled, logits, atol=0, rtol=0)
-    card = ModelCard(files["README.md"].decode())
+    card = assert_valid_card(files["README.md"].decode())
     assert card.data.base_model == "meta-llama/Tiny-Llama"
     assert card.data.library_name == "transformers" and "hf-fibration" in card.data.tags
     metrics = {r.metric_name: r.metric_value for r in card.data.eval_results}
@@ -75,25 +107,108 @@ def test_push_then_from_pretrained_gives_identical_logits(checkpoint, tmp_path, 
     assert "import hf_fibration" in card.text and "| model.layers.0.mlp.up_proj |" in card.text
 
 
-def test_failing_push_keeps_the_checkpoint_and_says_so(checkpoint, tmp_path, monkeypatch):
-    import huggingface_hub.constants as constants
-
+def test_failing_push_leaves_the_checkpoint_byte_identical(checkpoint, hub):
     folder, _ = checkpoint
-    before = sorted(p.name for p in folder.iterdir())
-    with LoopbackHub() as hub:
-        hub.state.fail_uploads = True
-        monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
-        monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda s: None)  # the client retries 5xx
-        with pytest.raises(PushError) as info:
-            push_to_hub(folder, "user/broken", token="hf_x")
-    assert "\n" not in str(info.value) and "intact" in str(info.value) and "500" in str(info.value)
+    (folder / "README.md").write_text("my own notes\n")
+    before = snapshot(folder)
+    hub.state.fail_uploads = True
+    with pytest.raises(PushError) as info:
+        push_to_hub(folder, "user/broken", token="hf_x")
+    assert "\n" not in str(info.value) and "500" in str(info.value) and "retry" in str(info.value)
     assert "user/broken" in hub.state.repos  # the request reached the loopback server
-    after = sorted(p.name for p in folder.iterdir())
-    assert set(before) <= set(after) and (folder / "model.safetensors").stat().st_size > 0
+    assert snapshot(folder) == before  # push never writes into the checkpoint (#18.2)
 
 
-def test_push_refuses_a_directory_without_report(tmp_path):
-    with pytest.raises(ValueError, match="fibration_report.json"):
+def test_successful_push_writes_nothing_locally(checkpoint, hub):
+    folder, _ = checkpoint
+    before = snapshot(folder)
+    push_to_hub(folder, "user/ok")
+    assert snapshot(folder) == before
+    assert {"README.md", "fibration_layers.png"} <= set(hub.state.repos["user/ok"]["branches"]["main"]["files"])
+
+
+def test_push_refuses_a_directory_that_hf_fibration_did_not_write(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="hf-fibration compress"):
         push_to_hub(tmp_path, "user/x")
+
+
+def _record(task: str, dataset: str | None, base: str | None) -> dict:
+    layer = {"name": "encoder.layer.0.intermediate", "units_before": 64, "units_after": 40, "epsilon": 0.3,
+             "params_before": 4000, "params_after": 2500, "loss": None}
+    return {"base_model": base, "source": "/home/someone/models/x", "task": task, "dataset": dataset,
+            "command": "hf-fibration compress /home/someone/models/x --output=/tmp/out/x-fib --epsilon 0.3",
+            "config": {"tolerance": 0.01},
+            "report": {"params_before": 10000, "params_after": 8500, "layers": [layer], "base_loss": 1.0,
+                       "final_loss": 1.01},
+            "metrics": {"before": {"loss": 1.0}, "after": {"loss": 1.01}}}
+
+
+@pytest.mark.parametrize("task", TASKS)
+@pytest.mark.parametrize("dataset", [None, "org/some-dataset", "/data/private/eval.jsonl"])
+def test_card_metadata_valid_for_every_task_with_and_without_dataset(task, dataset, hub):
+    card = build_card(_record(task, dataset, base=None), "user/x-fib")
+    parsed = assert_valid_card(str(card))
+    parsed.validate()  # the Hub client's own validation request (loopback server applies the Hub's rules)
+    assert parsed.data.base_model is None and "/home/someone" not in str(card)
+    assert {r.dataset_type for r in parsed.data.eval_results} and all(
+        r.dataset_type and r.dataset_name for r in parsed.data.eval_results)
+    assert parsed.data.datasets == (["org/some-dataset"] if dataset == "org/some-dataset" else None)
+
+
+def test_old_records_with_a_path_as_base_model_give_no_path_in_the_card():
+    card = build_card(_record("fidelity", None, base="/home/someone/models/x"), "user/x")
+    assert card.data.base_model is None and "base_model_relation" not in card.data.to_dict()
+    assert "/home/someone" not in str(card)
+
+
+def test_command_paths_are_shortened():
+    cmd = "hf-fibration compress /home/u/.venv/lib/pkg/model --output=/tmp/a/b-fib --dataset org/ds --epsilon 0.3"
+    assert short_command(cmd) == "hf-fibration compress ./model --output=./b-fib --dataset org/ds --epsilon 0.3"
+
+
+def test_metadata_rules_catch_the_original_defect():
+    """The card of a run without --dataset used to carry a model-index dataset without a type (#15)."""
+    bad = {"model-index": [{"name": "x", "results": [{"task": {"type": "feature-extraction"},
+                                                      "dataset": {"name": None, "type": None},
+                                                      "metrics": [{"type": "loss", "value": 0.1}]}]}],
+           "base_model": "/home/u/model"}
+    assert len(metadata_errors(bad)) == 3
+
+
+def test_api_path_save_pretrained_then_push_and_push_a_model_object(tmp_path, hub):
+    """README's Python path: compress_pretrained + save_pretrained (no report file) publishes; so does the model."""
+    source = save_tiny(tmp_path / "encoder")
+    model = T.AutoModel.from_pretrained(source).eval()
+    tok = T.AutoTokenizer.from_pretrained(source)
+    report = compress_pretrained(model, FibrationConfig(epsilon=0.05), tokenizer=tok, progress=False)
+    assert report.layers
+    model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved" / REPORT_FILE).exists()
+    record = read_record(tmp_path / "saved")
+    assert record["task"] == "fidelity" and record["report"]["layers"] and record["base_model"] is None
+    push_to_hub(tmp_path / "saved", "user/api-dir")
+    hf_fibration.push_to_hub(model, "user/api-model", tokenizer=tok, base_model="org/tiny-bert")
+    for repo, base in (("user/api-dir", None), ("user/api-model", "org/tiny-bert")):
+        files = hub.state.repos[repo]["branches"]["main"]["files"]
+        assert {"README.md", "config.json", "model.safetensors"} <= set(files)
+        card = assert_valid_card(files["README.md"].decode())
+        assert card.data.base_model == base
+    assert "tokenizer.json" in hub.state.repos["user/api-model"]["branches"]["main"]["files"]
+
+
+def test_cli_compress_then_push_with_and_without_dataset(tmp_path, hub, capsys):
+    source = save_tiny(tmp_path / "encoder")
+    data = tmp_path / "eval.txt"
+    data.write_text("\n".join(f"A sentence about the number {i}." for i in range(24)))
+    for name, extra in (("plain", []), ("with-data", ["--dataset", str(data)])):
+        out = tmp_path / name
+        assert main(["compress", str(source), "--epsilon", "0.05", "--max-samples", "8", "--output", str(out),
+                     "--no-progress", *extra]) == 0
+        assert main(["push", str(out), f"user/{name}"]) == 0
+        files = hub.state.repos[f"user/{name}"]["branches"]["main"]["files"]
+        card = assert_valid_card(files["README.md"].decode())
+        assert card.data.eval_results and card.data.base_model is None
+        assert str(tmp_path) not in files["README.md"].decode()
+        assert not (out / "README.md").exists()
+    capsys.readouterr()

@@ -1,0 +1,233 @@
+"""Plain ``from_pretrained`` for compressed checkpoints, through transformers' quantizer registry.
+
+``config.json`` carries a ``quantization_config`` with ``quant_method: "fibration"`` and the shape of every
+compressed module; the registered quantizer swaps in modules of those shapes before the weights load, so
+heterogeneous widths load exactly. The registration happens on ``import hf_fibration``.
+
+Before anything is allocated the recorded shapes are checked against the skeleton built from the base config
+(a compressed module is never wider than the original) and against the safetensors headers; after the weights
+load, every fiber index must point at an existing fiber. A tampered or truncated checkpoint fails in one line
+that names the module, not at the first forward.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
+from transformers.utils.quantization_config import QuantizationConfigMixin
+
+from .core.modules import FiberLinear
+from .patch import FIBER_MODULES, build_fiber_modules, fiber_module_specs, restore_fiber_indices
+
+QUANT_METHOD = "fibration"
+LOAD_HINT = "This checkpoint was compressed by hf-fibration: run `import hf_fibration` before from_pretrained."
+FIX = "the checkpoint was altered or cut short; re-download it or compress the base model again"
+SHAPE_FIELDS = {"linear": ("in_features", "out_features"), "embedding": ("num_embeddings", "num_fibers", "full_width"),
+                "input_linear": ("full_width", "out_features", "num_fibers")}
+
+
+class CheckpointError(ValueError):
+    """A compressed checkpoint whose recorded shapes, files or fiber indices do not agree."""
+
+
+class FibrationQuantizationConfig(QuantizationConfigMixin):
+    """The saved description of a compressed model: module shapes, the FibrationConfig, the run's report and the
+    model it was compressed from (``base_model``: a hub id or the local path it was read from)."""
+
+    def __init__(
+        self,
+        modules: dict[str, dict] | None = None,
+        fibration: dict[str, Any] | None = None,
+        report: dict[str, Any] | None = None,
+        load_hint: str = LOAD_HINT,
+        base_model: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        self.quant_method = QUANT_METHOD
+        self.modules = dict(modules or {})
+        self.fibration = dict(fibration or {})
+        self.report = dict(report or {})
+        self.load_hint = load_hint
+        self.base_model = base_model
+
+
+class FibrationQuantizer(HfQuantizer):
+    """Loads fibration checkpoints: builds the compressed modules on the skeleton, then the weights load."""
+
+    requires_calibration = True  # nothing to quantize on the fly: only pre-compressed checkpoints load
+
+    def _process_model_before_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        specs = self.quantization_config.modules
+        headers: dict[str, dict] = {}
+        for file in kwargs.get("checkpoint_files") or []:
+            if str(file).endswith(".safetensors"):
+                headers.update(safetensors_header(file))
+        check_specs(model, specs, headers)
+        build_fiber_modules(model, specs)
+        return model
+
+    def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        restore_fiber_indices(model, self.quantization_config.modules)
+        check_fiber_indices(model)
+        return model
+
+    def is_serializable(self, safe_serialization: bool | None = None) -> bool:
+        return True
+
+    @property
+    def is_trainable(self) -> bool:
+        return True
+
+
+def register() -> None:
+    """Register the config and quantizer under ``fibration`` (idempotent)."""
+    if QUANT_METHOD not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config(QUANT_METHOD)(FibrationQuantizationConfig)
+    if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer(QUANT_METHOD)(FibrationQuantizer)
+
+
+def mark_compressed(model: nn.Module, fibration: dict[str, Any], report: dict[str, Any],
+                    base_model: str | None = None) -> None:
+    """Record the compressed modules in ``model.config`` so save_pretrained writes a loadable checkpoint.
+
+    ``base_model`` defaults to the one recorded by an earlier compression of the same model, else the hub id of
+    what the model was loaded from (``config._name_or_path``), else that path (so ``evaluate`` finds the base)."""
+    from .loading import hub_id_of
+
+    previous = getattr(model.config, "quantization_config", None)
+    loaded_from = model.config._name_or_path or None
+    base_model = base_model or getattr(previous, "base_model", None) or hub_id_of(loaded_from) or loaded_from
+    quant_config = FibrationQuantizationConfig(fiber_module_specs(model), fibration, report, base_model=base_model)
+    model.config.quantization_config = quant_config
+    model.hf_quantizer = FibrationQuantizer(quant_config, pre_quantized=True)
+    model.is_quantized = True
+    model.quantization_method = QUANT_METHOD
+
+
+def safetensors_header(path: str | Path) -> dict[str, dict]:
+    """The tensor table of a .safetensors file; raises CheckpointError naming the first tensor cut off."""
+    path = Path(path)
+    size = path.stat().st_size
+    with path.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path.name} is cut off before its header; {FIX}.")
+        (length,) = struct.unpack("<Q", head)
+        if 8 + length > size:
+            raise CheckpointError(f"{path.name} is cut off inside its header ({size} bytes); {FIX}.")
+        try:
+            header = json.loads(f.read(length))
+        except ValueError:
+            raise CheckpointError(f"{path.name} has an unreadable header; {FIX}.") from None
+    tensors = {k: v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+    data = size - 8 - length
+    for name, info in sorted(tensors.items(), key=lambda kv: kv[1].get("data_offsets", [0, 0])[1]):
+        if info.get("data_offsets", [0, 0])[1] > data:
+            module = name.rsplit(".", 1)[0]
+            raise CheckpointError(f"{path.name} is cut off: module {module!r} ({name}) lies past the end of the "
+                                  f"file ({size} bytes); {FIX}.")
+    return tensors
+
+
+def _original_dims(module: nn.Module) -> tuple[int, int]:
+    """(rows, columns) of an original module on the skeleton: (out, in) of a Linear/Conv1D, (vocab, dim)."""
+    if isinstance(module, nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, nn.Linear):
+        return module.out_features, module.in_features
+    if hasattr(module, "nf") and getattr(module, "weight", None) is not None:  # GPT-2 Conv1D: weight is (in, out)
+        return int(module.nf), int(module.weight.shape[0])
+    raise CheckpointError(f"Compressed module entry for a {type(module).__name__}, which hf-fibration never "
+                          f"writes; {FIX}.")
+
+
+def _bad(name: str, what: str) -> CheckpointError:
+    return CheckpointError(f"Compressed module {name!r} in config.json's quantization_config {what}; {FIX}.")
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
+def _check_index(name: str, index: Any, length: int, fibers: int) -> None:
+    if not isinstance(index, list) or len(index) != length:
+        raise _bad(name, f"has a fiber_index of the wrong length (expected {length})")
+    if not all(isinstance(i, int) and 0 <= i < fibers for i in index):
+        raise _bad(name, f"has a fiber_index value outside [0, {fibers})")
+
+
+def _header_shape(headers: dict[str, dict], prefix: str, name: str, suffix: str) -> list[int] | None:
+    for key in (f"{name}.{suffix}", f"{prefix}.{name}.{suffix}",
+                f"{name.removeprefix(prefix + '.')}.{suffix}" if prefix else None):
+        if key and key in headers:
+            return list(headers[key].get("shape", []))
+    return None
+
+
+def check_specs(model: nn.Module, specs: Any, headers: dict[str, dict] | None = None) -> None:
+    """Check the recorded module shapes against the skeleton (the base config) and the files' headers."""
+    if not isinstance(specs, dict):
+        raise CheckpointError(f"config.json's quantization_config has no table of compressed modules; {FIX}.")
+    headers = headers or {}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    for name, spec in specs.items():
+        kind = spec.get("kind") if isinstance(spec, dict) else None
+        if kind not in SHAPE_FIELDS:
+            raise _bad(name, f"has an unknown kind {kind!r} (a newer hf-fibration may read it)")
+        for key in SHAPE_FIELDS[kind]:
+            if not _is_count(spec.get(key)):
+                raise _bad(name, f"has {key}={spec.get(key)!r}, not a positive integer")
+        try:
+            original = model.get_submodule(name)
+        except AttributeError:
+            raise _bad(name, "names no module of this architecture") from None
+        rows, cols = _original_dims(original)
+        if kind == "linear":
+            full = spec.get("full_width")
+            if full is not None and full != rows:
+                raise _bad(name, f"has full_width={full!r}; the base model's width is {rows}")
+            if spec["out_features"] > rows or spec["in_features"] > cols:
+                raise _bad(name, f"is {spec['out_features']}×{spec['in_features']}, wider than the base model's "
+                                 f"{rows}×{cols}")
+            expected = {"weight": [spec["out_features"], spec["in_features"]]}
+            if full is not None:
+                expected["fiber_index"] = [full]
+        elif kind == "embedding":
+            if spec["num_embeddings"] != rows or spec["full_width"] != cols or spec["num_fibers"] > cols:
+                raise _bad(name, f"is {spec['num_embeddings']}×{spec['num_fibers']} of width {spec['full_width']}; "
+                                 f"the base model's embedding is {rows}×{cols}")
+            _check_index(name, spec.get("fiber_index"), cols, spec["num_fibers"])
+            expected = {"weight": [rows, spec["num_fibers"]]}
+        else:
+            if spec["out_features"] != rows or spec["full_width"] != cols or spec["num_fibers"] > cols:
+                raise _bad(name, f"is {spec['out_features']}×{spec['num_fibers']} of width {spec['full_width']}; "
+                                 f"the base model's layer is {rows}×{cols}")
+            _check_index(name, spec.get("fiber_index"), cols, spec["num_fibers"])
+            expected = {"weight": [rows, spec["num_fibers"]]}
+        for suffix, shape in expected.items():
+            found = _header_shape(headers, prefix, name, suffix)
+            if found is not None and found != shape:
+                raise CheckpointError(f"Compressed module {name!r}: config.json records {suffix} {shape} but the "
+                                      f"weights file holds {found}; {FIX}.")
+
+
+def check_fiber_indices(model: nn.Module) -> None:
+    """Every loaded fiber index must address an existing fiber (else the first forward fails with IndexError)."""
+    for name, module in model.named_modules():
+        index = getattr(module, "fiber_index", None)
+        if not isinstance(module, FIBER_MODULES) or index is None or index.device.type == "meta":
+            continue
+        fibers = module.out_features if isinstance(module, FiberLinear) else module.weight.shape[1]
+        if index.numel() != module.full_width:
+            raise CheckpointError(f"Compressed module {name!r} has {index.numel()} fiber indices for width "
+                                  f"{module.full_width}; {FIX}.")
+        if index.numel() and (int(index.min()) < 0 or int(index.max()) >= fibers):
+            raise CheckpointError(f"Compressed module {name!r} has a fiber index outside [0, {fibers}) "
+                                  f"(found {int(index.min())}..{int(index.max())}); {FIX}.")

@@ -1,0 +1,166 @@
+"""Every bad input, tampered file and failed push: exit status 2, one line that says what to do, no traceback,
+no output directory left behind (#15 item 2, #18 items 3-5 and 7)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers as T
+from hub_server import LoopbackHub
+from safetensors.torch import load_file, save_file
+from tiny_checkpoints import save_tiny
+
+from hf_fibration import FibrationConfig, compress_pretrained
+from hf_fibration.cli import main
+
+# (id, argv with {placeholders}, a piece of the one-line message that names the fix)
+ROWS = [
+    ("unknown-hub-id", ["compress", "no-such-org/no-such-model-xyz"], "Cannot load model"),
+    ("missing-local-dir", ["compress", "./missing-dir-xyz"], "No such local directory"),
+    ("unsupported-architecture", ["compress", "{vit}"], "Unsupported architecture"),
+    ("missing-tokenizer", ["compress", "{no_tokenizer}"], "save the tokenizer"),
+    ("unknown-dataset", ["compress", "{marian}", "--dataset", "no-such-dataset-xyz"], "no-such-dataset-xyz"),
+    ("wrong-split", ["compress", "{marian}", "--dataset", "{data_dir}", "--split", "nope"], "--split"),
+    ("wrong-column", ["compress", "{marian}", "--dataset", "{pairs}", "--source-column", "nope"], "--source-column"),
+    ("empty-split", ["compress", "{marian}", "--dataset", "{empty}"], "empty"),
+    ("over-long-sequences", ["compress", "{marian}", "--max-length", "100000"], "--max-length 128 or less"),
+    ("epsilon-out-of-range", ["compress", "{marian}", "--epsilon", "2.5"], "--epsilon must lie in [0, 2)"),
+    ("tolerance-negative", ["compress", "{marian}", "--tolerance", "-1"], "--tolerance must be"),
+    ("max-samples-zero", ["compress", "{marian}", "--max-samples", "0"], "--max-samples must be"),
+    ("batch-size-zero", ["evaluate", "{marian}", "--batch-size", "0"], "--batch-size must be"),
+    ("nan-weights", ["compress", "{nan_marian}"], "NaN"),
+    ("cuda-on-cpu-torch", ["compress", "{marian}", "--device", "cuda"], "--device cpu"),
+    ("bad-device", ["evaluate", "{marian}", "--device", "tpu9"], "--device cpu"),
+    ("base-model-path", ["compress", "{marian}", "--base-model", "/some/path"], "not a hub model id"),
+    ("retune-not-compressed", ["retune", "{marian}", "--train-dataset", "{pairs}"], "compress it first"),
+    ("retune-without-train-data", ["compress", "{marian}", "--epsilon", "0.1", "--retune"], "--train-dataset"),
+    ("evaluate-truncated", ["evaluate", "{truncated}"], "cut off"),
+    ("evaluate-index-in-config", ["evaluate", "{bad_spec_index}"], "fiber_index value outside"),
+    ("evaluate-index-in-weights", ["evaluate", "{bad_buffer_index}"], "fiber index outside"),
+    ("evaluate-crafted-width", ["evaluate", "{huge_width}"], "wider than the base model"),
+    ("evaluate-shape-vs-header", ["evaluate", "{shape_mismatch}"], "weights file holds"),
+    ("evaluate-nan", ["evaluate", "{nan_compressed}"], "NaN"),
+    ("push-not-compressed", ["push", "{marian}", "user/x"], "compress it first"),
+    ("push-bad-repo-id", ["push", "{compressed}", "no-namespace"], "user-or-org/"),
+    ("push-401", ["push", "{compressed}", "user/x", "@401"], "check the token"),
+    ("push-404", ["push", "{compressed}", "user/x", "@404"], "check the repo id"),
+    ("push-500", ["push", "{compressed}", "user/x", "@500"], "retry later"),
+    ("push-dropped-connection", ["push", "{compressed}", "user/x", "@drop"], "check the connection"),
+]
+
+
+@pytest.fixture(scope="module")
+def compressed(tmp_path_factory):
+    """A compressed tiny encoder (embeddings, attention and MLP sites) saved by the Python path."""
+    root = tmp_path_factory.mktemp("bad-inputs")
+    source = save_tiny(root / "encoder")
+    model = T.AutoModel.from_pretrained(source).eval()
+    compress_pretrained(model, FibrationConfig(epsilon=0.05))
+    model.save_pretrained(root / "compressed")
+    T.AutoTokenizer.from_pretrained(source).save_pretrained(root / "compressed")
+    return root / "compressed"
+
+
+def _variant(src, dst, edit_config=None, edit_tensors=None, truncate=False):
+    shutil.copytree(src, dst)
+    if edit_config is not None:
+        config = json.loads((dst / "config.json").read_text())
+        edit_config(config["quantization_config"]["modules"])
+        (dst / "config.json").write_text(json.dumps(config))
+    if edit_tensors is not None:
+        tensors = load_file(dst / "model.safetensors")
+        edit_tensors(tensors)
+        save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    if truncate:
+        data = (dst / "model.safetensors").read_bytes()
+        (dst / "model.safetensors").write_bytes(data[: len(data) * 2 // 3])
+    return dst
+
+
+def _first(modules, kind, full=False):
+    return next(s for s in modules.values() if s["kind"] == kind and (not full or s.get("full_width")))
+
+
+def _set_spec_index(modules):
+    _first(modules, "embedding")["fiber_index"][0] = 10**6
+
+
+def _set_buffer_index(tensors):
+    key = next(k for k in tensors if k.endswith("fiber_index"))
+    tensors[key][0] = 10**6
+
+
+def _huge_width(modules):
+    _first(modules, "linear")["out_features"] = 4_000_000_000
+
+
+def _shape_mismatch(modules):
+    spec = next(s for s in modules.values() if s["kind"] == "linear" and s["out_features"] > 1)
+    spec["out_features"] -= 1
+
+
+def _nan(tensors):
+    key = next(k for k in tensors if k.endswith("intermediate.dense.weight"))
+    tensors[key][0, 0] = float("nan")
+
+
+@pytest.fixture(scope="module")
+def places(tmp_path_factory, marian_dir, compressed):
+    root = tmp_path_factory.mktemp("bad-input-files")
+    T.ViTConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64).save_pretrained(
+        root / "vit")
+    T.BertModel(T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                             intermediate_size=64)).save_pretrained(root / "no_tokenizer")
+    (root / "empty.txt").write_text("")
+    (root / "pairs.jsonl").write_text('{"de": "Hallo", "en": "Hello"}\n')
+    (root / "data_dir").mkdir()
+    (root / "data_dir" / "train.jsonl").write_text('{"de": "Hallo", "en": "Hello"}\n')
+    nan_marian = root / "nan_marian"
+    shutil.copytree(marian_dir, nan_marian)
+    tensors = load_file(nan_marian / "model.safetensors")
+    key = next(k for k in tensors if k.endswith("fc1.weight"))
+    tensors[key][0, 0] = float("nan")
+    save_file(tensors, nan_marian / "model.safetensors", metadata={"format": "pt"})
+    return {"marian": marian_dir, "compressed": compressed, "vit": root / "vit", "no_tokenizer": root / "no_tokenizer",
+            "empty": root / "empty.txt", "pairs": root / "pairs.jsonl", "data_dir": root / "data_dir",
+            "nan_marian": nan_marian,
+            "truncated": _variant(compressed, root / "truncated", truncate=True),
+            "bad_spec_index": _variant(compressed, root / "bad_spec_index", edit_config=_set_spec_index),
+            "bad_buffer_index": _variant(compressed, root / "bad_buffer_index", edit_tensors=_set_buffer_index),
+            "huge_width": _variant(compressed, root / "huge_width", edit_config=_huge_width),
+            "shape_mismatch": _variant(compressed, root / "shape_mismatch", edit_config=_shape_mismatch),
+            "nan_compressed": _variant(compressed, root / "nan_compressed", edit_tensors=_nan)}
+
+
+@pytest.mark.parametrize("argv, message", [pytest.param(a, m, id=i) for i, a, m in ROWS])
+def test_bad_input(places, tmp_path, monkeypatch, capsys, argv, message):
+    import huggingface_hub.constants as constants
+
+    argv = [a.format(**places) for a in argv]
+    failure = next((a[1:] for a in argv if a.startswith("@")), None)
+    argv = [a for a in argv if not a.startswith("@")]
+    out = tmp_path / "out"
+    if argv[0] in ("compress", "retune"):
+        argv += ["--output", str(out), "--no-progress"]
+    if argv[0] in ("compress", "retune", "evaluate") and "--device" not in argv:
+        argv += ["--device", "cpu"]
+    with LoopbackHub() as hub:
+        if failure is not None:
+            hub.state.fail_status = None if failure == "drop" else int(failure)
+            hub.state.drop_connections = failure == "drop"
+            monkeypatch.setattr(constants, "ENDPOINT", hub.url)
+            monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+            monkeypatch.setenv("HF_HUB_DISABLE_XET", "1")
+            monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda s: None)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the CPU-only torch of #18.5, anywhere
+        code = main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("hf-fibration: error")]
+    assert code == 2, err
+    assert len(lines) == 1 and message in lines[0], err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    if argv[0] == "push":
+        assert not (places["compressed"] / "README.md").exists()
