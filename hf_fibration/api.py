@@ -62,7 +62,7 @@ def compress_pretrained(
 def _compress_fixed(model: nn.Module, config: FibrationConfig, evalset: EvalSet, base_loss: float | None
                     ) -> CompressionReport:
     """Every site at its fixed ε, with the compensated refit of MLP consumers; two evaluations in all."""
-    from .calibration import capture_calibration, compensate_mlp
+    from . import calibration as cal
     from .core.modules import count_parameters
     from .data import batch_loss_sum, evaluate_loss
     from .patch import build_sites, layer_report, non_embedding_parameters
@@ -83,11 +83,14 @@ def _compress_fixed(model: nn.Module, config: FibrationConfig, evalset: EvalSet,
             continue
         calibration = None
         if site.kind == "mlp" and config.compensate:
-            calibration = capture_calibration(model, site, lambda i: batch_loss_sum(model, evalset, i),
-                                              len(evalset.batches), config.calibration_tokens)
+            capture = getattr(cal, "capture_calibration", None) or cal.capture_inputs  # the one the search uses
+            calibration = capture(model, site, lambda i: batch_loss_sum(model, evalset, i), len(evalset.batches),
+                                  config.calibration_tokens)
         site.apply(model, partition)
         if calibration is not None:
-            compensate_mlp(site, model, calibration, config.ridge, getattr(config, "min_tokens_per_unit", 4.0))
+            extra = {"min_tokens_per_unit": config.min_tokens_per_unit} if hasattr(config, "min_tokens_per_unit") \
+                else {}
+            cal.compensate_mlp(site, model, calibration, config.ridge, **extra)
         site.commit()
         layer = layer_report(model, site, partition, eps, units, params_before)
         if embedding:
