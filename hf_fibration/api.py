@@ -46,7 +46,11 @@ def compress_pretrained(
         evalset = build_eval_set(model, tokenizer, dataset, batch_size=config.eval_batch_size,
                                  max_length=config.max_length, seed=config.seed,
                                  max_samples=config.max_eval_samples)
-    if evalset is None:
+    if config.lossless:
+        from .lossless_glue import compress_lossless_config
+
+        report = compress_lossless_config(model, config, evalset)
+    elif evalset is None:
         if not fixed:
             raise ValueError("The ε search needs eval data: pass tokenizer= (and optionally dataset=) or evalset=, "
                              "or fix ε with FibrationConfig(epsilon=...).")

@@ -71,6 +71,12 @@ class FibrationConfig:
     eval_batch_size: int = field(default=16, metadata={"help": "Batch size of search evaluations."})
     max_length: int = field(default=128, metadata={"help": "Truncation length of eval examples, in tokens."})
     seed: int = field(default=0, metadata={"help": "Seed for sampling the eval split and for baselines."})
+    lossless: bool = field(
+        default=False,
+        metadata={"help": "Lossless mode: remove only the MLP units whose removal is exact for the activation (zero "
+                          "in/out weights, equal rows; negated rows for odd, scaled rows for ReLU-family ones; "
+                          "rows equal up to exact_rtol) instead of the ε search."},
+    )
 
     def __post_init__(self) -> None:
         self.parts = tuple(self.parts)

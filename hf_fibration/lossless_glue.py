@@ -16,6 +16,8 @@ from torch import nn
 from .config import FibrationConfig
 from .core.lossless import ACTIVATIONS, RULES, LosslessLayer, LosslessPartition, LosslessReport, lossless_partition
 from .core.lossless import rank as _core_rank
+from .core.modules import count_parameters
+from .core.report import CompressionReport, LayerReport
 from .patch import Site, build_sites, get_module, linear_weight
 
 
@@ -103,3 +105,21 @@ def rank(model: nn.Module | tuple[torch.Tensor, ...], activation: str = "tanh", 
     if isinstance(model, nn.Module) and hasattr(model, "config") and not isinstance(model, nn.Sequential):
         return sum(site_partition(model, s, rtol).num_fibers for s in mlp_sites(model))
     return _core_rank(model, activation, rtol=rtol)
+
+
+def compress_lossless_config(model: nn.Module, config: FibrationConfig, evalset=None) -> CompressionReport:
+    """``FibrationConfig(lossless=True)`` through ``compress_pretrained``: the lossless report is kept as
+    ``report.lossless`` (units per rule, max |Δ output| on the eval batches when given)."""
+    from .patch import non_embedding_parameters
+
+    params, non_emb = count_parameters(model), non_embedding_parameters(model)
+    lossless = compress_lossless_pretrained(model, rtol=config.exact_rtol,
+                                            batches=None if evalset is None else evalset.batches)
+    report = CompressionReport(
+        layers=[LayerReport(x.name, x.units_before, x.units_after, 0.0, x.params_before, x.params_after)
+                for x in lossless.layers],
+        params_before=params, params_after=count_parameters(model), non_embedding_params_before=non_emb,
+        non_embedding_params_after=non_emb - (params - count_parameters(model)),
+    )
+    report.lossless = lossless
+    return report
