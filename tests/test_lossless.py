@@ -206,3 +206,21 @@ def test_transformer_mlps_lose_only_exact_units(family: str, act: str) -> None:
     assert removed["equal"] >= 2 and removed["zero_out"] >= 2 and removed["zero_in"] >= 2
     assert (removed["negated"] > 0) == (act == "tanh")
     assert (removed["scaled"] > 0) == (act == "relu")
+
+
+def test_config_lossless_through_compress_pretrained(tmp_path) -> None:
+    import hf_fibration
+    from hf_fibration import FibrationConfig, compress_pretrained
+
+    model = tiny_model("bert")
+    _plant_mlp(model, "bert")
+    batch = inputs(model)
+    before = model(**batch).logits
+    expected = hf_fibration.rank(model)
+    report = compress_pretrained(model, FibrationConfig(lossless=True), progress=False)
+    assert sum(x.units_after for x in report.layers) == expected
+    assert report.params_after < report.params_before and report.lossless.removed["equal"] >= 2
+    assert (model(**batch).logits - before).abs().max() < 1e-4
+    model.save_pretrained(tmp_path)
+    reloaded = type(model).from_pretrained(tmp_path).eval()
+    assert (reloaded(**batch).logits - before).abs().max() < 1e-4
