@@ -1,7 +1,32 @@
-"""Structured baselines and data-aware fibration at a fixed MLP width, through the same patch/collapse path.
+"""Structured baselines, merging peers and data-aware fibration at a fixed MLP width, through one collapse path.
 
-Every method reduces each MLP to ``keep`` of its units; only the choice of units (and how dropped units are
-treated) differs. ``compensate`` refits the consumer (down/fc2) in closed form for any method.
+Every method reduces each MLP to ``keep`` of its units; only the choice of units (and how dropped or merged units
+are treated) differs. ``compensate`` refits the consumer (down/fc2) in closed form for any method.
+
+Merging peers (math in ``core/merging.py``), and what differs from their papers here:
+
+- ``model-folding`` (Wang et al., ICLR 2025): k-means on each unit's input rows and consumer column together,
+  unnormalized, cluster members averaged (rows) and summed (consumer columns), then Fold-AR, the data-free
+  variance repair. The papers fold BatchNorm CNNs and LLaMA; here: (1) the repair has no BatchNorm to rescale, so
+  it scales the merged unit's pre-activation weights and keeps its bias (the BN shift), which is the same rescale
+  of the pre-activation's fluctuation; (2) a gated MLP's unit is the (gate, up) pair: both rows and the down
+  column form its feature vector, and gate and up rows are each repaired with their own correlation; (3) only
+  MLP units are folded — attention heads, GQA groups and the residual stream are left whole, as for every method
+  of this module, so counts compare at equal MLP width; (4) Lloyd's k-means with k-means++ seeding stands in for
+  the paper's Hartigan k-means (the LLaMA code of the paper uses Ward clustering instead; the PCA it applies
+  first is a rotation and changes no Euclidean distance); (5) every MLP is folded to the same fraction, where
+  the paper's LLaMA recipe sets a ratio per layer.
+- ``zipit`` (Stoica et al., 2023): within one model, units matched greedily by the Pearson correlation of their
+  activations on the calibration tokens (complete linkage, α = 0.3 as in ZipIt!'s code), each group merged into
+  its average (rows averaged, consumer columns summed). ZipIt! merges the features of two models and zips pairs;
+  within one model, reaching 10% of the units needs groups, so the greedy merge runs on merged groups too (which
+  is what its matching code does when the budget allows). Its activations are the MLP's hidden units
+  (act(gate)·up for a gated MLP); no BatchNorm reset follows (there is none).
+
+Ablations that isolate what the peers change relative to the paper's fibration (colored in-weights, cosine,
+agglomerative): ``fibration-inout`` (cosine on the in-rows and the consumer column, each normalized — the
+covers view, fibers ∩ opfibers, made approximate), ``fibration-kmeans`` (k-means on the normalized colored
+in-rows) and ``fibration-repair`` (the paper's fibers plus the Fold-AR repair).
 """
 
 from __future__ import annotations
@@ -12,16 +37,21 @@ from torch import nn
 from .calibration import capture_inputs, compensate_mlp, original_hidden, original_modules
 from .config import FibrationConfig
 from .core.compensate import activation_fibers, importance, span_representatives
-from .core.fibers import FiberDendrogram, colored_in_weights
+from .core.fibers import FiberDendrogram, FiberPartition, colored_in_weights
+from .core.merging import activation_correlation, fold_repair_scales, folding_features, kmeans, zipit_labels
 from .core.modules import count_parameters
 from .core.report import CompressionReport, LayerReport
 from .core.selection import keep_top
 from .data import EvalSet, batch_loss_sum
+from .hub import mark_compressed
 from .patch import build_sites, get_module, linear_weight, non_embedding_parameters
 
 PRUNING = ("random", "l1", "l2", "magnitude", "wanda-sp", "flap")
+MERGING = ("model-folding", "zipit")
 FIBRATION = ("fibration-weights", "fibration-activations", "fibration-span")
-METHODS = PRUNING + FIBRATION
+ABLATIONS = ("fibration-inout", "fibration-kmeans", "fibration-repair")
+METHODS = PRUNING + MERGING + FIBRATION + ABLATIONS
+REPAIRED = ("model-folding", "fibration-repair")
 
 
 def compress_mlps(
@@ -36,7 +66,10 @@ def compress_mlps(
     ridge: float = 1e-3,
     seed: int = 0,
 ) -> CompressionReport:
-    """Reduce every MLP of ``model`` (in place, layer by layer, calibrating on the model as compressed so far)."""
+    """Reduce every MLP of ``model`` (in place, layer by layer, calibrating on the model as compressed so far).
+
+    The model is marked as compressed, so ``save_pretrained`` writes a checkpoint that ``from_pretrained`` loads
+    once ``hf_fibration`` is imported."""
     if method not in METHODS:
         raise ValueError(f"Unknown method {method!r}; choose one of {', '.join(METHODS)}.")
     if not 0 < keep <= 1:
@@ -53,12 +86,15 @@ def compress_mlps(
         k = max(1, round(keep * n))
         modules = original_modules(site, model)
         down = linear_weight(modules[site.modules[-1]])[0].cpu()
-        up_rows = torch.cat([colored_in_weights(*linear_weight(modules[m])) for m in site.modules_in()], 1)
+        in_rows = [colored_in_weights(*linear_weight(modules[m])) for m in site.modules_in()]
+        up_rows = torch.cat(in_rows, 1)
         params_before = site.params(model)
         if method in PRUNING:
             partition = keep_top(importance(method, up_rows, down, hidden, generator), k)
-        elif method == "fibration-weights":
+        elif method in ("fibration-weights", "fibration-repair"):
             partition = FiberDendrogram(up_rows, linkage).cut_to_count(k)
+        elif method in ("model-folding", "zipit", "fibration-kmeans", "fibration-inout"):
+            partition = _merging_partition(method, in_rows, down, hidden, k, linkage, seed)
         elif method == "fibration-activations":
             partition, fold = activation_fibers(hidden, importance("flap", up_rows, down, hidden), k, linkage)
         else:
@@ -67,6 +103,8 @@ def compress_mlps(
         site.apply(model, partition)
         if method in ("fibration-activations", "fibration-span"):
             _fold_columns(site, model, down, fold)
+        if method in REPAIRED:
+            _repair(site, model, modules, partition.labels)
         if compensate:
             compensate_mlp(site, model, x, ridge)
         elif method == "flap":
@@ -75,7 +113,37 @@ def compress_mlps(
         report.layers.append(LayerReport(site.name, n, partition.num_fibers, 0.0, params_before, site.params(model)))
     report.params_after = count_parameters(model)
     report.non_embedding_params_after = non_embedding_parameters(model)
+    mark_compressed(model, {"method": method, "keep": keep, "compensate": compensate, "parts": ["mlp"]},
+                    report.to_dict())
     return report
+
+
+def _merging_partition(method: str, in_rows: list[torch.Tensor], down: torch.Tensor, hidden: torch.Tensor, k: int,
+                       linkage: str, seed: int) -> FiberPartition:
+    if method == "model-folding":
+        labels = kmeans(folding_features(in_rows, down), k, seed=seed)
+    elif method == "zipit":
+        labels = zipit_labels(activation_correlation(hidden), k)
+    elif method == "fibration-kmeans":
+        labels = kmeans(_unit_rows(torch.cat(in_rows, 1)), k, seed=seed)
+    else:  # fibration-inout: cosine of the concatenation = mean of the in-row and out-column cosines
+        rows = torch.cat([_unit_rows(torch.cat(in_rows, 1)), _unit_rows(down.T)], 1)
+        return FiberDendrogram(rows, linkage).cut_to_count(k)
+    return FiberPartition(labels, torch.ones(labels.numel(), dtype=torch.float64))
+
+
+def _unit_rows(rows: torch.Tensor) -> torch.Tensor:
+    rows = rows.to(torch.float64)
+    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
+@torch.no_grad()
+def _repair(site, model: nn.Module, originals: dict[str, nn.Module], labels: torch.Tensor) -> None:
+    """Fold-AR on each input projection of the merged units: its weight rows (not its bias) times the repair."""
+    for name in site.modules_in():
+        scales = fold_repair_scales(linear_weight(originals[name])[0].cpu(), labels)
+        layer = get_module(model, name)
+        layer.weight.mul_(scales.to(layer.weight)[:, None])
 
 
 @torch.no_grad()
