@@ -1,4 +1,4 @@
-"""Data-aware fibration vs structured pruning at equal MLP width, on pretrained or trained models.
+"""Fibration vs structured pruning and merging peers at equal MLP width, on pretrained or trained models.
 
     python scripts/bench_pretrained.py [--keep 0.5 0.25 --calib 128 --eval 256 --out results/pretrained]
     python scripts/bench_pretrained.py --model runs/scaling/gpt2-d128 --keep 0.5 0.4 0.3 0.2 0.1 --out DIR
@@ -8,7 +8,8 @@ model on held-out wikitext-2 lines (calibration: other lines). --model DIR: a ca
 scripts/train_lm.py (calibration: training blocks; quality: loss on validation blocks) or a Marian model trained by
 scripts/train_multi30k.py (calibration: training pairs; quality: val loss). Every MLP is reduced to the same unit
 count; each method runs with and without the compensated collapse (closed-form ridge refit of fc2/down). Writes
-results.md and plots of quality vs the fraction of non-embedding parameters kept.
+results.md (quality and compression wall time per method), rows.json and plots of quality vs the fraction of
+non-embedding parameters kept. --threads fixes torch's CPU threads (recorded with the machine and its load).
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 import torch
 import transformers as T
 
-from hf_fibration.baselines import METHODS, compress_mlps
+from hf_fibration.baselines import FIBRATION, MERGING, METHODS, compress_mlps
 from hf_fibration.data import DEFAULT_TEXT, EvalSet, build_eval_set, evaluate_loss
 from hf_fibration.patch import non_embedding_parameters
 
@@ -93,10 +94,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--compensation", choices=("both", "on", "off"), default="both")
+    parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--out", default="results/pretrained")
+    parser.add_argument("--from-rows", nargs="+", metavar="ROWS_JSON",
+                        help="write the tables of runs split over processes (their rows.json files) into --out; "
+                        "nothing is measured")
     args = parser.parse_args(argv)
+    if args.from_rows:
+        return merge_rows([Path(p) for p in args.from_rows], Path(args.out))
+    unknown = [m for m in args.methods if m not in METHODS]
+    if unknown:
+        parser.exit(2, f"error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}\n")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     command = f"python scripts/bench_pretrained.py {' '.join(argv if argv is not None else sys.argv[1:])}"
-    machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
+    machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
+               f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} at start")
     print(f"command: {command}\nmachine: {machine}\ndate: {datetime.date.today()}", flush=True)
     base, calib, evalset, quality, description = load_task(args.model, args)
     to_quality = (lambda loss: 1.0 - loss) if quality == "cosine" else (lambda loss: loss)
@@ -111,14 +124,30 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 model = copy.deepcopy(base)
                 start = time.perf_counter()
                 report = compress_mlps(model, method, keep, calib, compensate=compensate)
+                seconds = time.perf_counter() - start
                 value = to_quality(evaluate_loss(model, evalset))
                 rows.append({"keep": keep, "method": method, "compensate": compensate, "quality": value,
-                             "fraction": report.non_embedding_params_after / base_ne,
-                             "seconds": time.perf_counter() - start})
+                             "fraction": report.non_embedding_params_after / base_ne, "seconds": seconds})
                 print(f"keep {keep:.2f}  {method:<24} compensate={compensate!s:<5}  {quality} {value:.4f}  "
                       f"non-embedding {rows[-1]['fraction']:.3f}  ({rows[-1]['seconds']:.1f} s)", flush=True)
+    machine += f", {os.getloadavg()[0]:.1f} at the end"
     write(rows, Path(args.out), command, machine, description, quality)
     return rows
+
+
+def merge_rows(paths: list[Path], out: Path) -> list[dict]:
+    """One table from rows.json files of the same model and metric (each run's command and machine listed)."""
+    missing = [str(p) for p in paths if not p.is_file()]
+    if missing:
+        raise SystemExit(f"error: no rows file at {', '.join(missing)}; pass the rows.json files the runs wrote.")
+    runs = [json.loads(p.read_text()) for p in paths]
+    if len({(r["description"], r["quality"]) for r in runs}) != 1:
+        raise SystemExit("error: the rows files measure different models or metrics; merge one model at a time.")
+    rows = {(r["keep"], r["method"], r["compensate"]): r for run in runs for r in run["rows"]}
+    commands = "`; `".join(dict.fromkeys(r["command"] for r in runs))
+    machines = "; ".join(dict.fromkeys(r["machine"] for r in runs))
+    write(list(rows.values()), out, commands, machines, runs[0]["description"], runs[0]["quality"])
+    return list(rows.values())
 
 
 def write(rows: list[dict], out: Path, command: str, machine: str, description: str, quality: str) -> None:
@@ -133,12 +162,13 @@ def write(rows: list[dict], out: Path, command: str, machine: str, description: 
     base = get[(1.0, "uncompressed", False)]["quality"]
     head = [f"{k:.0%} units" + (" + comp." if c else "") for k in keeps for c in comps]
     lines = [
-        "# Data-aware fibration vs structured pruning at equal MLP width", "",
+        "# Fibration vs structured pruning and merging peers at equal MLP width", "",
         f"- command: `{command}`", f"- machine: {machine}", f"- date: {datetime.date.today()}",
         f"- model and metric: {description}; uncompressed: {base:.4f}",
         "- every MLP reduced to the same unit count through the same collapse/patch path; compensation: closed-form "
         "ridge refit of fc2/down on the calibration activations (kept only where it lowers the calibration "
-        "reconstruction error); FLAP without it uses its own bias compensation",
+        "reconstruction error); FLAP without it uses its own bias compensation; model-folding and fibration-repair "
+        "apply the data-free Fold-AR variance repair before it",
         f"- cells: {quality}; **bold** = best in its column", "",
         "| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(head),
     ]
@@ -156,7 +186,12 @@ def write(rows: list[dict], out: Path, command: str, machine: str, description: 
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     fractions = [f"{k:.0%} units → {get[(k, methods[0], comps[0])]['fraction']:.1%}" for k in keeps]
     lines += ["", "Non-embedding parameters kept: " + ", ".join(fractions) + ".", "",
-              f"![{quality} vs parameters]({quality.replace(' ', '_')}_vs_params.png)"]
+              f"![{quality} vs parameters]({quality.replace(' ', '_')}_vs_params.png)", "",
+              "Compression wall time in seconds (calibration, choice of units, collapse and, where on, the refit; "
+              "evaluation excluded):", "", "| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for m in methods:
+        cells = [f"{get[(k, m, c)]['seconds']:.1f}" if (k, m, c) in get else "" for k in keeps for c in comps]
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
     (out / "results.md").write_text("\n".join(lines) + "\n")
     import matplotlib
 
@@ -167,8 +202,8 @@ def write(rows: list[dict], out: Path, command: str, machine: str, description: 
     for ax, c in zip(axes[0], comps, strict=True):
         for m in methods:
             pts = [(get[(k, m, c)]["fraction"], get[(k, m, c)]["quality"]) for k in keeps if (k, m, c) in get]
-            style = "o-" if m.startswith("fibration") else "s--"
-            ax.plot([p for p, _ in pts], [q for _, q in pts], style, label=m, linewidth=2 if "span" in m else 1)
+            style = "o-" if m in FIBRATION else "^-." if m in MERGING else "x:" if m.startswith("fibration") else "s--"
+            ax.plot([p for p, _ in pts], [q for _, q in pts], style, label=m, linewidth=2 if m in MERGING else 1)
         ax.axhline(base, color="k", linewidth=0.8, label="uncompressed")
         ax.set_title("with compensation" if c else "no compensation")
         ax.set_xlabel("fraction of non-embedding parameters kept")
