@@ -229,7 +229,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
                                          layer_losses=args.layer_losses, base_loss=before["loss"],
                                          base_model=base_id or source)
         seconds = time.perf_counter() - start
-        after = _finite(quality(model, evalset, tokenizer, loss=report.final_loss), "the compressed model")
+        fixed_run = args.epsilon is not None and not args.layer_losses and not args.retune
+        # a fixed-ε run's final loss is already on the whole eval set; the search reports its own split's
+        after = _finite(quality(model, evalset, tokenizer, loss=report.final_loss if fixed_run else None),
+                        "the compressed model")
         record = {"base_model": base_id, "source": source, "command": "hf-fibration " + " ".join(sys.argv[1:]),
                   "task": evalset.task, "dataset": args.dataset, "dataset_config": args.dataset_config,
                   "split": args.split if args.dataset else None, "seconds": round(seconds, 2),

@@ -100,12 +100,12 @@ def test_help_prints_each_default_once_and_no_none(command, capsys):
         assert "(default: 128)" in text and text.count("(default: 128)") == 1
 
 
-def test_evaluate_bare_encoder_compares_with_its_base_and_matches_compress(tmp_path, capsys):
+@pytest.mark.parametrize("how", [["--epsilon", "1.0"], ["--tolerance", "0.05", "--search-steps", "2"]])
+def test_evaluate_bare_encoder_compares_with_its_base_and_matches_compress(tmp_path, capsys, how):
     """#18.1: the reference embeddings come from the base model, and evaluate repeats compress's number."""
     source = save_tiny(tmp_path / "encoder")
     out = tmp_path / "fib"
-    assert main(["compress", str(source), "--epsilon", "1.0", "--max-samples", "16", "--output", str(out),
-                 "--no-progress"]) == 0
+    assert main(["compress", str(source), *how, "--max-samples", "16", "--output", str(out), "--no-progress"]) == 0
     recorded = json.loads((out / "fibration_report.json").read_text())["metrics"]["after"]["loss"]
     assert recorded > 1e-5
     capsys.readouterr()
