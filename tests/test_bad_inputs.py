@@ -164,3 +164,15 @@ def test_bad_input(places, tmp_path, monkeypatch, capsys, argv, message):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
     if argv[0] == "push":
         assert not (places["compressed"] / "README.md").exists()
+
+
+@pytest.mark.parametrize("variant, message", [("truncated", "cut off: module"), ("bad_spec_index", "fiber_index"),
+                                              ("bad_buffer_index", "fiber index outside"),
+                                              ("huge_width", "wider than the base model")])
+def test_plain_from_pretrained_refuses_damaged_checkpoints_in_one_line(places, variant, message):
+    """The quantizer itself checks (the Python path): a one-line error naming the module, before any forward."""
+    from hf_fibration.quantizer import CheckpointError
+
+    with pytest.raises(CheckpointError) as info:
+        T.AutoModel.from_pretrained(places[variant])
+    assert message in str(info.value) and "\n" not in str(info.value) and "'" in str(info.value)

