@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .core.compensate import mlp_hidden, reconstruction_error, ridge_refit
+from .core.compensate import mlp_hidden, reconstruction_error, ridge_refit, validated_refit
 from .core.modules import FiberLinear
 from .patch import Site, get_module, linear_weight, set_module
 
@@ -23,19 +24,55 @@ def activation_of(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return ACT2FN[name]
 
 
-def capture_inputs(model: nn.Module, site: Site, run_batch: Callable[[int], object], num_batches: int,
-                   max_tokens: int) -> torch.Tensor:
-    """Tokens × d_in entering the site's first module, from up to ``num_batches`` batches (forward cut short)."""
+@dataclass
+class Calibration:
+    """Tokens × d_in entering a site, and the sequence each token came from (whole sequences are held out
+    together when a refit is validated: tokens of one sentence are too alike to test each other)."""
+
+    inputs: torch.Tensor
+    sequence: torch.Tensor
+    batch: torch.Tensor | None = None  # the eval batch each token came from (for cross-fitting)
+
+    @classmethod
+    def from_tokens(cls, inputs: torch.Tensor, block: int = 32) -> Calibration:
+        return cls(inputs, torch.arange(inputs.shape[0]) // block)
+
+    def without_batches(self, parity: int) -> Calibration:
+        """The tokens of batches whose index has the other parity (what a refit may use to predict batch
+        ``i`` honestly when ``i % 2 == parity``)."""
+        keep = self.batch % 2 != parity
+        return Calibration(self.inputs[keep], self.sequence[keep], self.batch[keep])
+
+    def held_out(self, every: int = 4) -> torch.Tensor:
+        """Tokens of every ``every``-th sequence (a seeded hash, so it does not follow batch order)."""
+        return (self.sequence * 2654435761 + 97) % 2**32 % every == 0
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+
+def capture_calibration(model: nn.Module, site: Site, run_batch: Callable[[int], object], num_batches: int,
+                        max_tokens: int) -> Calibration:
+    """What enters the site's first module, from up to ``num_batches`` batches (forward cut short), in order."""
     captured: list[torch.Tensor] = []
+    sequences: list[torch.Tensor] = []
+    batches: list[torch.Tensor] = []
+    current = [0]
 
     def hook(module: nn.Module, args: tuple) -> None:
         x = args[0].detach()
-        captured.append(x.reshape(-1, x.shape[-1]).to(torch.float64).cpu())
+        rows = x.reshape(-1, x.shape[-1]).to(torch.float64).cpu()
+        start = sum(int(s.max()) + 1 for s in sequences[-1:]) if sequences else 0
+        per_sequence = x.shape[-2] if x.dim() == 3 else 1
+        captured.append(rows)
+        sequences.append(start + torch.arange(rows.shape[0]) // per_sequence)
+        batches.append(torch.full((rows.shape[0],), current[0]))
         raise _Captured
 
     handle = get_module(model, site.modules[0]).register_forward_pre_hook(hook)
     try:
         for i in range(num_batches):
+            current[0] = i
             try:
                 with torch.no_grad():
                     run_batch(i)
@@ -45,10 +82,14 @@ def capture_inputs(model: nn.Module, site: Site, run_batch: Callable[[int], obje
                 break
     finally:
         handle.remove()
-    x = torch.cat(captured)
-    if x.shape[0] > max_tokens:
-        x = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(0))[:max_tokens]]
-    return x
+    return Calibration(torch.cat(captured)[:max_tokens], torch.cat(sequences)[:max_tokens],
+                       torch.cat(batches)[:max_tokens])
+
+
+def capture_inputs(model: nn.Module, site: Site, run_batch: Callable[[int], object], num_batches: int,
+                   max_tokens: int) -> torch.Tensor:
+    """Tokens × d_in entering the site's first module (``capture_calibration`` without the sequence ids)."""
+    return capture_calibration(model, site, run_batch, num_batches, max_tokens).inputs
 
 
 def original_modules(site: Site, model: nn.Module) -> dict[str, nn.Module]:
@@ -60,11 +101,18 @@ def original_hidden(site: Site, model: nn.Module, x: torch.Tensor) -> torch.Tens
     return mlp_hidden(x, _f64_inputs(site, original_modules(site, model)), activation_of(model))
 
 
-def compensate_mlp(site: Site, model: nn.Module, x: torch.Tensor, ridge: float = 1e-3) -> dict[str, float]:
-    """After ``site.apply``: refit the consumer's columns and bias so its output on ``x`` matches the original's.
+def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Calibration, ridge: float | None = None,
+                   min_tokens_per_unit: float = 4.0, cross_fit: bool = False) -> dict[str, object]:
+    """After ``site.apply``: refit the consumer's columns and bias so its output matches the original's.
 
-    Keeps the plain collapse when the refit would not lower the calibration reconstruction error (so exact
-    fibers stay exact). Returns both errors."""
+    The refit is validated on held-out calibration sequences so that it cannot simply memorize them: λ is chosen
+    there (unless ``ridge`` fixes it), the plain collapse is kept when the refit is no better there (so exact
+    fibers stay exact), and no refit is tried with fewer than ``min_tokens_per_unit`` fitting tokens per kept
+    unit. The accepted refit is then solved on all tokens. Returns what was decided, with held-out errors; with
+    ``cross_fit``, also ``folds``: the consumer refit without the even, and without the odd, calibration batches
+    (so a search can score each batch with a refit that never saw it)."""
+    cal = calibration if isinstance(calibration, Calibration) else Calibration.from_tokens(calibration)
+    x, held = cal.inputs, cal.held_out()
     out_name = site.modules[-1]
     w_orig, b_orig = (t if t is None else t.to(torch.float64).cpu() for t in linear_weight(site._originals[out_name]))
     target = original_hidden(site, model, x) @ w_orig.T
@@ -74,15 +122,32 @@ def compensate_mlp(site: Site, model: nn.Module, x: torch.Tensor, ridge: float =
     hidden = mlp_hidden(x, _f64_inputs(site, current), activation_of(model))
     down = current[out_name]
     w_now, b_now = (t if t is None else t.cpu() for t in linear_weight(down))
-    plain = reconstruction_error(hidden, w_now, b_now, target)
-    weight, bias = ridge_refit(hidden, target, ridge)
-    refit = reconstruction_error(hidden, weight, bias, target)
-    if refit < plain:
-        new = FiberLinear.from_weights(weight.to(down.weight.dtype).to(down.weight.device),
-                                       bias.to(down.weight.dtype).to(down.weight.device),
-                                       getattr(down, "fiber_index", None))
-        set_module(model, out_name, new)
-    return {"plain": plain, "refit": min(refit, plain)}
+    units, fit_tokens = hidden.shape[1], int((~held).sum())
+    if fit_tokens < min_tokens_per_unit * units or not bool(held.any()):
+        return {"refit": False, "note": f"no refit: {fit_tokens} calibration tokens < {min_tokens_per_unit:g} "
+                                        f"per kept unit ({units})"}
+    plain = reconstruction_error(hidden[held], w_now, b_now, target[held])
+    if ridge is None:
+        ridge, refit = validated_refit(hidden, target, held)
+    else:
+        weight, bias = ridge_refit(hidden[~held], target[~held], ridge)
+        refit = reconstruction_error(hidden[held], weight, bias, target[held])
+    if refit >= plain:
+        return {"refit": False, "plain": plain, "held_out_refit": refit,
+                "note": "no refit: plain collapse is better on held-out tokens"}
+    def consumer(rows: torch.Tensor) -> FiberLinear:
+        weight, bias = ridge_refit(hidden[rows], target[rows], ridge)
+        return FiberLinear.from_weights(weight.to(down.weight.dtype).to(down.weight.device),
+                                        bias.to(down.weight.dtype).to(down.weight.device),
+                                        getattr(down, "fiber_index", None))
+
+    set_module(model, out_name, consumer(torch.ones_like(held)))
+    result = {"refit": True, "plain": plain, "held_out_refit": refit, "ridge": ridge,
+              "note": f"refit λ={ridge:g}: held-out error {plain:.3g} → {refit:.3g}"}
+    if cross_fit and cal.batch is not None and len(set(cal.batch.tolist())) > 1:
+        result["folds"] = [consumer(cal.batch % 2 != parity) for parity in (0, 1)]
+        result["calibration_batches"] = set(cal.batch.tolist())
+    return result
 
 
 def _f64_inputs(site: Site, modules: dict[str, nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:

@@ -62,8 +62,32 @@ class FibrationConfig:
         metadata={"help": "MLP fibers from 'weights' (colored in-weights, the paper; exact at ε = 0) or "
                           "'activations' (cosine of calibration activations; needs data)."},
     )
-    calibration_tokens: int = field(default=4096, metadata={"help": "Tokens of calibration activations per MLP."})
-    ridge: float = field(default=1e-3, metadata={"help": "Ridge strength of the refit, relative to the Gram."})
+    calibration_tokens: int = field(default=8192, metadata={"help": "Tokens of calibration activations per MLP."})
+    ridge: float | None = field(
+        default=None,
+        metadata={"help": "Ridge strength of the refit, relative to the Gram; None picks it on held-out "
+                          "calibration sequences."},
+    )
+    min_tokens_per_unit: float = field(
+        default=4.0,
+        metadata={"help": "A site is refit only with at least this many fitting calibration tokens per kept unit "
+                          "(fewer would let the refit memorize them)."},
+    )
+    holdout_fraction: float = field(
+        default=0.5,
+        metadata={"help": "Fraction of the eval examples kept out of the search and calibration to confirm the "
+                          "bound on (0 turns the confirmation off)."},
+    )
+    holdout_z: float = field(
+        default=1.0,
+        metadata={"help": "The held-out check passes when the loss increase plus this many standard errors (over "
+                          "held-out examples) stays within τ: small held-out sets must show a clear margin."},
+    )
+    holdout_retries: int = field(
+        default=3,
+        metadata={"help": "Searches again with a tighter internal bound (the last without compensation) while the "
+                          "held-out loss breaks τ; after that the search stops with an error."},
+    )
     parts: tuple[str, ...] = field(
         default=PARTS, metadata={"help": "What to compress: any of 'attention', 'mlp', 'embeddings'."}
     )
@@ -95,7 +119,11 @@ class FibrationConfig:
         _check(self.fibers_from in FIBER_SOURCES,
                f"Unknown fibers_from {self.fibers_from!r}; choose one of {', '.join(FIBER_SOURCES)}.")
         _check(self.calibration_tokens >= 1, f"calibration_tokens must be ≥ 1, got {self.calibration_tokens}.")
-        _check(self.ridge >= 0, f"ridge must be ≥ 0, got {self.ridge}.")
+        _check(self.ridge is None or self.ridge >= 0, f"ridge must be ≥ 0 or None, got {self.ridge}.")
+        _check(self.min_tokens_per_unit >= 0, f"min_tokens_per_unit must be ≥ 0, got {self.min_tokens_per_unit}.")
+        _check(0 <= self.holdout_fraction < 1, f"holdout_fraction must lie in [0, 1), got {self.holdout_fraction}.")
+        _check(self.holdout_z >= 0, f"holdout_z must be ≥ 0, got {self.holdout_z}.")
+        _check(self.holdout_retries >= 0, f"holdout_retries must be ≥ 0, got {self.holdout_retries}.")
         _check(self.budget in BUDGETS, f"Unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}.")
         _check(self.search_order in SEARCH_ORDERS,
                f"Unknown search_order {self.search_order!r}; choose one of {', '.join(SEARCH_ORDERS)}.")

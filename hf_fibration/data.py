@@ -103,6 +103,36 @@ class EvalSet:
     def total_weight(self) -> int:
         return sum(self.weights)
 
+    @property
+    def num_examples(self) -> int:
+        return sum(len(b["input_ids"]) for b in self.batches)
+
+    def split(self, fraction: float, seed: int = 0) -> tuple[EvalSet, EvalSet]:
+        """(search, held-out): a seeded ``fraction`` of the examples, at least one on each side, held out.
+
+        Batches are split row-wise, so both parts keep the batch boundaries (and padding) they had."""
+        n = self.num_examples
+        if n < 2:
+            raise DataError(f"A held-out split needs at least 2 eval examples, got {n}; pass more eval data.")
+        count = min(max(round(fraction * n), 1), n - 1)
+        chosen = torch.zeros(n, dtype=torch.bool)
+        chosen[torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:count]] = True
+        parts: tuple[EvalSet, EvalSet] = (EvalSet(self.task, [], []), EvalSet(self.task, [], []))
+        start = 0
+        for i, batch in enumerate(self.batches):
+            rows = len(batch["input_ids"])
+            held = chosen[start:start + rows]
+            start += rows
+            for part, mask in zip(parts, (~held, held), strict=True):
+                if not bool(mask.any()):
+                    continue
+                sub = {k: v[mask.to(v.device)] for k, v in batch.items()}
+                part.batches.append(sub)
+                part.weights.append(loss_terms(self.task, sub))
+                if self.reference:
+                    part.reference.append(self.reference[i][mask.to(self.reference[i].device)])
+        return parts
+
     def to(self, device: torch.device | str) -> EvalSet:
         self.batches = [{k: v.to(device) for k, v in b.items()} for b in self.batches]
         self.reference = [r.to(device) for r in self.reference]
@@ -157,6 +187,14 @@ def build_eval_set(
     return evalset
 
 
+def loss_terms(task: str, batch: dict[str, torch.Tensor]) -> int:
+    """How many terms the batch's mean loss averages over (its weight in the eval set's mean)."""
+    if task == "fidelity":
+        return int(batch["input_ids"].shape[0])
+    labels = batch["labels"]
+    return int((labels[:, 1:] != -100).sum()) if task == "causal" else int((labels != -100).sum())
+
+
 def _labels(task: str, enc, tokenizer, gen: torch.Generator):
     mask = enc["attention_mask"].bool()
     if task == "causal":
@@ -202,6 +240,42 @@ def batch_loss_sum(model: nn.Module, evalset: EvalSet, index: int) -> float:
     if evalset.weights[index] == 0:
         return 0.0
     return float(task_loss(model, evalset, index)) * evalset.weights[index]
+
+
+@torch.no_grad()
+def example_losses(model: nn.Module, evalset: EvalSet) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example: the sum of its loss terms and their count (Σ sums / Σ counts is ``evaluate_loss``)."""
+    sums, counts = [], []
+    was_training = model.training
+    model.eval()
+    try:
+        for i, batch in enumerate(evalset.batches):
+            if evalset.task == "fidelity":
+                cos = (embed(model, batch) * evalset.reference[i]).sum(-1)
+                sums.append((1.0 - cos).clamp_min(0.0).double().cpu())
+                counts.append(torch.ones_like(sums[-1]))
+                continue
+            kwargs = {"use_cache": False} if evalset.task in ("causal", "seq2seq") else {}
+            logits, labels = model(**batch, **kwargs).logits, batch["labels"]
+            if evalset.task == "causal":
+                logits, labels = logits[:, :-1], labels[:, 1:]
+            terms = nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100,
+                                                reduction="none")
+            sums.append(terms.sum(1).double().cpu())
+            counts.append((labels != -100).sum(1).double().cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(sums), torch.cat(counts)
+
+
+def loss_increase(base: tuple[torch.Tensor, torch.Tensor], now: tuple[torch.Tensor, torch.Tensor]
+                  ) -> tuple[float, float]:
+    """Mean loss increase from ``base`` to ``now`` on the same examples, and its standard error (examples as the
+    sampling unit: tokens of one example are not independent)."""
+    diff, counts = now[0] - base[0], base[1]
+    total = float(counts.sum())
+    se = float(diff.std() * len(diff) ** 0.5) / total if len(diff) > 1 else float("inf")
+    return float(diff.sum()) / total, se
 
 
 def evaluate_loss(

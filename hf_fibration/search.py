@@ -9,22 +9,23 @@ What makes it fast, without changing a single decision:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import architecture_for
-from .calibration import capture_inputs, compensate_mlp, original_hidden
+from .calibration import Calibration, capture_calibration, compensate_mlp, original_hidden
 from .config import FibrationConfig
 from .core.compensate import activation_rows
 from .core.fibers import FiberDendrogram, FiberPartition
 from .core.modules import count_parameters
 from .core.report import CompressionReport, LayerReport
-from .data import EvalSet, batch_loss_sum, evaluate_loss
-from .patch import Site, build_sites, model_type_of, non_embedding_parameters
+from .data import DataError, EvalSet, batch_loss_sum, evaluate_loss, example_losses, loss_increase
+from .patch import Site, build_sites, get_module, model_type_of, non_embedding_parameters, set_module
 
 
 @dataclass
@@ -88,25 +89,106 @@ def _block_of(site: Site, position: dict[str, tuple[int, int]]) -> tuple[int, in
     return None
 
 
+MIN_HOLDOUT_EXAMPLES = 8  # below this the standard error of the held-out loss means nothing
+
+
+class HoldoutError(ValueError):
+    """The held-out loss broke τ in every search: the eval data is too small to compress this model safely."""
+
+
 def greedy_search(
     model: nn.Module,
     config: FibrationConfig,
     evalset: EvalSet,
     progress: bool = True,
+    holdout: EvalSet | None = None,
 ) -> CompressionReport:
-    """Compress ``model`` in place, site by site, at the largest ε that keeps the eval loss within τ."""
+    """Compress ``model`` in place, site by site, at the largest ε that keeps the eval loss within τ.
+
+    The promise is checked on data the search never saw: ``holdout`` (or a ``config.holdout_fraction`` of
+    ``evalset``) takes no part in choosing ε's or fitting refits. When its loss breaks τ, the model is restored and
+    searched again with a tighter internal bound (the last retry without the refit); if it still breaks τ, the
+    model is left uncompressed and ``HoldoutError`` says how much data to pass."""
+    fixed = config.epsilon is not None or all(p in config.epsilons for p in config.parts)
+    if fixed:  # no ε to choose, no τ to promise: the losses are reported as they come
+        return _search_once(model, config, evalset, progress)
+    if holdout is None and config.holdout_fraction > 0:
+        evalset, holdout = evalset.split(config.holdout_fraction, config.seed)
+    if holdout is None:
+        return _search_once(model, config, evalset, progress)
+    if holdout.num_examples < MIN_HOLDOUT_EXAMPLES:
+        raise DataError(f"The held-out check needs at least {MIN_HOLDOUT_EXAMPLES} examples, got "
+                        f"{holdout.num_examples}: pass more eval data (--max-samples) or holdout_fraction=0 to "
+                        "search without a check on unseen data.")
+    pristine = copy.deepcopy(model)
+    base_terms = example_losses(model, holdout)
+    holdout_base = float(base_terms[0].sum() / base_terms[1].sum())
+    allowed = _bound(holdout_base, config.tolerance, holdout.task) - holdout_base
+    attempts: list[dict] = []
+    tolerance, compensate = config.tolerance, config.compensate
+    for attempt in range(config.holdout_retries + 1):
+        if attempt == config.holdout_retries and attempt > 0:
+            compensate = False
+        report = _search_once(model, dataclasses.replace(config, tolerance=tolerance, compensate=compensate),
+                              evalset, progress)
+        increase, se = loss_increase(base_terms, example_losses(model, holdout))
+        attempts.append({"tolerance": tolerance, "compensate": compensate, "search_loss": report.final_loss,
+                         "holdout_loss": holdout_base + increase, "holdout_se": se,
+                         "non_embedding_params": report.non_embedding_params_after})
+        if increase + config.holdout_z * se <= allowed or report.non_embedding_params_after == \
+                report.non_embedding_params_before:
+            report.holdout_base_loss, report.holdout_final_loss = holdout_base, holdout_base + increase
+            report.holdout_se = se
+            report.search_examples, report.holdout_examples = evalset.num_examples, holdout.num_examples
+            report.attempts = attempts
+            return report
+        _restore(model, pristine)
+        spent = increase + config.holdout_z * se
+        tolerance *= min(0.5, 0.8 * allowed / spent) if spent > 0 and allowed > 0 else 0.5
+    raise HoldoutError(
+        f"The held-out loss ({attempts[-1]['holdout_loss']:.4g} ± {attempts[-1]['holdout_se']:.2g}) broke the bound "
+        f"({holdout_base + allowed:.4g}) in {len(attempts)} searches down to τ={attempts[-1]['tolerance']:.3g}: "
+        f"{evalset.num_examples} search and {holdout.num_examples} held-out examples are too few for this model; "
+        f"pass at least {4 * (evalset.num_examples + holdout.num_examples)} (--max-samples) or fix ε (--epsilon). "
+        "The model was left uncompressed.")
+
+
+def _bound(base: float, tolerance: float, task: str) -> float:
+    return base * (1 + tolerance) if task != "fidelity" else tolerance
+
+
+def _restore(model: nn.Module, pristine: nn.Module) -> None:
+    """Put a deep copy of ``pristine``'s modules back into ``model`` (the object the caller holds)."""
+    fresh = copy.deepcopy(pristine)
+    for name, child in fresh.named_children():
+        setattr(model, name, child)
+
+
+def _search_once(model: nn.Module, config: FibrationConfig, evalset: EvalSet, progress: bool) -> CompressionReport:
     report = CompressionReport(params_before=count_parameters(model),
                                non_embedding_params_before=non_embedding_parameters(model))
     stacks, position = _stacks(model)
     replay = BlockReplay(stacks)
     replay.install()
 
+    cross_fit: dict = {}  # a refit site: each calibration batch is scored by the refit that did not see it
+
+    def before_batch(i: int) -> None:
+        replay.batch = i
+        if cross_fit:
+            unseen = cross_fit["folds"][i % 2] if i in cross_fit["batches"] else cross_fit["full"]
+            set_module(model, cross_fit["module"], unseen)
+
     def loss(bound: float | None = None) -> float:
-        return evaluate_loss(model, evalset, bound, before_batch=lambda i: setattr(replay, "batch", i))
+        try:
+            return evaluate_loss(model, evalset, bound, before_batch=before_batch)
+        finally:
+            if cross_fit:
+                set_module(model, cross_fit["module"], cross_fit["full"])
 
     try:
         base = loss()
-        bound = base * (1 + config.tolerance) if evalset.task != "fidelity" else config.tolerance
+        bound = _bound(base, config.tolerance, evalset.task)
         report.base_loss = base
         sites = build_sites(model, config)
         if config.search_order == "backward":
@@ -124,7 +206,8 @@ def greedy_search(
             calibration = None
             if site.kind == "mlp" and (config.compensate or config.fibers_from == "activations"):
                 calibration = _calibrate(model, config, site, evalset, replay)
-            layer, current = _search_site(model, config, site, loss, site_bound, current, fixed, calibration)
+            layer, current = _search_site(model, config, site, loss, site_bound, current, fixed, calibration,
+                                          cross_fit)
             if layer is not None:
                 report.layers.append(layer)
             bar.set_postfix(loss=f"{current:.4f}", bound=f"{site_bound:.4f}")
@@ -144,19 +227,28 @@ def _search_site(
     bound: float,
     current: float,
     fixed: float | None,
-    calibration: torch.Tensor | None = None,
+    calibration: Calibration | None = None,
+    cross_fit: dict | None = None,
 ) -> tuple[LayerReport | None, float]:
     units, params_before = site.units(model), _site_params(model, site)
+    cross_fit = {} if cross_fit is None else cross_fit
     if calibration is not None and config.fibers_from == "activations":
-        site._dendrogram = FiberDendrogram(activation_rows(original_hidden(site, model, calibration)),
+        site._dendrogram = FiberDendrogram(activation_rows(original_hidden(site, model, calibration.inputs)),
                                            config.linkage, False, config.exact_rtol)
     dendro = site.dendrogram(model, config)
     tried: dict[int, tuple[FiberPartition, float]] = {}
+    notes: dict[str, str | None] = {"compensation": None}
 
     def apply(part: FiberPartition) -> None:
         site.apply(model, part)
+        cross_fit.clear()
         if calibration is not None and config.compensate:
-            compensate_mlp(site, model, calibration, config.ridge)
+            result = compensate_mlp(site, model, calibration, config.ridge, config.min_tokens_per_unit,
+                                    cross_fit=True)
+            notes["compensation"] = str(result["note"])
+            if "folds" in result:
+                cross_fit.update(module=site.modules[-1], full=get_module(model, site.modules[-1]),
+                                 folds=result["folds"], batches=result["calibration_batches"])
 
     def trial(eps: float) -> tuple[bool, FiberPartition, float]:
         part = dendro.cut(eps)
@@ -195,21 +287,22 @@ def _search_site(
         site.commit()
         return None, current
     apply(best_part)
+    cross_fit.clear()
     site.commit()
     layer = LayerReport(site.name, units, best_part.num_fibers, float(best_eps), params_before,
-                        _site_params(model, site), loss=best_loss)
+                        _site_params(model, site), loss=best_loss, compensation=notes["compensation"])
     return layer, best_loss
 
 
 def _calibrate(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalSet, replay: BlockReplay
-               ) -> torch.Tensor:
-    """Activations entering the MLP site, from the first eval batches (the search's own data)."""
+               ) -> Calibration:
+    """Activations entering the MLP site, from the first search batches (never the held-out ones)."""
 
     def run(i: int) -> None:
         replay.batch = i
         batch_loss_sum(model, evalset, i)
 
-    return capture_inputs(model, site, run, len(evalset.batches), config.calibration_tokens)
+    return capture_calibration(model, site, run, len(evalset.batches), config.calibration_tokens)
 
 
 def _site_params(model: nn.Module, site: Site) -> int:

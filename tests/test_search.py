@@ -24,17 +24,19 @@ def test_search_keeps_the_loss_bound_and_beats_exact(marian):
     exact_report = compress_pretrained(exact, FibrationConfig(epsilon=0.0, parts=("attention", "mlp")))
     searched = copy.deepcopy(model)
     report = greedy_search(searched, config, evalset, progress=False)
-    final = evaluate_loss(searched, evalset)
-    assert report.base_loss == pytest.approx(base)
-    assert final <= base * (1 + config.tolerance)
-    assert report.final_loss == pytest.approx(final, rel=1e-5)
+    search, holdout = evalset.split(config.holdout_fraction, config.seed)
+    assert report.base_loss == pytest.approx(evaluate_loss(model, search))
+    assert report.final_loss == pytest.approx(evaluate_loss(searched, search), rel=1e-5)
+    assert report.holdout_final_loss == pytest.approx(evaluate_loss(searched, holdout), rel=1e-5)
+    assert report.holdout_final_loss <= report.holdout_base_loss * (1 + config.tolerance)
+    assert evaluate_loss(searched, evalset) <= base * (1 + config.tolerance)  # both parts within τ: the whole is
     assert report.params_after < exact_report.params_after
     assert all(0 <= layer.epsilon <= config.epsilon_max for layer in report.layers)
 
 
 def test_fast_search_makes_the_naive_decisions(marian):
     model, _, evalset = marian
-    config = FibrationConfig(tolerance=0.02, search_steps=4, parts=("mlp",), compensate=False)
+    config = FibrationConfig(tolerance=0.02, search_steps=4, parts=("mlp",), compensate=False, holdout_fraction=0)
     fast = copy.deepcopy(model)
     report = greedy_search(fast, config, evalset, progress=False)
     naive_model, naive_eps = naive_search(copy.deepcopy(model), config, evalset)

@@ -38,6 +38,39 @@ def ridge_refit(hidden: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3
     return weight, bias
 
 
+RIDGE_CANDIDATES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+def ridge_path(hidden: torch.Tensor, target: torch.Tensor, ridges: tuple[float, ...] = RIDGE_CANDIDATES
+               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """``ridge_refit`` at every relative λ in ``ridges`` from one eigendecomposition of the Gram matrix."""
+    h = hidden.to(torch.float64)
+    y = target.to(torch.float64)
+    h_mean, y_mean = h.mean(0, keepdim=True), y.mean(0, keepdim=True)
+    hc = h - h_mean
+    gram = hc.T @ hc
+    scale = gram.diagonal().mean().clamp_min(1e-12)
+    evals, evecs = torch.linalg.eigh(gram)
+    projected = evecs.T @ (hc.T @ (y - y_mean))
+    fits = []
+    for ridge in ridges:
+        weight = (evecs @ (projected / (evals.clamp_min(0) + ridge * scale).unsqueeze(1))).T
+        fits.append((weight, (y_mean - h_mean @ weight.T).squeeze(0)))
+    return fits
+
+
+def validated_refit(hidden: torch.Tensor, target: torch.Tensor, held_out: torch.Tensor,
+                    ridges: tuple[float, ...] = RIDGE_CANDIDATES) -> tuple[float, float]:
+    """Pick λ by the reconstruction error on the tokens flagged ``held_out`` of a refit on the others.
+
+    Returns (λ, its held-out error); the caller refits on all tokens at that λ."""
+    fit, val = ~held_out, held_out
+    errors = [reconstruction_error(hidden[val], w, b, target[val]) for w, b in ridge_path(hidden[fit], target[fit],
+                                                                                          ridges)]
+    best = min(range(len(ridges)), key=errors.__getitem__)
+    return ridges[best], errors[best]
+
+
 def reconstruction_error(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          target: torch.Tensor) -> float:
     pred = hidden.to(torch.float64) @ weight.to(torch.float64).T

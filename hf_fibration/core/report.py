@@ -14,6 +14,7 @@ class LayerReport:
     params_before: int
     params_after: int
     loss: float | None = None
+    compensation: str | None = None
 
 
 @dataclass
@@ -25,6 +26,12 @@ class CompressionReport:
     non_embedding_params_after: int | None = None
     base_loss: float | None = None
     final_loss: float | None = None
+    holdout_base_loss: float | None = None
+    holdout_final_loss: float | None = None
+    holdout_se: float | None = None
+    search_examples: int | None = None
+    holdout_examples: int | None = None
+    attempts: list[dict] = field(default_factory=list)
 
     @property
     def ratio(self) -> float:
@@ -60,8 +67,20 @@ class CompressionReport:
                 f"{self.non_embedding_params_after} ({self.non_embedding_ratio:.2f}x)"
             )
         if self.base_loss is not None and self.final_loss is not None:
-            change = f" ({100.0 * (self.final_loss / self.base_loss - 1.0):+.2f}%)" if self.base_loss > 1e-6 else ""
-            lines.append(f"loss: {self.base_loss:.4f} -> {self.final_loss:.4f}{change}")
+            where = "" if self.search_examples is None else f" on the {self.search_examples} search examples"
+            lines.append(f"loss{where}: {_change(self.base_loss, self.final_loss)}")
+        if self.holdout_base_loss is not None and self.holdout_final_loss is not None:
+            lines.append(f"held-out loss on {self.holdout_examples} examples the search never saw: "
+                         f"{_change(self.holdout_base_loss, self.holdout_final_loss)} (± {self.holdout_se or 0:.2g} s.e.)")
+        if len(self.attempts) > 1:
+            lines.append("searches: " + "; ".join(
+                f"τ={a['tolerance']:.4g}{'' if a['compensate'] else ' no refit'} → held-out {a['holdout_loss']:.4f}"
+                for a in self.attempts))
         return "\n".join(lines)
 
     __str__ = table
+
+
+def _change(before: float, after: float) -> str:
+    change = f" ({100.0 * (after / before - 1.0):+.2f}%)" if before > 1e-6 else ""
+    return f"{before:.4f} -> {after:.4f}{change}"

@@ -1,0 +1,118 @@
+"""The τ promise on data the search never saw (held-out confirmation, honest refits)."""
+
+import copy
+
+import pytest
+import torch
+import transformers as T
+
+from hf_fibration import FibrationConfig
+from hf_fibration.calibration import Calibration, compensate_mlp
+from hf_fibration.core.compensate import ridge_path, ridge_refit, validated_refit
+from hf_fibration.data import DataError, EvalSet, evaluate_loss, example_losses, loss_increase
+from hf_fibration.patch import build_sites, non_embedding_parameters
+from hf_fibration.search import HoldoutError, greedy_search
+
+VOCAB = 64
+_chain = torch.softmax(torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(0)) * 4, dim=1)
+
+
+def _sample(n: int, seed: int, length: int = 16) -> torch.Tensor:
+    """Sequences of a peaked random bigram language: a small model learns it well and its MLPs matter."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.empty(n, length, dtype=torch.long)
+    ids[:, 0] = torch.randint(3, VOCAB, (n,), generator=g)
+    for t in range(1, length):
+        ids[:, t] = torch.multinomial(_chain[ids[:, t - 1]], 1, generator=g).squeeze(1)
+    return ids
+
+
+def _evalset(batches: int, seed: int) -> EvalSet:
+    out = []
+    for i in range(batches):
+        ids = _sample(4, seed * 1000 + i)
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
+    return EvalSet("causal", out, [4 * 15] * batches)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           num_key_value_heads=2, intermediate_size=512, max_position_embeddings=64,
+                           tie_word_embeddings=False)
+    model = T.LlamaForCausalLM(config)
+    opt = torch.optim.Adam(model.parameters(), 3e-3)
+    for step in range(300):
+        ids = _sample(32, 10_000 + step)
+        loss = model(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_example_losses_add_up_to_the_eval_loss(trained):
+    evalset = _evalset(3, 1)
+    sums, counts = example_losses(trained, evalset)
+    assert float(sums.sum() / counts.sum()) == pytest.approx(evaluate_loss(trained, evalset), rel=1e-6)
+    increase, se = loss_increase((sums, counts), (sums + counts * 0.1, counts))
+    assert increase == pytest.approx(0.1) and se == pytest.approx(0.0, abs=1e-9)
+
+
+def test_split_keeps_every_example_once(trained):
+    evalset = _evalset(4, 2)
+    search, held = evalset.split(0.25, seed=3)
+    assert search.num_examples + held.num_examples == 16 and held.num_examples == 4
+    whole = evaluate_loss(trained, evalset) * evalset.total_weight
+    parts = sum(evaluate_loss(trained, p) * p.total_weight for p in (search, held))
+    assert parts == pytest.approx(whole, rel=1e-6)
+
+
+def test_the_held_out_loss_stays_within_tau_on_unseen_text(trained):
+    """Searched on 64 examples, confirmed on 64 others: text neither saw stays within τ (1.5·τ noise margin)."""
+    model, unseen, tau = copy.deepcopy(trained), _evalset(16, 7), 0.02
+    config = FibrationConfig(tolerance=tau, parts=("mlp",), search_steps=5)
+    report = greedy_search(model, config, _evalset(32, 0), progress=False)
+    assert report.non_embedding_ratio > 1.2
+    assert report.holdout_final_loss <= report.holdout_base_loss * (1 + tau)
+    assert evaluate_loss(model, unseen) <= evaluate_loss(trained, unseen) * (1 + 1.5 * tau)
+
+
+def test_a_small_eval_set_stops_with_a_message_instead_of_breaking_tau(trained):
+    """Sixteen search examples let the ε choice fit noise; the search must notice on its held-out half."""
+    model = copy.deepcopy(trained)
+    before = non_embedding_parameters(model)
+    with pytest.raises(HoldoutError, match="too few"):
+        config = FibrationConfig(tolerance=0.02, parts=("mlp",), search_steps=5)
+        greedy_search(model, config, _evalset(8, 0), progress=False)
+    assert non_embedding_parameters(model) == before
+    assert evaluate_loss(model, _evalset(2, 5)) == pytest.approx(evaluate_loss(trained, _evalset(2, 5)))
+    with pytest.raises(DataError, match="at least 8"):
+        greedy_search(model, FibrationConfig(parts=("mlp",)), _evalset(1, 0), progress=False)
+
+
+def test_ridge_path_matches_single_refits():
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(200, 9, generator=g, dtype=torch.float64)
+    y = h @ torch.randn(9, 4, generator=g, dtype=torch.float64) + 0.1 * torch.randn(200, 4, generator=g,
+                                                                                  dtype=torch.float64)
+    for (w, b), ridge in zip(ridge_path(h, y, (1e-3, 1.0)), (1e-3, 1.0), strict=True):
+        w1, b1 = ridge_refit(h, y, ridge)
+        torch.testing.assert_close(w, w1)
+        torch.testing.assert_close(b, b1)
+    held = torch.arange(200) % 4 == 0
+    ridge, _ = validated_refit(h, y, held, (1e-4, 1e3))
+    assert ridge == 1e-4  # the data are nearly linear: the weak ridge wins on held-out rows
+
+
+def test_refit_is_skipped_without_enough_tokens_per_unit(trained):
+    model = copy.deepcopy(trained)
+    site = next(s for s in build_sites(model, FibrationConfig(parts=("mlp",))) if s.kind == "mlp")
+    x = torch.randn(300, 32, dtype=torch.float64)
+    dendro = site.dendrogram(model, FibrationConfig())
+    site.apply(model, dendro.cut_to_count(200))
+    result = compensate_mlp(site, model, Calibration.from_tokens(x))
+    assert not result["refit"] and "per kept unit" in result["note"]
+    result = compensate_mlp(site, model, Calibration.from_tokens(x), min_tokens_per_unit=1.0)
+    assert "held-out" in result["note"]
