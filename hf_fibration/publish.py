@@ -161,8 +161,7 @@ def build_card(record: dict[str, Any], repo_id: str, plot: str | None = None, ba
                ) -> ModelCard:
     """The model card: YAML metadata the Hub validates (base_model a hub id or absent), tables, how to load."""
     report, task = record["report"], record.get("task") or "fidelity"
-    base_id = base_model or (record.get("base_model") if is_hub_id(record.get("base_model")) else None) \
-        or hub_id_of(record.get("source"))
+    base_id = base_model or hub_id_of(record.get("base_model")) or hub_id_of(record.get("source"))
     metrics = _metrics(record)
     results = eval_results(record)
     card_data = ModelCardData(
