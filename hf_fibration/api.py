@@ -50,6 +50,13 @@ def compress_pretrained(
         from .lossless_glue import compress_lossless_config
 
         report = compress_lossless_config(model, config, evalset)
+    elif config.target_params is not None:
+        from .target import compress_to_target
+
+        if evalset is None:
+            raise ValueError("A target size is allocated by measured loss: pass tokenizer= (and optionally dataset=) "
+                             "or evalset=.")
+        report = compress_to_target(model, config, evalset, progress=progress)
     elif evalset is None:
         if not fixed:
             raise ValueError("The ε search needs eval data: pass tokenizer= (and optionally dataset=) or evalset=, "

@@ -31,6 +31,11 @@ class FibrationConfig:
         default_factory=dict,
         metadata={"help": "Per-module ε by part ('attention', 'mlp', 'embeddings') or module name; beats epsilon."},
     )
+    target_params: float | None = field(
+        default=None,
+        metadata={"help": "Keep this fraction of the non-embedding parameters (e.g. 0.5 for 2×), allocated across "
+                          "layers by measured loss per parameter; replaces the τ search."},
+    )
     epsilon_min: float = field(default=0.0, metadata={"help": "Lower bound of the ε binary search."})
     epsilon_max: float = field(default=1.0, metadata={"help": "Upper bound of the ε binary search (< 2)."})
     search_steps: int = field(default=8, metadata={"help": "Bisection steps per layer in the ε search."})
@@ -115,6 +120,9 @@ class FibrationConfig:
         _check_epsilon("epsilon_max", self.epsilon_max)
         _check(self.epsilon_min <= self.epsilon_max,
                f"epsilon_min ({self.epsilon_min}) must not exceed epsilon_max ({self.epsilon_max}).")
+        _check(self.target_params is None or 0 < self.target_params <= 1,
+               f"target_params must lie in (0, 1] (the fraction of non-embedding parameters kept), got "
+               f"{self.target_params}.")
         _check(self.search_steps >= 1, f"search_steps must be ≥ 1, got {self.search_steps}.")
         _check(self.fibers_from in FIBER_SOURCES,
                f"Unknown fibers_from {self.fibers_from!r}; choose one of {', '.join(FIBER_SOURCES)}.")

@@ -1,0 +1,184 @@
+"""Ask for a size: keep a given fraction of the non-embedding parameters, allocated across sites by one global rule.
+
+1. Sensitivity: each site alone (the others intact) is cut to a ladder of unit counts (its dendrogram, so any fiber
+   mode works), collapsed the way the search would collapse it (compensated where it refits), and the eval loss
+   increase is measured on the search examples.
+2. Allocation: for a price λ per parameter, each site takes the count minimizing ΔL_s(k) + λ·P_s(k); bisecting λ
+   finds the allocation that fits the budget. The one site whose count changes at the final λ gets an interpolated
+   count, so the total lands on the target (a site's parameters are affine in its unit count).
+3. Apply: sites are collapsed in forward order at their counts (calibration taken from the model as it stands), and
+   the report gives the search-set and held-out losses.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from .calibration import capture_calibration, compensate_mlp, original_hidden
+from .config import FibrationConfig
+from .core.compensate import activation_rows
+from .core.fibers import FiberDendrogram
+from .core.modules import count_parameters
+from .core.report import CompressionReport, LayerReport
+from .data import EvalSet, batch_loss_sum, evaluate_loss
+from .patch import Site, build_sites, non_embedding_parameters
+
+LADDER = (0.75, 0.5, 0.35, 0.25, 0.15, 0.08)
+
+
+@dataclass
+class SiteCurve:
+    """A site's measured trade-off: unit counts, the site's parameters at each, and the loss increase."""
+
+    name: str
+    counts: list[int]
+    params: list[int]
+    increase: list[float]
+
+    def choose(self, price: float) -> int:
+        return min(range(len(self.counts)), key=lambda i: self.increase[i] + price * self.params[i])
+
+    def params_at(self, count: int) -> int:
+        """Parameters at any count, interpolated between measured ones (exactly affine for every site kind)."""
+        (c0, p0), (c1, p1) = (self.counts[0], self.params[0]), (self.counts[-1], self.params[-1])
+        return round(p0 + (p1 - p0) * (count - c0) / (c1 - c0)) if c1 != c0 else p0
+
+    def count_for(self, params: int) -> int:
+        (c0, p0), (c1, p1) = (self.counts[0], self.params[0]), (self.counts[-1], self.params[-1])
+        if p1 == p0:
+            return c0
+        return max(1, min(c0, round(c0 + (c1 - c0) * (params - p0) / (p1 - p0))))
+
+
+def compress_to_target(model: nn.Module, config: FibrationConfig, evalset: EvalSet, progress: bool = True,
+                       holdout: EvalSet | None = None) -> CompressionReport:
+    """Compress ``model`` in place to ``config.target_params`` of its non-embedding parameters (within 1%)."""
+    if holdout is None and config.holdout_fraction > 0:
+        evalset, holdout = evalset.split(config.holdout_fraction, config.seed)
+    config = copy.copy(config)
+    config.parts = tuple(p for p in config.parts if p != "embeddings")  # the target counts non-embedding params
+    if not config.parts:
+        raise ValueError("target_params counts non-embedding parameters: include 'attention' or 'mlp' in parts.")
+    before_total, before = count_parameters(model), non_embedding_parameters(model)
+    base = evaluate_loss(model, evalset)
+    holdout_base = None if holdout is None else evaluate_loss(model, holdout)
+    sites = _target_sites(model, config)
+    curves = [_curve(model, config, site, evalset, base) for site in
+              tqdm(sites, desc="site sensitivity", disable=not progress, unit="site")]
+    counts = allocate(curves, before - round(config.target_params * before))
+    report = CompressionReport(params_before=before_total, non_embedding_params_before=before, base_loss=base,
+                               holdout_base_loss=holdout_base)
+    for site in tqdm(_target_sites(model, config), desc="collapse", disable=not progress, unit="site"):
+        count = counts[site.name]
+        units, params_before = site.units(model), site.params(model)
+        if count >= units:
+            continue
+        note = _collapse(model, config, site, evalset, count)
+        report.layers.append(LayerReport(site.name, units, count, float("nan"), params_before, site.params(model),
+                                         compensation=note))
+        site.commit()
+    report.final_loss = evaluate_loss(model, evalset)
+    if holdout is not None:
+        report.holdout_final_loss = evaluate_loss(model, holdout)
+        report.search_examples, report.holdout_examples = evalset.num_examples, holdout.num_examples
+    report.params_after = count_parameters(model)
+    report.non_embedding_params_after = non_embedding_parameters(model)
+    return report
+
+
+def _target_sites(model: nn.Module, config: FibrationConfig) -> list[Site]:
+    """The sites, less the row merges of an MLP's output projection: its size depends on the MLP's own cut too,
+    which the per-site curves cannot see (every other site owns its modules alone)."""
+    sites = build_sites(model, config)
+    mlp_modules = {m for s in sites if s.kind == "mlp" for m in s.modules}
+    return [s for s in sites if not (s.kind == "rows" and s.modules[0] in mlp_modules)]
+
+
+def allocate(curves: list[SiteCurve], saving: int) -> dict[str, int]:
+    """Unit counts per site that save ``saving`` parameters at the least summed loss increase (Lagrangian)."""
+    full = {c.name: c.counts[0] for c in curves}
+    if saving <= 0:
+        return full
+
+    def saved(price: float) -> tuple[int, dict[str, int]]:
+        picks = {c.name: c.choose(price) for c in curves}
+        return sum(c.params[0] - c.params[picks[c.name]] for c in curves), picks
+
+    lo, hi = 0.0, 1.0
+    while saved(hi)[0] < saving and hi < 1e12:
+        hi *= 4
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if saved(mid)[0] >= saving:
+            hi = mid
+        else:
+            lo = mid
+    _, under = saved(lo)
+    _, over = saved(hi)
+    counts = {c.name: c.counts[under[c.name]] for c in curves}
+    short = saving - sum(c.params[0] - c.params[under[c.name]] for c in curves)
+    # Interpolate the sites that move between the two allocations until the shortfall is covered.
+    for c in sorted(curves, key=lambda c: c.params[under[c.name]] - c.params[over[c.name]], reverse=True):
+        if short <= 0:
+            break
+        if over[c.name] == under[c.name]:
+            continue
+        now = c.params[under[c.name]]
+        target = max(c.params[over[c.name]], now - short)
+        counts[c.name] = c.count_for(target)
+        short -= now - c.params_at(counts[c.name])
+    if short > 0:  # every site at the price's choice: cut the cheapest-per-parameter sites further
+        for c in sorted(curves, key=lambda c: c.increase[-1] / max(c.params[0] - c.params[-1], 1)):
+            if short <= 0:
+                break
+            now = c.params_at(counts[c.name])
+            target = max(c.params[-1], now - short)
+            counts[c.name] = c.count_for(target)
+            short -= now - c.params_at(counts[c.name])
+    return counts
+
+
+def _curve(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalSet, base: float) -> SiteCurve:
+    units = site.units(model)
+    counts = [units] + sorted({max(1, round(f * units)) for f in LADDER} - {units}, reverse=True)
+    params, increase = [site.params(model)], [0.0]
+    calibration = _calibration(model, config, site, evalset)
+    dendro = _dendrogram(model, config, site, calibration)
+    for count in counts[1:]:
+        site.apply(model, dendro.cut_to_count(count))
+        if calibration is not None and config.compensate:
+            compensate_mlp(site, model, calibration, config.ridge, config.min_tokens_per_unit)
+        params.append(site.params(model))
+        increase.append(evaluate_loss(model, evalset) - base)
+    site.restore(model)
+    site.commit()
+    for i in range(1, len(increase)):  # fewer units never count as better: a dip below is eval noise
+        increase[i] = max(increase[i], increase[i - 1])
+    return SiteCurve(site.name, counts, params, increase)
+
+
+def _collapse(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalSet, count: int) -> str | None:
+    calibration = _calibration(model, config, site, evalset)
+    site.apply(model, _dendrogram(model, config, site, calibration).cut_to_count(count))
+    if calibration is not None and config.compensate:
+        return str(compensate_mlp(site, model, calibration, config.ridge, config.min_tokens_per_unit)["note"])
+    return None
+
+
+def _calibration(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalSet):
+    if site.kind != "mlp" or not (config.compensate or config.fibers_from == "activations"):
+        return None
+    run: Callable[[int], object] = lambda i: batch_loss_sum(model, evalset, i)  # noqa: E731
+    return capture_calibration(model, site, run, len(evalset.batches), config.calibration_tokens)
+
+
+def _dendrogram(model: nn.Module, config: FibrationConfig, site: Site, calibration) -> FiberDendrogram:
+    if calibration is not None and config.fibers_from == "activations":
+        site._dendrogram = FiberDendrogram(activation_rows(original_hidden(site, model, calibration.inputs)),
+                                           config.linkage, False, config.exact_rtol)
+    return site.dendrogram(model, config)

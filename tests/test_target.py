@@ -1,0 +1,67 @@
+"""Ask for a size: the target lands within 1% on every family, allocated by measured loss."""
+
+import copy
+
+import pytest
+import torch
+from tiny_models import FAMILIES, tiny_model
+
+from hf_fibration import FibrationConfig, compress_pretrained
+from hf_fibration.data import EvalSet, evaluate_loss
+from hf_fibration.patch import non_embedding_parameters
+from hf_fibration.target import SiteCurve, allocate
+
+
+def _evalset(model, batches: int = 3) -> EvalSet:
+    g = torch.Generator().manual_seed(0)
+    out, weights = [], []
+    for _ in range(batches):
+        ids = torch.randint(3, 64, (4, 10), generator=g)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()}
+        if model.config.is_encoder_decoder:
+            batch["labels"] = torch.randint(3, 64, (4, 7), generator=g)
+        out.append(batch)
+        weights.append(int(batch["labels"].numel()))
+    task = "seq2seq" if model.config.is_encoder_decoder else "masked" if "bert" in model.config.model_type \
+        else "causal"
+    if task == "causal":
+        weights = [4 * 9] * batches
+    return EvalSet(task, out, weights)
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_target_lands_within_one_percent(family):
+    model = tiny_model(family)
+    before = non_embedding_parameters(model)
+    config = FibrationConfig(target_params=0.5, holdout_fraction=0)
+    report = compress_pretrained(model, config, evalset=_evalset(model), progress=False)
+    assert abs(non_embedding_parameters(model) / before - 0.5) <= 0.01 * 0.5
+    assert report.non_embedding_params_after == non_embedding_parameters(model)
+    assert report.layers and all(layer.units_after < layer.units_before for layer in report.layers)
+
+
+def test_allocation_spends_the_budget_where_it_costs_least():
+    cheap = SiteCurve("cheap", [10, 5, 1], [100, 50, 10], [0.0, 0.01, 0.02])
+    dear = SiteCurve("dear", [10, 5, 1], [100, 50, 10], [0.0, 1.0, 5.0])
+    counts = allocate([cheap, dear], 90)
+    assert counts == {"cheap": 1, "dear": 10}
+    counts = allocate([cheap, dear], 120)  # more than the cheap site can give: the dear one pays the rest
+    assert counts["cheap"] == 1 and counts["dear"] < 10
+    assert 200 - cheap.params_at(counts["cheap"]) - dear.params_at(counts["dear"]) == pytest.approx(120, abs=10)
+
+
+def test_target_with_a_held_out_split_reports_both_losses():
+    model = tiny_model("gpt2")
+    original = copy.deepcopy(model)
+    evalset = _evalset(model, batches=4)
+    report = compress_pretrained(model, FibrationConfig(target_params=0.6, parts=("mlp",)), evalset=evalset,
+                                 progress=False)
+    search, held = evalset.split(0.5, 0)
+    assert report.holdout_base_loss == pytest.approx(evaluate_loss(original, held))
+    assert report.holdout_final_loss == pytest.approx(evaluate_loss(model, held), rel=1e-5)
+    assert report.final_loss == pytest.approx(evaluate_loss(model, search), rel=1e-5)
+
+
+def test_target_out_of_range_is_one_line():
+    with pytest.raises(ValueError, match="target_params must lie in"):
+        FibrationConfig(target_params=1.5)
