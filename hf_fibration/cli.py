@@ -78,8 +78,8 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed-precision", default="no", help="no, fp16 or bf16")
 
 
-def _base_arg(p: argparse.ArgumentParser, help_text: str) -> None:
-    p.add_argument("--base-model", metavar="ID_OR_PATH", help=help_text)
+def _base_arg(p: argparse.ArgumentParser, help_text: str, metavar: str = "ID_OR_PATH") -> None:
+    p.add_argument("--base-model", metavar=metavar, help=help_text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--output", help="output directory (default: ./<model name>-fibration)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
-    _base_arg(c, "hub id of the model being compressed, for the model card (default: the model's own hub id)")
+    _base_arg(c, "hub id of the model being compressed, for the model card (default: the model's own hub id)", "ID")
     c.add_argument("--retune", action="store_true",
                    help="compress–retune loop (seed Alg. 2): retune, raise every ε by --quench, repeat while the "
                         "retuned loss stays ≤ (1+ρ)·base")
@@ -132,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--revision", help="branch to push to (created if missing)")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or the cached login)")
-    _base_arg(p, "hub id the card names as base_model (default: the recorded one, when it is a hub id)")
+    _base_arg(p, "hub id the card names as base_model (default: the recorded one, when it is a hub id)", "ID")
 
     e = sub.add_parser("evaluate", help="loss / perplexity / BLEU of a (compressed) checkpoint",
                        formatter_class=HelpFormatter)
