@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .core.compensate import mlp_hidden, reconstruction_error, ridge_refit, validated_refit
+from .core.compensate import RIDGE_CANDIDATES, RidgeStats, mlp_hidden, reconstruction_error
 from .core.modules import FiberLinear
 from .patch import Site, get_module, linear_weight, set_module
 
@@ -36,12 +36,6 @@ class Calibration:
     @classmethod
     def from_tokens(cls, inputs: torch.Tensor, block: int = 32) -> Calibration:
         return cls(inputs, torch.arange(inputs.shape[0]) // block)
-
-    def without_batches(self, parity: int) -> Calibration:
-        """The tokens of batches whose index has the other parity (what a refit may use to predict batch
-        ``i`` honestly when ``i % 2 == parity``)."""
-        keep = self.batch % 2 != parity
-        return Calibration(self.inputs[keep], self.sequence[keep], self.batch[keep])
 
     def held_out(self, every: int = 4) -> torch.Tensor:
         """Tokens of every ``every``-th sequence (a seeded hash, so it does not follow batch order)."""
@@ -126,26 +120,29 @@ def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Cal
     if fit_tokens < min_tokens_per_unit * units or not bool(held.any()):
         return {"refit": False, "note": f"no refit: {fit_tokens} calibration tokens < {min_tokens_per_unit:g} "
                                         f"per kept unit ({units})"}
+    # cells: (held out?, batch parity) — every refit below is a union of them
+    parity = cal.batch % 2 if cal.batch is not None else torch.zeros_like(cal.sequence)
+    stats = RidgeStats(hidden, target, held.long() * 2 + parity, 4)
     plain = reconstruction_error(hidden[held], w_now, b_now, target[held])
-    if ridge is None:
-        ridge, refit = validated_refit(hidden, target, held)
-    else:
-        weight, bias = ridge_refit(hidden[~held], target[~held], ridge)
-        refit = reconstruction_error(hidden[held], weight, bias, target[held])
+    ridges = RIDGE_CANDIDATES if ridge is None else (ridge,)
+    errors = [reconstruction_error(hidden[held], w, b, target[held]) for w, b in stats.path((0, 1), ridges)]
+    best = min(range(len(ridges)), key=errors.__getitem__)
+    ridge, refit = ridges[best], errors[best]
     if refit >= plain:
         return {"refit": False, "plain": plain, "held_out_refit": refit,
                 "note": "no refit: plain collapse is better on held-out tokens"}
-    def consumer(rows: torch.Tensor) -> FiberLinear:
-        weight, bias = ridge_refit(hidden[rows], target[rows], ridge)
+
+    def consumer(cells: tuple[int, ...]) -> FiberLinear:
+        weight, bias = stats.solve(cells, ridge)
         return FiberLinear.from_weights(weight.to(down.weight.dtype).to(down.weight.device),
                                         bias.to(down.weight.dtype).to(down.weight.device),
                                         getattr(down, "fiber_index", None))
 
-    set_module(model, out_name, consumer(torch.ones_like(held)))
+    set_module(model, out_name, consumer((0, 1, 2, 3)))
     result = {"refit": True, "plain": plain, "held_out_refit": refit, "ridge": ridge,
               "note": f"refit λ={ridge:g}: held-out error {plain:.3g} → {refit:.3g}"}
     if cross_fit and cal.batch is not None and len(set(cal.batch.tolist())) > 1:
-        result["folds"] = [consumer(cal.batch % 2 != parity) for parity in (0, 1)]
+        result["folds"] = [consumer((1 - p, 3 - p)) for p in (0, 1)]  # without the batches of parity p
         result["calibration_batches"] = set(cal.batch.tolist())
     return result
 

@@ -8,7 +8,7 @@ import transformers as T
 
 from hf_fibration import FibrationConfig
 from hf_fibration.calibration import Calibration, compensate_mlp
-from hf_fibration.core.compensate import ridge_path, ridge_refit, validated_refit
+from hf_fibration.core.compensate import RidgeStats, ridge_refit
 from hf_fibration.data import DataError, EvalSet, evaluate_loss, example_losses, loss_increase
 from hf_fibration.patch import build_sites, non_embedding_parameters
 from hf_fibration.search import HoldoutError, greedy_search
@@ -92,20 +92,6 @@ def test_a_small_eval_set_stops_with_a_message_instead_of_breaking_tau(trained):
         greedy_search(model, FibrationConfig(parts=("mlp",)), _evalset(1, 0), progress=False)
 
 
-def test_ridge_path_matches_single_refits():
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(200, 9, generator=g, dtype=torch.float64)
-    y = h @ torch.randn(9, 4, generator=g, dtype=torch.float64) + 0.1 * torch.randn(200, 4, generator=g,
-                                                                                  dtype=torch.float64)
-    for (w, b), ridge in zip(ridge_path(h, y, (1e-3, 1.0)), (1e-3, 1.0), strict=True):
-        w1, b1 = ridge_refit(h, y, ridge)
-        torch.testing.assert_close(w, w1)
-        torch.testing.assert_close(b, b1)
-    held = torch.arange(200) % 4 == 0
-    ridge, _ = validated_refit(h, y, held, (1e-4, 1e3))
-    assert ridge == 1e-4  # the data are nearly linear: the weak ridge wins on held-out rows
-
-
 def test_refit_is_skipped_without_enough_tokens_per_unit(trained):
     model = copy.deepcopy(trained)
     site = next(s for s in build_sites(model, FibrationConfig(parts=("mlp",))) if s.kind == "mlp")
@@ -116,3 +102,19 @@ def test_refit_is_skipped_without_enough_tokens_per_unit(trained):
     assert not result["refit"] and "per kept unit" in result["note"]
     result = compensate_mlp(site, model, Calibration.from_tokens(x), min_tokens_per_unit=1.0)
     assert "held-out" in result["note"]
+
+
+def test_ridge_stats_refit_any_union_of_cells_exactly():
+    g = torch.Generator().manual_seed(1)
+    h = torch.randn(300, 6, generator=g, dtype=torch.float64)
+    y = h @ torch.randn(6, 3, generator=g, dtype=torch.float64) + torch.randn(300, 3, generator=g, dtype=torch.float64)
+    cell = torch.arange(300) % 4
+    stats = RidgeStats(h, y, cell, 4)
+    for cells in [(0, 1), (1, 3), (0, 1, 2, 3)]:
+        rows = torch.isin(cell, torch.tensor(cells))
+        w, b = stats.solve(cells, 0.1)
+        w1, b1 = ridge_refit(h[rows], y[rows], 0.1)
+        torch.testing.assert_close(w, w1)
+        torch.testing.assert_close(b, b1)
+        (w2, b2), = stats.path(cells, (0.1,))
+        torch.testing.assert_close(w2, w1)

@@ -41,34 +41,48 @@ def ridge_refit(hidden: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3
 RIDGE_CANDIDATES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
-def ridge_path(hidden: torch.Tensor, target: torch.Tensor, ridges: tuple[float, ...] = RIDGE_CANDIDATES
-               ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """``ridge_refit`` at every relative λ in ``ridges`` from one eigendecomposition of the Gram matrix."""
-    h = hidden.to(torch.float64)
-    y = target.to(torch.float64)
-    h_mean, y_mean = h.mean(0, keepdim=True), y.mean(0, keepdim=True)
-    hc = h - h_mean
-    gram = hc.T @ hc
-    scale = gram.diagonal().mean().clamp_min(1e-12)
-    evals, evecs = torch.linalg.eigh(gram)
-    projected = evecs.T @ (hc.T @ (y - y_mean))
-    fits = []
-    for ridge in ridges:
-        weight = (evecs @ (projected / (evals.clamp_min(0) + ridge * scale).unsqueeze(1))).T
-        fits.append((weight, (y_mean - h_mean @ weight.T).squeeze(0)))
-    return fits
+class RidgeStats:
+    """Sufficient statistics of a ridge refit (Σhhᵀ, Σh, Σhyᵀ, Σy, n) for disjoint cells of tokens, so that a refit
+    on any union of cells costs one k×k solve instead of a pass over the tokens."""
 
+    def __init__(self, hidden: torch.Tensor, target: torch.Tensor, cell: torch.Tensor, cells: int) -> None:
+        h, y = hidden.to(torch.float64), target.to(torch.float64)
+        self.hh, self.h, self.hy, self.y, self.n = [], [], [], [], []
+        for c in range(cells):
+            rows = cell == c
+            hc, yc = h[rows], y[rows]
+            self.hh.append(hc.T @ hc)
+            self.h.append(hc.sum(0))
+            self.hy.append(hc.T @ yc)
+            self.y.append(yc.sum(0))
+            self.n.append(int(rows.sum()))
 
-def validated_refit(hidden: torch.Tensor, target: torch.Tensor, held_out: torch.Tensor,
-                    ridges: tuple[float, ...] = RIDGE_CANDIDATES) -> tuple[float, float]:
-    """Pick λ by the reconstruction error on the tokens flagged ``held_out`` of a refit on the others.
+    def _centered(self, cells: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        n = max(sum(self.n[c] for c in cells), 1)
+        h_mean = sum(self.h[c] for c in cells) / n
+        y_mean = sum(self.y[c] for c in cells) / n
+        gram = sum(self.hh[c] for c in cells) - n * torch.outer(h_mean, h_mean)
+        cross = sum(self.hy[c] for c in cells) - n * torch.outer(h_mean, y_mean)
+        return gram, cross, h_mean, y_mean
 
-    Returns (λ, its held-out error); the caller refits on all tokens at that λ."""
-    fit, val = ~held_out, held_out
-    errors = [reconstruction_error(hidden[val], w, b, target[val]) for w, b in ridge_path(hidden[fit], target[fit],
-                                                                                          ridges)]
-    best = min(range(len(ridges)), key=errors.__getitem__)
-    return ridges[best], errors[best]
+    def solve(self, cells: tuple[int, ...], ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """``ridge_refit`` on the tokens of ``cells``."""
+        gram, cross, h_mean, y_mean = self._centered(cells)
+        lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
+        weight = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), cross).T
+        return weight, y_mean - weight @ h_mean
+
+    def path(self, cells: tuple[int, ...], ridges: tuple[float, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``solve`` at every λ from one eigendecomposition."""
+        gram, cross, h_mean, y_mean = self._centered(cells)
+        scale = gram.diagonal().mean().clamp_min(1e-12)
+        evals, evecs = torch.linalg.eigh(gram)
+        projected = evecs.T @ cross
+        fits = []
+        for ridge in ridges:
+            weight = (evecs @ (projected / (evals.clamp_min(0) + ridge * scale).unsqueeze(1))).T
+            fits.append((weight, y_mean - weight @ h_mean))
+        return fits
 
 
 def reconstruction_error(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,

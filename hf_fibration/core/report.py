@@ -70,8 +70,9 @@ class CompressionReport:
             where = "" if self.search_examples is None else f" on the {self.search_examples} search examples"
             lines.append(f"loss{where}: {_change(self.base_loss, self.final_loss)}")
         if self.holdout_base_loss is not None and self.holdout_final_loss is not None:
+            se = "" if self.holdout_se is None else f" (± {self.holdout_se:.2g} s.e.)"
             lines.append(f"held-out loss on {self.holdout_examples} examples the search never saw: "
-                         f"{_change(self.holdout_base_loss, self.holdout_final_loss)} (± {self.holdout_se or 0:.2g} s.e.)")
+                         f"{_change(self.holdout_base_loss, self.holdout_final_loss)}{se}")
         if len(self.attempts) > 1:
             lines.append("searches: " + "; ".join(
                 f"τ={a['tolerance']:.4g}{'' if a['compensate'] else ' no refit'} → held-out {a['holdout_loss']:.4f}"
