@@ -85,6 +85,7 @@ def retune(
     distill_weight: float = 0.5,
     distill_temperature: float = 2.0,
     distill_hidden_weight: float = 0.0,
+    max_seconds: float | None = None,
 ) -> RetuneResult:
     """Train ``model`` on ``train``'s batches, evaluate every ``eval_every`` steps (default: each epoch), stop after
     ``patience`` evaluations without improvement, and leave the best weights in ``model``.
@@ -92,7 +93,8 @@ def retune(
     With ``output_dir`` a checkpoint is written at every evaluation; ``resume=True`` continues from it.
     With ``teacher`` (the uncompressed model) the training loss is (1−distill_weight)·task +
     distill_weight·KL(teacher ‖ student)·T² (+ distill_hidden_weight·MSE of the last hidden states); the eval
-    loss, and so early stopping, stays the task loss. Memory: see hf_fibration.distill."""
+    loss, and so early stopping, stays the task loss. Memory: see hf_fibration.distill. With ``max_seconds`` training
+    also ends at the first evaluation after that much wall time (``stopped_early`` stays False then)."""
     from accelerate import Accelerator
 
     if not train.batches:
@@ -131,7 +133,8 @@ def retune(
 
     total = epochs * len(train.batches) if max_steps is None else min(max_steps, epochs * len(train.batches))
     bar = tqdm(total=total, initial=progress_state["step"], desc="retune", disable=not progress, unit="step")
-    stopped = False
+    stopped = out_of_time = False
+    began = time.perf_counter()
     done = progress_state["epoch"] >= epochs or progress_state["step"] >= total
     model.train()
     while not done:
@@ -158,10 +161,11 @@ def retune(
                 else:
                     progress_state["bad"] += 1
                 stopped = progress_state["bad"] >= patience
+                out_of_time = max_seconds is not None and time.perf_counter() - began > max_seconds
                 if state_dir is not None and accelerator.is_main_process:
                     _checkpoint(unwrapped, optimizer, best_state, progress_state, state_dir)
                 model.train()
-            if stopped or progress_state["step"] >= total:
+            if stopped or progress_state["step"] >= total or out_of_time:
                 done = True
                 break
         else:
@@ -202,6 +206,7 @@ def compress_retune(
     progress: bool = True,
     base_loss: float | None = None,
     on_round: Callable[[dict, nn.Module], None] | None = None,
+    time_budget_s: float | None = None,
     **retune_kwargs,
 ) -> tuple[nn.Module, list[dict]]:
     """Seed Alg. 2 (Methods 5.4). L = the eval loss of ``model`` (or ``base_loss``). Each round: the greedy search
@@ -213,7 +218,8 @@ def compress_retune(
     there distills from it). Returns the model and one row per retuned round plus a row for the returned model
     (``round == "final"``, with why the loop ended).
 
-    ``on_round(row, model)`` is called after every round (to checkpoint a long run)."""
+    ``on_round(row, model)`` is called after every round (to checkpoint a long run); with ``time_budget_s`` no new
+    round starts once that many seconds have passed."""
     from .config import FibrationConfig
     from .core.modules import count_parameters
     from .patch import compress_with_epsilons, non_embedding_parameters
@@ -237,13 +243,15 @@ def compress_retune(
 
     rows: list[dict] = []
     ended = "bound"
+    began = time.perf_counter()
     for r in range(max_rounds + 1):
         start = time.perf_counter()
         last_good = copy.deepcopy(model)  # M_o: every round starts from the last model within the bound
         searched, epsilons, searched_loss = search(model)
         search_seconds = time.perf_counter() - start
-        if r == max_rounds or not epsilons:
-            ended = "max_rounds" if epsilons else "nothing left to compress"
+        out_of_time = time_budget_s is not None and time.perf_counter() - began > time_budget_s
+        if r == max_rounds or not epsilons or out_of_time:
+            ended = "nothing left to compress" if not epsilons else "time budget" if out_of_time else "max_rounds"
             break
         over = {name: min(eps * quench, EPSILON_CEILING) for name, eps in epsilons.items()}
         compress_with_epsilons(model, FibrationConfig(**{**config.to_dict(), "epsilon": None, "epsilons": over}))

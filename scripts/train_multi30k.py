@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-length", type=int, default=64)
     parser.add_argument("--train-limit", type=int, help="use only this many training pairs (smoke tests)")
     parser.add_argument("--max-steps", type=int)
+    parser.add_argument("--max-minutes", type=float, help="stop at the first evaluation after this much wall time")
     parser.add_argument("--bleu-limit", type=int, help="score BLEU on this many test sentences (default: all)")
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     result = retune(model, train, val, epochs=args.epochs, learning_rate=args.lr, patience=args.patience,
                     max_steps=args.max_steps, output_dir=out, resume=args.resume, betas=(0.9, 0.98),
-                    adam_eps=1e-9, warmup_steps=args.warmup, seed=args.seed, progress=not args.no_progress)
+                    adam_eps=1e-9, warmup_steps=args.warmup, seed=args.seed, progress=not args.no_progress,
+                    max_seconds=None if args.max_minutes is None else 60 * args.max_minutes)
     seconds = time.perf_counter() - start
     model.eval()
     model.save_pretrained(out)
@@ -124,7 +126,8 @@ def main(argv: list[str] | None = None) -> dict:
         "date": str(datetime.date.today()), "d_model": args.d_model, "ffn": args.ffn or args.d_model,
         "parameters": sum(p.numel() for p in model.parameters()),
         "non_embedding_parameters": non_embedding_parameters(model), "steps": result.steps,
-        "epochs": result.epochs, "val_loss": evaluate_loss(model, val),
+        "epochs": result.epochs, "early_stopped": result.stopped_early, "patience": args.patience,
+        "val_loss": evaluate_loss(model, val),
         "test2016_bleu": bleu(model, tokenizer, test_src, test_tgt), "train_seconds_this_run": round(seconds, 1),
         "history": result.history,
     }

@@ -111,7 +111,7 @@ class FiberDendrogram:
     ) -> None:
         if linkage_method not in LINKAGES:
             raise ValueError(f"Unknown linkage {linkage_method!r}; choose one of {', '.join(LINKAGES)}.")
-        self.rows = rows.detach().to(torch.float64)
+        self.rows = rows.detach().to("cpu", torch.float64)  # scipy clusters on the CPU; weights may be on a GPU
         self.scale_aware = scale_aware
         self.exact_rtol = exact_rtol
         self.norms = self.rows.norm(dim=1)
