@@ -80,3 +80,25 @@ def test_scaling_law_and_baseline_bench_few_steps(tmp_path):
     half = [r for r in bench if r["keep"] == 0.5]
     assert len(half) == 6 and all(0.5 < r["fraction"] < 1.0 and r["quality"] > 0 for r in half)
     assert (tmp_path / "bench" / "val_loss_vs_params.png").stat().st_size > 1000
+
+
+def test_multi30k_series_all_stages_on_a_tiny_size(tmp_path):
+    data = tiny_multi30k(tmp_path)
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import multi30k_series
+
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    multi30k_series.main(["all", "--data", str(data), "--runs", str(runs), "--out", str(out), "--sizes", "16",
+                          "--vocab", "300", "--max-steps", "3", "--epochs", "1", "--taus", "0.2",
+                          "--search-steps", "1", "--rounds", "1", "--retune-epochs", "1", "--bleu-limit", "4",
+                          "--bleu-batch-size", "4", "--device", "cpu", "--control-seconds", "5"])
+    record = json.loads((runs / "d16" / "compress.json").read_text())
+    assert "errors" not in record and (runs / "d16" / "control.json").exists()
+    greedy = record["greedy"]["paper:0.2"]
+    assert greedy["non_embedding"] < record["base"]["non_embedding"]
+    for criterion in ("random", "l2"):  # pruning baselines hold exactly the fibration model's unit counts
+        assert record["baselines"][f"{criterion} @ greedy paper:0.2"]["non_embedding"] == greedy["non_embedding"]
+    rounds = record["alg2"]["plain"]["rounds"]
+    assert rounds[0]["round"] == 0 and rounds[-1]["round"] == "final"
+    assert "| 16 |" in (out / "results.md").read_text() and (out / "fig3f_d16.png").stat().st_size > 1000
+    assert json.loads((out / "rows.json").read_text())["rows"][0]["d_model"] == 16
