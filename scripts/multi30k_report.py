@@ -150,6 +150,7 @@ def plot_all(rows: list[dict], path: Path) -> None:
         ax.plot([entry["final"]["non_embedding"]], [entry["final"]["val_loss"]], "*", color=color, ms=10)
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _plain_log_ticks(ax)
     ax.set_xlabel("non-embedding parameters")
     ax.set_ylabel("val loss after retuning")
     ax.set_title("Alg. 2 compress–retune curves of every size (★: the answer)", fontsize=9)
@@ -180,12 +181,23 @@ def plot_law(rows: list[dict], fits: dict, path: Path) -> None:
                     label=f"{label}: L = {fit['L0']:.2f}·P^-{fit['alpha']:.3f}")
     ax.set_xscale("log")
     ax.set_yscale("log")
+    _plain_log_ticks(ax)
     ax.set_xlabel("non-embedding parameters P")
     ax.set_ylabel("test_2016_flickr loss")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
+
+
+def _plain_log_ticks(ax) -> None:
+    """Log axes spanning less than a decade get unreadable minor labels: keep the major ones, plain numbers."""
+    from matplotlib.ticker import NullFormatter, ScalarFormatter
+
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    for axis in (ax.yaxis,):
+        axis.set_major_formatter(ScalarFormatter())
+        axis.set_minor_formatter(ScalarFormatter())
 
 
 def _fit_line(name: str, fit: dict | None) -> str:
