@@ -38,7 +38,14 @@ from .calibration import capture_inputs, compensate_mlp, original_hidden, origin
 from .config import FibrationConfig
 from .core.compensate import activation_fibers, importance, span_representatives
 from .core.fibers import FiberDendrogram, FiberPartition, colored_in_weights
-from .core.merging import activation_correlation, fold_repair_scales, folding_features, kmeans, zipit_labels
+from .core.merging import (
+    activation_correlation,
+    fold_repair_scales,
+    folding_features,
+    inout_rows,
+    kmeans,
+    zipit_labels,
+)
 from .core.modules import count_parameters
 from .core.report import CompressionReport, LayerReport
 from .core.selection import keep_top
@@ -126,9 +133,8 @@ def _merging_partition(method: str, in_rows: list[torch.Tensor], down: torch.Ten
         labels = zipit_labels(activation_correlation(hidden), k)
     elif method == "fibration-kmeans":
         labels = kmeans(_unit_rows(torch.cat(in_rows, 1)), k, seed=seed)
-    else:  # fibration-inout: cosine of the concatenation = mean of the in-row and out-column cosines
-        rows = torch.cat([_unit_rows(torch.cat(in_rows, 1)), _unit_rows(down.T)], 1)
-        return FiberDendrogram(rows, linkage).cut_to_count(k)
+    else:
+        return FiberDendrogram(inout_rows(torch.cat(in_rows, 1), down), linkage).cut_to_count(k)
     return FiberPartition(labels, torch.ones(labels.numel(), dtype=torch.float64))
 
 

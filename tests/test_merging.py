@@ -11,6 +11,7 @@ from hf_fibration.core.merging import (
     activation_correlation,
     fold_repair_scales,
     folding_features,
+    inout_rows,
     kmeans,
     zipit_labels,
 )
@@ -75,6 +76,19 @@ def test_zipit_alpha_spreads_merges_over_pairs():
     corr = torch.tensor([[1.0, 0.9, 0.8, 0.0], [0.9, 1.0, 0.85, 0.0], [0.8, 0.85, 1.0, 0.5], [0.0, 0.0, 0.5, 1.0]])
     assert zipit_labels(corr, 2, alpha=1.0).tolist() == [0, 0, 0, 1]  # plain complete linkage
     assert zipit_labels(corr, 2, alpha=0.3).tolist() == [0, 0, 1, 1]  # the merged pair waits
+
+
+def test_inout_rows_average_the_in_and_out_cosines():
+    g = torch.Generator().manual_seed(0)
+    w_in = torch.randn(5, 7, generator=g, dtype=torch.float64)
+    w_out = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    rows = inout_rows(w_in, w_out)
+
+    def cos(m):
+        m = m / m.norm(dim=1, keepdim=True)
+        return m @ m.T
+
+    torch.testing.assert_close(cos(rows), (cos(w_in) + cos(w_out.T)) / 2)
 
 
 def test_fold_repair_scales():

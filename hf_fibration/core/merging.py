@@ -117,6 +117,17 @@ def folding_features(in_rows: list[torch.Tensor], out_weight: torch.Tensor) -> t
                      dim=1)
 
 
+def inout_rows(in_rows: torch.Tensor, out_weight: torch.Tensor) -> torch.Tensor:
+    """Rows for the covers view of a fiber (fibers ∩ opfibers, made approximate): each unit's colored in-row and
+    consumer column, each normalized, side by side, so the cosine of two rows is the mean of the two cosines."""
+    return torch.cat([_unit(in_rows), _unit(out_weight.T)], dim=1)
+
+
+def _unit(rows: torch.Tensor) -> torch.Tensor:
+    rows = rows.detach().to(torch.float64)
+    return rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+
+
 def fold_repair_scales(rows: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Fold-AR: per fiber, sqrt(n / (1 + (n − 1)·c̄)) with c̄ the mean pairwise cosine of the members' rows.
 
