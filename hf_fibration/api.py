@@ -24,6 +24,7 @@ def compress_pretrained(
     layer_losses: bool = False,
     base_loss: float | None = None,
     base_model: str | None = None,
+    holdout: EvalSet | None = None,
 ) -> CompressionReport:
     """Compress a transformers model in place by fibration symmetry and return the per-layer report.
 
@@ -35,7 +36,8 @@ def compress_pretrained(
     tokenizer — the small eval set packaged with hf-fibration. The model stays a ``PreTrainedModel``:
     ``save_pretrained`` writes a checkpoint that ``from_pretrained`` loads after ``import hf_fibration``, and
     ``hf_fibration.push_to_hub`` publishes it with a model card. ``base_model`` (a hub id or path) records what
-    it was compressed from (default: what it was loaded from)."""
+    it was compressed from (default: what it was loaded from). The search confirms its bound on ``holdout`` (default:
+    a ``config.holdout_fraction`` of the eval data that it then never uses otherwise)."""
     from .patch import compress_with_epsilons
     from .search import greedy_search
 
@@ -56,7 +58,7 @@ def compress_pretrained(
         if evalset is None:
             raise ValueError("A target size is allocated by measured loss: pass tokenizer= (and optionally dataset=) "
                              "or evalset=.")
-        report = compress_to_target(model, config, evalset, progress=progress)
+        report = compress_to_target(model, config, evalset, progress=progress, holdout=holdout)
     elif evalset is None:
         if not fixed:
             raise ValueError("The ε search needs eval data: pass tokenizer= (and optionally dataset=) or evalset=, "
@@ -65,7 +67,7 @@ def compress_pretrained(
     elif fixed and not layer_losses and config.fibers_from == "weights":
         report = _compress_fixed(model, config, evalset, base_loss)
     else:
-        report = greedy_search(model, config, evalset, progress=progress)
+        report = greedy_search(model, config, evalset, progress=progress, holdout=holdout)
     mark_compressed(model, config.to_dict(), report.to_dict(), base_model=base_model)
     return report
 

@@ -36,11 +36,15 @@ ARG_CHECKS = [
     ("quench", lambda v: math.isfinite(v) and v > 1, "a number > 1"),
     ("max_rounds", lambda v: v >= 0, "an integer ≥ 0"),
     ("search_steps", lambda v: v >= 1, "an integer ≥ 1"),
+    ("target_params", lambda v: 0 < v <= 1, "a fraction in (0, 1] of the non-embedding parameters"),
+    ("target_ratio", lambda v: math.isfinite(v) and v >= 1, "a number ≥ 1 (how many times smaller)"),
+    ("holdout_fraction", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
 ]
 # FibrationConfig fields named in its errors → the flags that set them.
 CONFIG_FLAGS = {"max_eval_samples": "--max-samples", "eval_batch_size": "--batch-size", "max_length": "--max-length",
                 "search_steps": "--search-steps", "epsilon_max": "--epsilon-max", "epsilon": "--epsilon",
-                "tolerance": "--tolerance", "linkage": "--linkage", "parts": "--parts"}
+                "tolerance": "--tolerance", "linkage": "--linkage", "parts": "--parts",
+                "target_params": "--target-params", "holdout_fraction": "--holdout-fraction"}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -61,7 +65,8 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--text-column", help="text column (language models, encoders)")
     g.add_argument("--source-column", help="source column (translation)")
     g.add_argument("--target-column", help="target column (translation)")
-    g.add_argument("--max-samples", type=int, default=128, help="eval examples used")
+    g.add_argument("--max-samples", type=int, default=256,
+                   help="eval examples used (half of them held out to confirm the bound, see --holdout-fraction)")
     g.add_argument("--batch-size", type=int, default=16, help="eval batch size")
     g.add_argument("--max-length", type=int, default=64, help="truncate examples to this many tokens")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
@@ -93,6 +98,15 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--tolerance", type=float, default=0.01,
                    help="τ: keep eval loss ≤ base·(1+τ) (absolute 1−cos bound for bare encoders)")
     c.add_argument("--epsilon", type=float, help="fixed ε for every layer instead of the search")
+    c.add_argument("--target-params", type=float,
+                   help="keep this fraction of the non-embedding parameters (e.g. 0.5), allocated across layers by "
+                        "measured loss, instead of the τ search")
+    c.add_argument("--target-ratio", type=float, help="sugar for --target-params 1/RATIO (e.g. 2 for 2x smaller)")
+    c.add_argument("--holdout-fraction", type=float, default=0.5,
+                   help="fraction of the eval examples the search never sees; the bound is confirmed on them and the "
+                        "before/after metrics are measured on them")
+    c.add_argument("--holdout-dataset", help="held-out examples from this data (like --dataset, same --split) "
+                                              "instead of a fraction of the eval data")
     c.add_argument("--layer-losses", action="store_true",
                    help="with --epsilon: evaluate after every layer and report per-layer losses (slower)")
     c.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS))
@@ -165,13 +179,14 @@ def _check_length(args: argparse.Namespace, model) -> None:
                          f"--max-length {positions} or less.")
 
 
-def _evalset(args: argparse.Namespace, model, tokenizer):
+def _evalset(args: argparse.Namespace, model, tokenizer, dataset: str | None = None):
     from .data import build_eval_set, load_split
 
     _check_length(args, model)
     ds = None
-    if args.dataset:
-        ds = load_split(args.dataset, args.split, args.dataset_config, args.max_samples)
+    dataset = dataset or args.dataset
+    if dataset:
+        ds = load_split(dataset, args.split, args.dataset_config, args.max_samples)
     return build_eval_set(model, tokenizer, ds, text_column=args.text_column, source_column=args.source_column,
                           target_column=args.target_column, batch_size=args.batch_size, max_length=args.max_length,
                           max_samples=args.max_samples)
@@ -183,9 +198,45 @@ def _config(args: argparse.Namespace) -> FibrationConfig:
                                search_steps=args.search_steps, linkage=args.linkage,
                                parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()),
                                max_eval_samples=args.max_samples, eval_batch_size=args.batch_size,
-                               max_length=args.max_length)
+                               max_length=args.max_length, target_params=_target(args),
+                               holdout_fraction=args.holdout_fraction)
     except ValueError as err:
         raise ValueError(_flags(str(err))) from None
+
+
+def _target(args: argparse.Namespace) -> float | None:
+    if args.target_params is not None and args.target_ratio is not None:
+        raise ValueError("Pass --target-params or --target-ratio, not both.")
+    return 1 / args.target_ratio if args.target_ratio is not None else args.target_params
+
+
+def _split_holdout(args: argparse.Namespace, config: FibrationConfig, model, tokenizer, evalset):
+    """(search examples, held-out examples or None): what the search may use, and what confirms it."""
+    fixed = config.epsilon is not None and config.target_params is None
+    if fixed or (config.holdout_fraction == 0 and not args.holdout_dataset):
+        return evalset, None
+    if args.holdout_dataset:
+        holdout = _evalset(args, model, tokenizer, args.holdout_dataset).to(next(model.parameters()).device)
+        search = evalset
+    else:
+        search, holdout = evalset.split(config.holdout_fraction, config.seed)
+    _warn_if_small(config, model, search)
+    return search, holdout
+
+
+def _warn_if_small(config: FibrationConfig, model, search) -> None:
+    """Say so when the search examples carry too few tokens to refit the widest MLP at half its width."""
+    width = max((getattr(model.config, k, 0) or 0 for k in ("intermediate_size", "encoder_ffn_dim", "n_inner",
+                                                             "decoder_ffn_dim")), default=0)
+    width = width or 4 * getattr(model.config, "n_embd", 0)
+    tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
+                 for b in search.batches)
+    needed = config.min_tokens_per_unit * width / 2 / 0.75  # a quarter of the sequences validate the refit
+    if config.compensate and width and tokens < needed:
+        more = math.ceil(search.num_examples * needed / max(tokens, 1))
+        print(f"warning: the search examples hold {tokens} tokens; refitting an MLP of {width} units at half width "
+              f"needs about {needed:.0f}. Refits of wider layers are skipped; pass --max-samples "
+              f"{math.ceil(more / (1 - config.holdout_fraction))} or more for full refits.", file=sys.stderr)
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -211,33 +262,38 @@ def cmd_compress(args: argparse.Namespace) -> int:
         model = load_model(name, args.device)
         tokenizer = load_tokenizer(name)
         evalset = _evalset(args, model, tokenizer).to(next(model.parameters()).device)
+        search, holdout = _split_holdout(args, config, model, tokenizer, evalset)
+        measured = holdout if holdout is not None else evalset  # the record's metrics: data the search never saw
         start = time.perf_counter()
-        before = _finite(quality(model, evalset, tokenizer), "the uncompressed model")
+        before = _finite(quality(model, measured, tokenizer), "the uncompressed model")
         rounds = None
         if args.retune:
             from .quantizer import mark_compressed
             from .retune import compress_retune
 
             train = _trainset(args, model, tokenizer, evalset.task)
-            model, rounds = compress_retune(model, config, evalset, train, rho=args.rho, quench=args.quench,
+            model, rounds = compress_retune(model, config, search, train, rho=args.rho, quench=args.quench,
                                             max_rounds=args.max_rounds, progress=not args.no_progress,
                                             **_retune_kwargs(args))
-            report = _final_report(model, before["loss"], evalset)
+            report = _final_report(model, before["loss"], measured)
             mark_compressed(model, config.to_dict(), report.to_dict(), base_model=base_id or source)
         else:
-            report = compress_pretrained(model, config, evalset=evalset, progress=not args.no_progress,
-                                         layer_losses=args.layer_losses, base_loss=before["loss"],
+            report = compress_pretrained(model, config, evalset=search, holdout=holdout,
+                                         progress=not args.no_progress, layer_losses=args.layer_losses,
+                                         base_loss=before["loss"] if holdout is None else None,
                                          base_model=base_id or source)
         seconds = time.perf_counter() - start
         fixed_run = args.epsilon is not None and not args.layer_losses and not args.retune
         # a fixed-ε run's final loss is already on the whole eval set; the search reports its own split's
-        after = _finite(quality(model, evalset, tokenizer, loss=report.final_loss if fixed_run else None),
+        after = _finite(quality(model, measured, tokenizer, loss=report.final_loss if fixed_run else None),
                         "the compressed model")
         record = {"base_model": base_id, "source": source, "command": "hf-fibration " + " ".join(sys.argv[1:]),
                   "task": evalset.task, "dataset": args.dataset, "dataset_config": args.dataset_config,
                   "split": args.split if args.dataset else None, "seconds": round(seconds, 2),
                   "config": config.to_dict(), "report": report.to_dict(),
-                  "metrics": {"before": before, "after": after}, "rounds": rounds}
+                  "metrics": {"before": before, "after": after}, "rounds": rounds,
+                  "metrics_on": "held-out examples the search never saw" if holdout is not None else "eval set",
+                  "holdout_examples": None if holdout is None else holdout.num_examples}
         save_checkpoint(model, tokenizer, tmp, record)
     print(report.table())
     if rounds:

@@ -97,7 +97,7 @@ def test_help_prints_each_default_once_and_no_none(command, capsys):
     assert "(default: None)" not in text and "(default: False)" not in text
     assert not re.search(r"\(default: [^)]*\) \(default:", text)
     if command == "compress":
-        assert "(default: 128)" in text and text.count("(default: 128)") == 1
+        assert "(default: 256)" in text and text.count("(default: 256)") == 1
 
 
 @pytest.mark.parametrize("how", [["--epsilon", "1.0"], ["--tolerance", "0.05", "--search-steps", "2"]])
