@@ -427,8 +427,26 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         pairs = (list(ds[src]), list(ds[tgt]))
     result = _finite(quality(model, evalset, tokenizer, pairs), args.model)
     extra = {"base_model": base} if evalset.task == "fidelity" else {}
+    held_out = _recorded_holdout(args, evalset)
+    if held_out is not None:  # the examples compress measured its metrics on: its numbers, repeated
+        extra["held_out_loss"] = _finite(quality(model, held_out, tokenizer), args.model)["loss"]
     print(json.dumps({"model": args.model, "task": evalset.task, **extra, **result}, indent=2))
     return 0
+
+
+def _recorded_holdout(args: argparse.Namespace, evalset):
+    """The held-out part of ``evalset`` that compress recorded its metrics on, when this is the same eval data."""
+    path = Path(args.model) / "fibration_report.json"
+    try:
+        record = json.loads(path.read_text()) if path.exists() else {}
+    except ValueError:
+        return None
+    fraction = (record.get("config") or {}).get("holdout_fraction") or 0
+    if not str(record.get("metrics_on", "")).startswith("held-out") or not fraction or \
+            record.get("dataset") != args.dataset:
+        return None
+    _, held_out = evalset.split(fraction, (record.get("config") or {}).get("seed", 0))
+    return held_out if held_out.num_examples == record.get("holdout_examples") else None
 
 
 def _terminate(signum: int, frame) -> None:
