@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import os
@@ -81,6 +82,11 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=5e-5, help="learning rate")
     g.add_argument("--patience", type=int, default=2, help="evaluations without improvement before stopping")
     g.add_argument("--mixed-precision", default="no", help="no, fp16 or bf16")
+    g.add_argument("--distill", action="store_true",
+                   help="distill from the uncompressed model: KL(teacher‖student)·T² on the logits mixed with the "
+                        "task loss (encoders already train on fidelity to it); costs one more model copy in memory")
+    g.add_argument("--distill-weight", type=float, default=0.5, help="weight of the distillation term")
+    g.add_argument("--distill-temperature", type=float, default=2.0, help="distillation temperature T")
 
 
 def _base_arg(p: argparse.ArgumentParser, help_text: str, metavar: str = "ID_OR_PATH") -> None:
@@ -272,9 +278,20 @@ def cmd_compress(args: argparse.Namespace) -> int:
             from .retune import compress_retune
 
             train = _trainset(args, model, tokenizer, evalset.task)
-            model, rounds = compress_retune(model, config, search, train, rho=args.rho, quench=args.quench,
-                                            max_rounds=args.max_rounds, progress=not args.no_progress,
-                                            **_retune_kwargs(args))
+            teacher = copy.deepcopy(model).eval() if args.distill else None
+            kwargs = _retune_kwargs(args, teacher, evalset.task)
+            if config.target_params is not None:  # the asked-for size, then one retuning (no Alg. 2 rounds)
+                from .retune import retune
+
+                report = compress_pretrained(model, config, evalset=search, holdout=holdout,
+                                             progress=not args.no_progress, base_model=base_id or source)
+                model.requires_grad_(True)
+                result = retune(model, train, search, progress=not args.no_progress, **kwargs)
+                rounds = [{"round": "target", "params": report.params_after, "loss_compressed": result.initial_loss,
+                           "loss_retuned": result.best_loss, "within_bound": True}]
+            else:
+                model, rounds = compress_retune(model, config, search, train, rho=args.rho, quench=args.quench,
+                                                max_rounds=args.max_rounds, progress=not args.no_progress, **kwargs)
             report = _final_report(model, before["loss"], measured)
             mark_compressed(model, config.to_dict(), report.to_dict(), base_model=base_id or source)
         else:
@@ -332,9 +349,15 @@ def _trainset(args: argparse.Namespace, model, tokenizer, task: str):
                           max_samples=args.train_samples, task=task)
 
 
-def _retune_kwargs(args: argparse.Namespace) -> dict:
-    return {"epochs": args.epochs, "learning_rate": args.lr, "patience": args.patience,
-            "mixed_precision": args.mixed_precision}
+def _retune_kwargs(args: argparse.Namespace, teacher=None, task: str | None = None) -> dict:
+    kwargs = {"epochs": args.epochs, "learning_rate": args.lr, "patience": args.patience,
+              "mixed_precision": args.mixed_precision}
+    if getattr(args, "distill", False) and task != "fidelity":  # fidelity already is distillation to the teacher
+        if teacher is None:
+            raise ValueError("--distill needs the uncompressed model as teacher; pass --base-model.")
+        kwargs.update(teacher=teacher, distill_weight=args.distill_weight,
+                      distill_temperature=args.distill_temperature)
+    return kwargs
 
 
 def _finite(result: dict[str, float], what: str) -> dict[str, float]:
@@ -381,14 +404,16 @@ def cmd_retune(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.device)
     tokenizer = load_tokenizer(args.model)
     teacher = model
-    if record.get("task") == "fidelity":  # the targets are the uncompressed model's embeddings
-        teacher = load_model(base_model_for(args.model, model, args.base_model), args.device)
+    if record.get("task") == "fidelity" or args.distill:  # the targets come from the uncompressed model
+        base = base_model_for(args.model, model, args.base_model)
+        teacher = load_model(base, args.device) if base else model
     evalset = _evalset(args, teacher, tokenizer)
     train = _trainset(args, teacher, tokenizer, evalset.task)
     state_dir = output.parent / f".{output.name}.retune"
     with atomic_directory(output, args.overwrite) as tmp:
+        kwargs = _retune_kwargs(args, teacher if teacher is not model else None, evalset.task)
         result = retune(model, train, evalset, output_dir=state_dir, resume=args.resume,
-                        progress=not args.no_progress, **_retune_kwargs(args))
+                        progress=not args.no_progress, **kwargs)
         record["retune"] = result.to_dict()
         record["metrics"] = {"before": record.get("metrics", {}).get("before", {}),
                              "after": _finite(quality(model, evalset, tokenizer), "the retuned model")}

@@ -205,3 +205,27 @@ def test_output_directory_has_the_umask_mode(tmp_path):
     finally:
         os.umask(old)
     assert stat.S_IMODE((tmp_path / "out").stat().st_mode) == 0o755
+
+
+def test_target_ratio_with_distillation(marian_dir, tmp_path, capsys):
+    """--target-ratio 2 lands on half the non-embedding parameters; --retune --distill trains from the teacher."""
+    from conftest import PAIRS
+
+    from hf_fibration.patch import non_embedding_parameters
+
+    rows = PAIRS.read_text().splitlines()
+    (tmp_path / "train.jsonl").write_text("\n".join(rows[:96]))
+    (tmp_path / "eval.jsonl").write_text("\n".join(rows[128:192]))
+    out = tmp_path / "half"
+    code = main(["compress", str(marian_dir), "--target-ratio", "2", "--retune", "--distill", "--train-dataset",
+                 str(tmp_path / "train.jsonl"), "--epochs", "1", "--lr", "1e-3", "--output", str(out), "--no-progress",
+                 "--dataset", str(tmp_path / "eval.jsonl"), "--max-length", "32", "--batch-size", "32"])
+    assert code == 0
+    record = json.loads((out / "fibration_report.json").read_text())
+    assert record["rounds"][0]["round"] == "target" and record["holdout_examples"] == 32
+    base = non_embedding_parameters(T.AutoModelForSeq2SeqLM.from_pretrained(marian_dir))
+    half = non_embedding_parameters(T.AutoModelForSeq2SeqLM.from_pretrained(out))
+    assert abs(half / base - 0.5) <= 0.005
+    capsys.readouterr()
+    assert main(["compress", str(marian_dir), "--target-ratio", "2", "--target-params", "0.5"]) == 2
+    assert "not both" in capsys.readouterr().err
