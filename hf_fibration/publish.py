@@ -135,7 +135,10 @@ def _metrics(record: dict[str, Any]) -> dict[str, dict[str, float]]:
     """Before/after metrics of the record; the report's losses when the run recorded no metrics (API path)."""
     metrics = record.get("metrics") or {}
     report = record.get("report") or {}
-    if not metrics.get("after") and report.get("final_loss") is not None:
+    if not metrics.get("after") and report.get("holdout_final_loss") is not None:  # data the search never saw
+        metrics = {"before": {"loss": report.get("holdout_base_loss")},
+                   "after": {"loss": report["holdout_final_loss"]}}
+    elif not metrics.get("after") and report.get("final_loss") is not None:
         metrics = {"before": {"loss": report.get("base_loss")}, "after": {"loss": report["final_loss"]}}
     return metrics
 
@@ -184,7 +187,20 @@ def build_card(record: dict[str, Any], repo_id: str, plot: str | None = None, ba
         non_embedding_ratio=f"{ne_before / max(ne_after, 1):.2f}×" if ne_before and ne_after else "—",
         metrics=rows, auto_class=AUTO_CLASSES[task], command=short_command(record.get("command")), task=task,
         tolerance=(record.get("config") or {}).get("tolerance"), layers=report.get("layers") or [], plot=plot,
+        losses=_loss_lines(report),
     )
+
+
+def _loss_lines(report: dict[str, Any]) -> list[str]:
+    """Where each loss was measured: the examples the search used, and the held-out ones it never saw."""
+    lines = []
+    if report.get("final_loss") is not None and report.get("base_loss") is not None:
+        lines.append(f"on the {report.get('search_examples') or 'eval'} search examples: "
+                     f"{report['base_loss']:.4f} → {report['final_loss']:.4f}")
+    if report.get("holdout_final_loss") is not None and report.get("holdout_base_loss") is not None:
+        lines.append(f"on {report.get('holdout_examples')} held-out examples the search never saw (the metrics "
+                     f"above): {report['holdout_base_loss']:.4f} → {report['holdout_final_loss']:.4f}")
+    return lines
 
 
 def _fmt(value: float | None) -> str:

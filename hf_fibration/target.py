@@ -78,8 +78,8 @@ def compress_to_target(model: nn.Module, config: FibrationConfig, evalset: EvalS
         units, params_before = site.units(model), site.params(model)
         if count >= units:
             continue
-        note = _collapse(model, config, site, evalset, count)
-        report.layers.append(LayerReport(site.name, units, count, float("nan"), params_before, site.params(model),
+        epsilon, note = _collapse(model, config, site, evalset, count)
+        report.layers.append(LayerReport(site.name, units, count, epsilon, params_before, site.params(model),
                                          compensation=note))
         site.commit()
     report.final_loss = evaluate_loss(model, evalset)
@@ -162,12 +162,16 @@ def _curve(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalS
     return SiteCurve(site.name, counts, params, increase)
 
 
-def _collapse(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalSet, count: int) -> str | None:
+def _collapse(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalSet, count: int
+              ) -> tuple[float, str | None]:
+    """Cut the site to ``count`` fibers; returns the ε of that cut (the dendrogram height) and the refit's note."""
     calibration = _calibration(model, config, site, evalset)
-    site.apply(model, _dendrogram(model, config, site, calibration).cut_to_count(count))
+    dendro = _dendrogram(model, config, site, calibration)
+    site.apply(model, dendro.cut_to_count(count))
+    note = None
     if calibration is not None and config.compensate:
-        return str(compensate_mlp(site, model, calibration, config.ridge, config.min_tokens_per_unit)["note"])
-    return None
+        note = str(compensate_mlp(site, model, calibration, config.ridge, config.min_tokens_per_unit)["note"])
+    return float(dendro.epsilon_for_count(count)), note
 
 
 def _calibration(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalSet):

@@ -226,3 +226,14 @@ def test_base_model_is_a_hub_id_never_a_path(tmp_path):
     assert hub_id_of(str(tmp_path / "m")) == "org/original"
     (tmp_path / "m" / "config.json").write_text(json.dumps({"_name_or_path": "/home/u/x"}))
     assert hub_id_of(str(tmp_path / "m")) is None
+
+
+def test_card_gives_search_and_held_out_losses_and_model_index_uses_held_out():
+    record = _record("causal", None, base=None)
+    record["metrics"] = {}
+    record["report"].update(base_loss=2.0, final_loss=2.01, holdout_base_loss=2.1, holdout_final_loss=2.12,
+                            search_examples=64, holdout_examples=64)
+    card = str(build_card(record, "user/x-fib"))
+    assert "64 search examples: 2.0000 → 2.0100" in card and "held-out examples the search never saw" in card
+    values = {r.metric_name: r.metric_value for r in assert_valid_card(card).data.eval_results}
+    assert values == {"loss (uncompressed)": 2.1, "loss (compressed)": 2.12}
