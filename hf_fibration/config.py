@@ -12,7 +12,7 @@ from .core.fibers import EPSILON_MAX, LINKAGES
 PARTS = ("attention", "mlp", "embeddings")
 SEARCH_ORDERS = ("forward", "backward")
 BUDGETS = ("uniform", "greedy")
-FIBER_SOURCES = ("weights", "activations")
+FIBER_SOURCES = ("weights", "activations", "inout")
 
 
 @dataclass
@@ -64,8 +64,10 @@ class FibrationConfig:
     )
     fibers_from: str = field(
         default="weights",
-        metadata={"help": "MLP fibers from 'weights' (colored in-weights, the paper; exact at ε = 0) or "
-                          "'activations' (cosine of calibration activations; needs data)."},
+        metadata={"help": "MLP fibers from 'weights' (colored in-weights, the paper; exact at ε = 0), "
+                          "'activations' (cosine of calibration activations; needs data) or 'inout' (in-weights "
+                          "beside consumer columns, the covers view; no data; best of the weight-only modes on the "
+                          "trained Llama and Marian models in results/baselines)."},
     )
     calibration_tokens: int = field(default=8192, metadata={"help": "Tokens of calibration activations per MLP."})
     ridge: float | None = field(

@@ -18,6 +18,7 @@ from .config import FibrationConfig
 from .core.collapse import collapse_weight, mean_rows
 from .core.embedding import FiberEmbedding, FiberInputLinear
 from .core.fibers import FiberDendrogram, FiberPartition, colored_in_weights
+from .core.merging import inout_rows
 from .core.modules import FiberLinear, count_parameters
 from .core.report import CompressionReport, LayerReport
 
@@ -68,7 +69,10 @@ class Site:
 
     def dendrogram(self, model: nn.Module, config: FibrationConfig) -> FiberDendrogram:
         if self._dendrogram is None:
-            self._dendrogram = FiberDendrogram(self._rows(model), config.linkage, self.scale_aware, config.exact_rtol)
+            rows = self._rows(model)
+            if self.kind == "mlp" and config.fibers_from == "inout":  # covers view: in-rows beside out-columns
+                rows = inout_rows(rows, linear_weight(get_module(model, self.modules[-1]))[0])
+            self._dendrogram = FiberDendrogram(rows, config.linkage, self.scale_aware, config.exact_rtol)
         return self._dendrogram
 
     def _rows(self, model: nn.Module) -> torch.Tensor:

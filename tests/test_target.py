@@ -65,3 +65,19 @@ def test_target_with_a_held_out_split_reports_both_losses():
 def test_target_out_of_range_is_one_line():
     with pytest.raises(ValueError, match="target_params must lie in"):
         FibrationConfig(target_params=1.5)
+
+
+def test_inout_fiber_mode_reaches_the_target_and_reloads(tmp_path):
+    import transformers as T
+
+    import hf_fibration  # noqa: F401  (registers the loader)
+
+    model = tiny_model("llama")
+    config = FibrationConfig(target_params=0.5, fibers_from="inout", parts=("mlp",), holdout_fraction=0)
+    compress_pretrained(model, config, evalset=_evalset(model), progress=False)
+    before = non_embedding_parameters(tiny_model("llama"))
+    assert abs(non_embedding_parameters(model) / before - 0.5) <= 0.005
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(T.AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
