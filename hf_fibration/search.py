@@ -18,10 +18,9 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import architecture_for
-from .calibration import Calibration, capture_calibration, compensate_mlp, original_hidden
+from .calibration import Calibration, capture_calibration, compensate_mlp, site_dendrogram
 from .config import FibrationConfig
-from .core.compensate import activation_rows
-from .core.fibers import FiberDendrogram, FiberPartition
+from .core.fibers import FiberPartition
 from .core.modules import count_parameters
 from .core.report import CompressionReport, LayerReport
 from .data import DataError, EvalSet, batch_loss_sum, evaluate_loss, example_losses, loss_increase
@@ -232,10 +231,7 @@ def _search_site(
 ) -> tuple[LayerReport | None, float]:
     units, params_before = site.units(model), _site_params(model, site)
     cross_fit = {} if cross_fit is None else cross_fit
-    if calibration is not None and config.fibers_from == "activations":
-        site._dendrogram = FiberDendrogram(activation_rows(original_hidden(site, model, calibration.inputs)),
-                                           config.linkage, False, config.exact_rtol)
-    dendro = site.dendrogram(model, config)
+    dendro = site_dendrogram(site, model, config, calibration)
     tried: dict[int, tuple[FiberPartition, float]] = {}
     notes: dict[str, str | None] = {"compensation": None}
 

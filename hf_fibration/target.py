@@ -19,10 +19,8 @@ from dataclasses import dataclass
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import capture_calibration, compensate_mlp, original_hidden
+from .calibration import capture_calibration, compensate_mlp, site_dendrogram
 from .config import FibrationConfig
-from .core.compensate import activation_rows
-from .core.fibers import FiberDendrogram
 from .core.modules import count_parameters
 from .core.report import CompressionReport, LayerReport
 from .data import EvalSet, batch_loss_sum, evaluate_loss
@@ -148,7 +146,7 @@ def _curve(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalS
     counts = [units] + sorted({max(1, round(f * units)) for f in LADDER} - {units}, reverse=True)
     params, increase = [site.params(model)], [0.0]
     calibration = _calibration(model, config, site, evalset)
-    dendro = _dendrogram(model, config, site, calibration)
+    dendro = site_dendrogram(site, model, config, calibration)
     for count in counts[1:]:
         site.apply(model, dendro.cut_to_count(count))
         if calibration is not None and config.compensate:
@@ -166,7 +164,7 @@ def _collapse(model: nn.Module, config: FibrationConfig, site: Site, evalset: Ev
               ) -> tuple[float, str | None]:
     """Cut the site to ``count`` fibers; returns the ε of that cut (the dendrogram height) and the refit's note."""
     calibration = _calibration(model, config, site, evalset)
-    dendro = _dendrogram(model, config, site, calibration)
+    dendro = site_dendrogram(site, model, config, calibration)
     site.apply(model, dendro.cut_to_count(count))
     note = None
     if calibration is not None and config.compensate:
@@ -179,10 +177,3 @@ def _calibration(model: nn.Module, config: FibrationConfig, site: Site, evalset:
         return None
     run: Callable[[int], object] = lambda i: batch_loss_sum(model, evalset, i)  # noqa: E731
     return capture_calibration(model, site, run, len(evalset.batches), config.calibration_tokens)
-
-
-def _dendrogram(model: nn.Module, config: FibrationConfig, site: Site, calibration) -> FiberDendrogram:
-    if calibration is not None and config.fibers_from == "activations":
-        site._dendrogram = FiberDendrogram(activation_rows(original_hidden(site, model, calibration.inputs)),
-                                           config.linkage, False, config.exact_rtol)
-    return site.dendrogram(model, config)
