@@ -217,7 +217,15 @@ def embed(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Mean-pooled, normalized last hidden state (the sentence-embedding recipe of MiniLM and friends).
 
     Runs with gradients when they are enabled (fidelity retuning); the reference is computed under no_grad."""
-    out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    return pool(model(**encoder_inputs(batch)), batch)
+
+
+def encoder_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
+def pool(out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The normalized mean over the attended positions of a model output's last hidden state."""
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
     mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
     pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)

@@ -1,5 +1,8 @@
 """Distillation from the uncompressed model while retuning: KL(teacher ‖ student)·T² on the logits, mixed with the
-task loss, plus an optional MSE between the last hidden states.
+task loss, plus an optional relative MSE between hidden states — the last ones, or every layer's (the residual
+stream keeps its full width under fibration, so every student layer has a teacher layer to match). Bare encoders
+(the fidelity task) have no logits: their task loss already compares with the teacher, and distillation adds the
+hidden-state term only.
 
 Memory: the teacher is one more copy of the uncompressed weights on the training device (no gradients, no
 optimizer state), and each step runs one extra forward pass without autograd buffers. For fp32 Adam retuning that
@@ -14,9 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .data import EvalSet, task_loss
+from .data import EvalSet, encoder_inputs, pool, task_loss
 
 DISTILL_TASKS = ("causal", "seq2seq", "masked")
+HIDDEN_LAYERS = ("last", "all")
 
 
 @dataclass
@@ -27,6 +31,7 @@ class Distillation:
     weight: float = 0.5
     temperature: float = 2.0
     hidden_weight: float = 0.0
+    hidden_layers: str = "last"
 
     def __post_init__(self) -> None:
         if not 0 <= self.weight <= 1:
@@ -35,12 +40,15 @@ class Distillation:
             raise ValueError(f"The distillation temperature must be > 0, got {self.temperature}.")
         if self.hidden_weight < 0:
             raise ValueError(f"hidden_weight must be ≥ 0, got {self.hidden_weight}.")
+        if self.hidden_layers not in HIDDEN_LAYERS:
+            raise ValueError(f"hidden_layers must be one of {', '.join(HIDDEN_LAYERS)}, got {self.hidden_layers!r}.")
 
     def prepare(self, task: str, student: nn.Module, device: torch.device) -> None:
         """Check the teacher fits the student and the task, move it to ``device`` and freeze it."""
-        if task not in DISTILL_TASKS:
+        if task not in DISTILL_TASKS and not (task == "fidelity" and self.hidden_weight > 0):
             raise ValueError(f"Distillation needs logits (a causal, seq2seq or masked model); this is a {task!r} "
-                             "model, whose fidelity loss already compares it with the uncompressed one.")
+                             "model, whose fidelity loss already compares it with the uncompressed one "
+                             "(add hidden-state matching with a hidden weight > 0).")
         t_vocab = getattr(getattr(self.teacher, "config", None), "vocab_size", None)
         s_vocab = getattr(getattr(student, "config", None), "vocab_size", None)
         if t_vocab != s_vocab:
@@ -55,6 +63,13 @@ class Distillation:
             return task_loss(student, data, index)
         batch = data.batches[index]
         hidden = self.hidden_weight > 0
+        if data.task == "fidelity":
+            out = student(**encoder_inputs(batch), output_hidden_states=True)
+            with torch.no_grad():
+                ref = self.teacher(**encoder_inputs(batch), output_hidden_states=True)
+            cos = (pool(out, batch) * data.reference[index]).sum(-1)
+            return (1.0 - cos).clamp_min(0.0).mean() + self.hidden_weight * _hidden_mse(
+                ref, out, data.task, batch, self.hidden_layers)
         kwargs = {"use_cache": False} if data.task in ("causal", "seq2seq") else {}
         out = student(**batch, output_hidden_states=hidden, **kwargs)
         with torch.no_grad():
@@ -63,7 +78,7 @@ class Distillation:
         total = (1 - self.weight) * out.loss + self.weight * kl_divergence(ref.logits, out.logits, mask,
                                                                            self.temperature)
         if hidden:
-            total = total + self.hidden_weight * _hidden_mse(ref, out, data.task, batch)
+            total = total + self.hidden_weight * _hidden_mse(ref, out, data.task, batch, self.hidden_layers)
         return total
 
 
@@ -84,17 +99,19 @@ def _positions(task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return batch["labels"] != -100
 
 
-def _hidden_mse(ref, out, task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """MSE of the last hidden states (decoder and encoder for seq2seq) over the non-padding positions."""
-    pairs = []
+def _hidden_mse(ref, out, task: str, batch: dict[str, torch.Tensor], layers: str = "last") -> torch.Tensor:
+    """Relative MSE ‖s − t‖² / ‖t‖² of the hidden states over the non-padding positions, averaged over the matched
+    layers: the last one (decoder and encoder for seq2seq) or every layer after the embeddings."""
+    chosen = slice(-1, None) if layers == "last" else slice(1, None)
     if task == "seq2seq":
-        pairs.append((ref.decoder_hidden_states[-1], out.decoder_hidden_states[-1], batch["labels"] != -100))
-        pairs.append((ref.encoder_hidden_states[-1], out.encoder_hidden_states[-1], batch["attention_mask"].bool()))
+        streams = [("decoder_hidden_states", batch["labels"] != -100),
+                   ("encoder_hidden_states", batch["attention_mask"].bool())]
     else:
-        mask = batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool()
-        pairs.append((ref.hidden_states[-1], out.hidden_states[-1], mask))
+        streams = [("hidden_states", batch.get("attention_mask", torch.ones_like(batch["input_ids"])).bool())]
+    pairs = [(t, s, mask) for name, mask in streams
+             for t, s in zip(getattr(ref, name)[chosen], getattr(out, name)[chosen], strict=True)]
     total = 0.0
     for t, s, m in pairs:
         w = m.unsqueeze(-1).to(s)
-        total = total + (((s - t) ** 2) * w).sum() / (w.sum() * s.shape[-1]).clamp_min(1.0)
+        total = total + (((s - t) ** 2) * w).sum() / ((t ** 2) * w).sum().clamp_min(1e-12)
     return total / len(pairs)

@@ -7,19 +7,18 @@ Mixed precision, gradient accumulation and multi-GPU/DeepSpeed/FSDP come from ``
 from __future__ import annotations
 
 import copy
-import json
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from tqdm.auto import tqdm
 
 from .data import EvalSet, evaluate_loss, task_loss
 from .distill import Distillation
+from .retune_state import EpochPermutation, complete_state, load_state, rng_state, save_state, set_rng_state
 from .search import greedy_search
 
 EPSILON_CEILING = 1.99  # ε×q stays inside the cosine-distance range [0, 2)
@@ -38,28 +37,6 @@ class RetuneResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def _save_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    state = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for idx, entries in state["state"].items():
-        for key, value in entries.items():
-            if torch.is_tensor(value):
-                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
-            else:
-                scalars[f"{idx}.{key}"] = value
-    save_file(tensors, path / "optimizer.safetensors")
-    (path / "optimizer.json").write_text(json.dumps({"param_groups": state["param_groups"], "scalars": scalars}))
-
-
-def _load_optimizer(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    meta = json.loads((path / "optimizer.json").read_text())
-    state: dict[int, dict] = {}
-    for key, value in {**load_file(path / "optimizer.safetensors"), **meta["scalars"]}.items():
-        idx, name = key.split(".", 1)
-        state.setdefault(int(idx), {})[name] = value
-    optimizer.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
 def retune(
@@ -85,31 +62,39 @@ def retune(
     distill_weight: float = 0.5,
     distill_temperature: float = 2.0,
     distill_hidden_weight: float = 0.0,
+    distill_hidden_layers: str = "last",
     max_seconds: float | None = None,
 ) -> RetuneResult:
     """Train ``model`` on ``train``'s batches, evaluate every ``eval_every`` steps (default: each epoch), stop after
     ``patience`` evaluations without improvement, and leave the best weights in ``model``.
 
-    With ``output_dir`` a checkpoint is written at every evaluation; ``resume=True`` continues from it.
+    With ``output_dir`` a checkpoint is written at every evaluation; ``resume=True`` continues from it to the same
+    weights and history as an uninterrupted run (in one process, with evaluations on optimizer steps when
+    accumulating gradients; see hf_fibration.retune_state).
     With ``teacher`` (the uncompressed model) the training loss is (1−distill_weight)·task +
-    distill_weight·KL(teacher ‖ student)·T² (+ distill_hidden_weight·MSE of the last hidden states); the eval
+    distill_weight·KL(teacher ‖ student)·T² (+ distill_hidden_weight·relative MSE of the hidden states of
+    ``distill_hidden_layers``, "last" or "all"; for a bare encoder only this term is added); the eval
     loss, and so early stopping, stays the task loss. Memory: see hf_fibration.distill. With ``max_seconds`` training
     also ends at the first evaluation after that much wall time (``stopped_early`` stays False then)."""
     from accelerate import Accelerator
+    from accelerate.utils import gather_object
 
     if not train.batches:
         raise ValueError("The retuning train split is empty; pass a split with examples.")
     distill = None
     if teacher is not None:
-        distill = Distillation(teacher, distill_weight, distill_temperature, distill_hidden_weight)
+        distill = Distillation(teacher, distill_weight, distill_temperature, distill_hidden_weight,
+                               distill_hidden_layers)
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps)
     torch.manual_seed(seed)
     eval_every = eval_every or len(train.batches)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
                                   betas=betas, eps=adam_eps)
     warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(warmup_steps, 1)))
-    order = torch.utils.data.DataLoader(range(len(train.batches)), batch_size=1, shuffle=True,
-                                        generator=torch.Generator().manual_seed(seed))
+    # each epoch's order depends on (seed, epoch) only; accelerate gives every process its slice of it
+    order = torch.utils.data.DataLoader(range(len(train.batches)), batch_size=1,
+                                        sampler=EpochPermutation(len(train.batches), seed),
+                                        generator=torch.Generator().manual_seed(seed))  # never the global RNG
     model, optimizer, order, warmup = accelerator.prepare(model, optimizer, order, warmup)
     device = accelerator.device
     train.to(device)
@@ -119,26 +104,32 @@ def retune(
         distill.prepare(train.task, unwrapped, device)
     state_dir = Path(output_dir) / STATE_DIR if output_dir is not None else None
 
-    initial = evaluate_loss(unwrapped, evalset)
-    progress_state = {"step": 0, "epoch": 0, "best": initial, "bad": 0, "history": []}
-    if resume and state_dir is not None and (state_dir / "trainer.json").exists():
-        load_model(unwrapped, state_dir / "model.safetensors", strict=True)
-        _load_optimizer(optimizer, state_dir)
-        progress_state = json.loads((state_dir / "trainer.json").read_text())
-        for _ in range(progress_state["step"]):
-            warmup.step()
+    saved = complete_state(state_dir) if resume and state_dir is not None else None
+    rng = None
+    if saved is None:
+        initial = evaluate_loss(unwrapped, evalset)
+        progress_state = {"step": 0, "epoch": 0, "best": initial, "bad": 0, "history": [], "initial": initial}
     best_state = {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}
-    if resume and state_dir is not None and (state_dir / "best.safetensors").exists():
-        best_state = {**best_state, **load_file(state_dir / "best.safetensors", device=str(device))}
+    if saved is not None:
+        progress_state, best, rng = load_state(saved, unwrapped, optimizer, warmup, accelerator.process_index,
+                                               device)
+        best_state = {**best_state, **best}
+        initial = progress_state.get("initial", progress_state["best"])
 
-    total = epochs * len(train.batches) if max_steps is None else min(max_steps, epochs * len(train.batches))
+    per_epoch = len(order)  # this process's steps per epoch
+    total = epochs * per_epoch if max_steps is None else min(max_steps, epochs * per_epoch)
     bar = tqdm(total=total, initial=progress_state["step"], desc="retune", disable=not progress, unit="step")
-    stopped = out_of_time = False
+    stopped = saved is not None and progress_state["bad"] >= patience
+    out_of_time = False
     began = time.perf_counter()
-    done = progress_state["epoch"] >= epochs or progress_state["step"] >= total
+    done = stopped or progress_state["epoch"] >= epochs or progress_state["step"] >= total
     model.train()
+    if rng is not None:
+        set_rng_state(rng)  # dropout continues with the draws the interrupted run would have made
     while not done:
-        skip = progress_state["step"] - progress_state["epoch"] * len(train.batches)  # resuming mid-epoch
+        skip = progress_state["step"] - progress_state["epoch"] * per_epoch  # resuming mid-epoch
+        accelerator.step = skip  # the gradient-accumulation phase within the epoch
+        order.set_epoch(progress_state["epoch"])
         for i, index in enumerate(order):
             if i < skip:
                 continue
@@ -162,8 +153,10 @@ def retune(
                     progress_state["bad"] += 1
                 stopped = progress_state["bad"] >= patience
                 out_of_time = max_seconds is not None and time.perf_counter() - began > max_seconds
-                if state_dir is not None and accelerator.is_main_process:
-                    _checkpoint(unwrapped, optimizer, best_state, progress_state, state_dir)
+                if state_dir is not None:
+                    rngs = gather_object([rng_state()])  # every process's, in process order
+                    if accelerator.is_main_process:
+                        save_state(state_dir, unwrapped, optimizer, warmup, best_state, progress_state, rngs)
                 model.train()
             if stopped or progress_state["step"] >= total or out_of_time:
                 done = True
@@ -176,15 +169,6 @@ def retune(
     unwrapped.load_state_dict(best_state)
     return RetuneResult(progress_state["best"], initial, progress_state["step"], progress_state["epoch"], stopped,
                         progress_state["history"])
-
-
-def _checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer, best_state: dict, progress_state: dict,
-                state_dir: Path) -> None:
-    state_dir.mkdir(parents=True, exist_ok=True)
-    save_model(model, str(state_dir / "model.safetensors"))
-    _save_optimizer(optimizer, state_dir)
-    save_file({k: v.contiguous() for k, v in best_state.items()}, str(state_dir / "best.safetensors"))
-    (state_dir / "trainer.json").write_text(json.dumps(progress_state))
 
 
 def _search_refusals() -> tuple[type[Exception], ...]:

