@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import sys
 import time
@@ -139,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("model", help="compressed checkpoint directory")
     r.add_argument("--output", help="output directory (default: <model>-retuned)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
-    r.add_argument("--resume", action="store_true", help="continue from the output's retune_state checkpoint")
+    r.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from the checkpoint it left beside the output (.OUTPUT.retune): "
+                        "the same result as an uninterrupted run")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     _base_arg(r, "bare encoders: the uncompressed model to match (default: the one recorded in the checkpoint)")
     _data_args(r)
@@ -397,7 +400,8 @@ def base_model_for(model_dir: str, model, explicit: str | None) -> str | None:
 def cmd_retune(args: argparse.Namespace) -> int:
     from .loading import atomic_directory, load_model, load_tokenizer, save_checkpoint
     from .publish import read_record
-    from .retune import retune
+    from .retune import STATE_DIR, retune
+    from .retune_state import complete_state
 
     record = read_record(args.model)
     output = Path(args.output or f"{args.model.rstrip('/')}-retuned")
@@ -409,7 +413,12 @@ def cmd_retune(args: argparse.Namespace) -> int:
         teacher = load_model(base, args.device) if base else model
     evalset = _evalset(args, teacher, tokenizer)
     train = _trainset(args, teacher, tokenizer, evalset.task)
-    state_dir = output.parent / f".{output.name}.retune"
+    state_dir = output.parent / f".{output.name}.retune"  # kept until the output is written, for --resume
+    if args.resume:
+        saved = complete_state(state_dir / STATE_DIR)
+        print(f"hf-fibration: resuming from step {json.loads((saved / 'trainer.json').read_text())['step']}"
+              if saved else f"hf-fibration: no checkpoint in {state_dir}; starting from the beginning",
+              file=sys.stderr)
     with atomic_directory(output, args.overwrite) as tmp:
         kwargs = _retune_kwargs(args, teacher if teacher is not model else None, evalset.task)
         result = retune(model, train, evalset, output_dir=state_dir, resume=args.resume,
@@ -418,6 +427,7 @@ def cmd_retune(args: argparse.Namespace) -> int:
         record["metrics"] = {"before": record.get("metrics", {}).get("before", {}),
                              "after": _finite(quality(model, evalset, tokenizer), "the retuned model")}
         save_checkpoint(model, tokenizer, tmp, record)
+    shutil.rmtree(state_dir, ignore_errors=True)
     print(f"eval loss {result.initial_loss:.4f} -> {result.best_loss:.4f} in {result.steps} steps "
           f"({'early stop' if result.stopped_early else 'all epochs'}); wrote {output.resolve()}")
     return 0

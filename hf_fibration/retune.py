@@ -7,6 +7,7 @@ Mixed precision, gradient accumulation and multi-GPU/DeepSpeed/FSDP come from ``
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -56,6 +57,7 @@ def retune(
     betas: tuple[float, float] = (0.9, 0.999),
     adam_eps: float = 1e-8,
     warmup_steps: int = 0,
+    schedule: str = "constant",
     seed: int = 0,
     progress: bool = True,
     teacher: nn.Module | None = None,
@@ -75,7 +77,8 @@ def retune(
     distill_weight·KL(teacher ‖ student)·T² (+ distill_hidden_weight·relative MSE of the hidden states of
     ``distill_hidden_layers``, "last" or "all"; for a bare encoder only this term is added); the eval
     loss, and so early stopping, stays the task loss. Memory: see hf_fibration.distill. With ``max_seconds`` training
-    also ends at the first evaluation after that much wall time (``stopped_early`` stays False then)."""
+    also ends at the first evaluation after that much wall time (``stopped_early`` stays False then).
+    ``schedule="cosine"`` decays the learning rate after warmup to 0 at the last step (epochs or ``max_steps``)."""
     from accelerate import Accelerator
     from accelerate.utils import gather_object
 
@@ -87,10 +90,19 @@ def retune(
                                distill_hidden_layers)
     accelerator = Accelerator(mixed_precision=mixed_precision, gradient_accumulation_steps=gradient_accumulation_steps)
     torch.manual_seed(seed)
-    eval_every = eval_every or len(train.batches)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=learning_rate,
                                   betas=betas, eps=adam_eps)
-    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / max(warmup_steps, 1)))
+    if schedule not in ("constant", "cosine"):
+        raise ValueError(f"schedule must be 'constant' or 'cosine', got {schedule!r}.")
+    horizon: dict[str, int] = {}  # the cosine's length, known once accelerate has sharded the batches
+
+    def lr_factor(step: int) -> float:
+        warm = min(1.0, (step + 1) / max(warmup_steps, 1))
+        if schedule == "constant" or "steps" not in horizon:
+            return warm
+        return warm * 0.5 * (1 + math.cos(math.pi * min(1.0, step / max(horizon["steps"], 1))))
+
+    warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     # each epoch's order depends on (seed, epoch) only; accelerate gives every process its slice of it
     order = torch.utils.data.DataLoader(range(len(train.batches)), batch_size=1,
                                         sampler=EpochPermutation(len(train.batches), seed),
@@ -117,7 +129,9 @@ def retune(
         initial = progress_state.get("initial", progress_state["best"])
 
     per_epoch = len(order)  # this process's steps per epoch
+    eval_every = eval_every or per_epoch
     total = epochs * per_epoch if max_steps is None else min(max_steps, epochs * per_epoch)
+    horizon["steps"] = total
     bar = tqdm(total=total, initial=progress_state["step"], desc="retune", disable=not progress, unit="step")
     stopped = saved is not None and progress_state["bad"] >= patience
     out_of_time = False
