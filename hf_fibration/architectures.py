@@ -16,6 +16,7 @@ from torch import nn
 class AttentionSpec:
     projections: tuple[str, ...]  # q/k/v (or one fused qkv) inside the block
     out: str  # the projection that writes into the residual stream
+    fused_width: str | None = None  # fused qkv: the attention module's attribute holding each part's width
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ ARCHITECTURES: tuple[Architecture, ...] = (
                  (AttentionSpec(("attention.self.query", "attention.self.key", "attention.self.value"),
                                 "attention.output.dense"),),
                  MlpSpec(("intermediate.dense",), "output.dense")),
-    Architecture("gpt2", ("gpt2",), r"(?:^|\.)h\.\d+$", (AttentionSpec(("attn.c_attn",), "attn.c_proj"),),
+    Architecture("gpt2", ("gpt2",), r"(?:^|\.)h\.\d+$",
+                 (AttentionSpec(("attn.c_attn",), "attn.c_proj", fused_width="split_size"),),
                  MlpSpec(("mlp.c_fc",), "mlp.c_proj"), transposed_weights=True),
     Architecture("llama", ("llama", "qwen2", "mistral"), r"(?:^|\.)layers\.\d+$", _LLAMA_ATTENTION, _GATED_MLP,
                  rotary=True),

@@ -107,7 +107,7 @@ def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Cal
     ``cross_fit``, also ``folds``: the consumer refit without the even, and without the odd, calibration batches
     (so a search can score each batch with a refit that never saw it)."""
     cal = calibration if isinstance(calibration, Calibration) else Calibration.from_tokens(calibration)
-    x, held = cal.inputs, cal.held_out()
+    x = cal.inputs
     out_name = site.modules[-1]
     w_orig, b_orig = (t if t is None else t.to(torch.float64).cpu() for t in linear_weight(site._originals[out_name]))
     target = original_hidden(site, model, x) @ w_orig.T
@@ -115,7 +115,17 @@ def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Cal
         target = target + b_orig
     current = {m: get_module(model, m) for m in site.modules}
     hidden = mlp_hidden(x, _f64_inputs(site, current), activation_of(model))
-    down = current[out_name]
+    return refit_consumer(model, out_name, hidden, target, cal, ridge, min_tokens_per_unit, cross_fit)
+
+
+def refit_consumer(model: nn.Module, out_name: str, hidden: torch.Tensor, target: torch.Tensor, cal: Calibration,
+                   ridge: float | None = None, min_tokens_per_unit: float = 4.0, cross_fit: bool = False
+                   ) -> dict[str, object]:
+    """Refit the consumer ``out_name`` (already narrowed) so that ``hidden`` (tokens × its kept inputs) maps to
+    ``target`` (the original output on the same tokens), validated on held-out sequences as ``compensate_mlp``
+    describes; returns what was decided."""
+    held = cal.held_out()
+    down = get_module(model, out_name)
     w_now, b_now = (t if t is None else t.cpu() for t in linear_weight(down))
     units, fit_tokens = hidden.shape[1], int((~held).sum())
     if fit_tokens < min_tokens_per_unit * units or not bool(held.any()):

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .architectures import Architecture, architecture_for
+from .architectures import SUPPORTED_MODEL_TYPES, Architecture, architecture_for
 from .config import FibrationConfig
 from .core.collapse import collapse_weight, mean_rows
 from .core.embedding import FiberEmbedding, FiberInputLinear
@@ -271,6 +271,25 @@ def build_fiber_modules(model: nn.Module, specs: dict[str, dict]) -> None:
         if key not in built:
             built[key] = _empty_module(spec, device, dtype)
         set_module(model, name, built[key])
+    sync_fused_widths(model)
+
+
+def sync_fused_widths(model: nn.Module) -> None:
+    """Tell each attention with a fused q/k/v projection the width of each part, which head pruning narrows
+    (GPT-2 splits ``c_attn``'s output at ``split_size``); run after compression and when a checkpoint loads."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        return
+    arch = architecture_for(model_type)
+    for block_name, _ in arch.blocks(model):
+        for attn in arch.attentions:
+            if attn.fused_width is None:
+                continue
+            (proj,) = attn.projections
+            fused = get_module(model, f"{block_name}.{proj}")
+            if isinstance(fused, FiberLinear):
+                owner = get_module(model, f"{block_name}.{proj.rpartition('.')[0]}")
+                setattr(owner, attn.fused_width, fused.output_width // 3)
 
 
 def restore_fiber_indices(model: nn.Module, specs: dict[str, dict]) -> None:

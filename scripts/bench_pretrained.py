@@ -1,7 +1,8 @@
-"""Fibration vs structured pruning and merging peers at equal MLP width, on pretrained or trained models.
+"""Fibration vs structured pruning and merging peers at equal MLP width (or size), on pretrained or trained models.
 
     python scripts/bench_pretrained.py [--keep 0.5 0.25 --calib 128 --eval 256 --out results/pretrained]
     python scripts/bench_pretrained.py --model runs/scaling/gpt2-d128 --keep 0.5 0.4 0.3 0.2 0.1 --out DIR
+    python scripts/bench_pretrained.py --size --keep 0.5 0.4 --out results/baselines/minilm-size
 
 --model minilm (default): all-MiniLM-L6-v2, quality = cosine of mean-pooled sentence embeddings to the original
 model on held-out wikitext-2 lines (calibration: other lines). --model DIR: a causal LM trained by
@@ -10,6 +11,10 @@ scripts/train_multi30k.py (calibration: training pairs; quality: val loss). Ever
 count; each method runs with and without the compensated collapse (closed-form ridge refit of fc2/down). Writes
 results.md (quality and compression wall time per method), rows.json and plots of quality vs the fraction of
 non-embedding parameters kept. --threads fixes torch's CPU threads (recorded with the machine and its load).
+
+--size: --keep is the fraction of non-embedding parameters kept (``baselines.compress_to_size``): the pruning methods
+prune attention heads and MLP units (FLAP by its global adaptive structure, the others at one fraction), the merging
+peers and fibration modes reduce the MLPs alone to the same size (a size they cannot reach is skipped and said).
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 import torch
 import transformers as T
 
-from hf_fibration.baselines import FIBRATION, MERGING, METHODS, compress_mlps
+from hf_fibration.baselines import FIBRATION, MERGING, METHODS, compress_mlps, compress_to_size
 from hf_fibration.data import DEFAULT_TEXT, EvalSet, build_eval_set, evaluate_loss
 from hf_fibration.patch import non_embedding_parameters
 
@@ -94,6 +99,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--compensation", choices=("both", "on", "off"), default="both")
+    parser.add_argument("--size", action="store_true",
+                        help="--keep counts non-embedding parameters, attention heads included (compress_to_size)")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's own choice)")
     parser.add_argument("--out", default="results/pretrained")
     parser.add_argument("--from-rows", nargs="+", metavar="ROWS_JSON",
@@ -123,7 +130,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
             for compensate in compensations:
                 model = copy.deepcopy(base)
                 start = time.perf_counter()
-                report = compress_mlps(model, method, keep, calib, compensate=compensate)
+                try:
+                    report = (compress_to_size if args.size else compress_mlps)(model, method, keep, calib,
+                                                                                compensate=compensate)
+                except ValueError as error:  # a size an MLP-only method cannot reach
+                    print(f"keep {keep:.2f}  {method:<24} skipped: {error}", flush=True)
+                    continue
                 seconds = time.perf_counter() - start
                 value = to_quality(evaluate_loss(model, evalset))
                 rows.append({"keep": keep, "method": method, "compensate": compensate, "quality": value,
@@ -131,7 +143,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 print(f"keep {keep:.2f}  {method:<24} compensate={compensate!s:<5}  {quality} {value:.4f}  "
                       f"non-embedding {rows[-1]['fraction']:.3f}  ({rows[-1]['seconds']:.1f} s)", flush=True)
     machine += f", {os.getloadavg()[0]:.1f} at the end"
-    write(rows, Path(args.out), command, machine, description, quality)
+    write(rows, Path(args.out), command, machine, description, quality, args.size)
     return rows
 
 
@@ -141,32 +153,45 @@ def merge_rows(paths: list[Path], out: Path) -> list[dict]:
     if missing:
         raise SystemExit(f"error: no rows file at {', '.join(missing)}; pass the rows.json files the runs wrote.")
     runs = [json.loads(p.read_text()) for p in paths]
-    if len({(r["description"], r["quality"]) for r in runs}) != 1:
-        raise SystemExit("error: the rows files measure different models or metrics; merge one model at a time.")
+    if len({(r["description"], r["quality"], r.get("size", False)) for r in runs}) != 1:
+        raise SystemExit("error: the rows files measure different models, metrics or protocols (--size); merge one "
+                         "at a time.")
     rows = {(r["keep"], r["method"], r["compensate"]): r for run in runs for r in run["rows"]}
     commands = "`; `".join(dict.fromkeys(r["command"] for r in runs))
     machines = "; ".join(dict.fromkeys(r["machine"] for r in runs))
-    write(list(rows.values()), out, commands, machines, runs[0]["description"], runs[0]["quality"])
+    write(list(rows.values()), out, commands, machines, runs[0]["description"], runs[0]["quality"],
+          runs[0].get("size", False))
     return list(rows.values())
 
 
-def write(rows: list[dict], out: Path, command: str, machine: str, description: str, quality: str) -> None:
+def write(rows: list[dict], out: Path, command: str, machine: str, description: str, quality: str,
+          size: bool = False) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "rows.json").write_text(json.dumps({"command": command, "machine": machine, "description": description,
-                                               "quality": quality, "rows": rows}, indent=1) + "\n")
+                                               "quality": quality, "size": size, "rows": rows}, indent=1) + "\n")
+    unit = "non-emb." if size else "units"
     keeps = sorted({r["keep"] for r in rows if r["method"] != "uncompressed"}, reverse=True)
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "uncompressed"))
     comps = sorted({r["compensate"] for r in rows if r["method"] != "uncompressed"})
     get = {(r["keep"], r["method"], r["compensate"]): r for r in rows}
     higher = quality == "cosine"
     base = get[(1.0, "uncompressed", False)]["quality"]
-    head = [f"{k:.0%} units" + (" + comp." if c else "") for k in keeps for c in comps]
-    lines = [
-        "# Fibration vs structured pruning and merging peers at equal MLP width", "",
-        f"- command: `{command}`", f"- machine: {machine}", f"- date: {datetime.date.today()}",
-        f"- model and metric: {description}; uncompressed: {base:.4f}",
+    head = [f"{k:.0%} {unit}" + (" + comp." if c else "") for k in keeps for c in comps]
+    protocol = (
+        "- every method at the same fraction of non-embedding parameters (`compress_to_size`): the pruning methods "
+        "prune attention heads (whole key/value groups under GQA) and MLP units, FLAP by its global adaptive "
+        "structure (per-layer standardized fluctuation scores ranked across layers and module kinds), the others at "
+        "one fraction for heads and MLP units; the merging peers and the fibration modes leave heads whole and "
+        "reduce the MLPs alone to the same size; compensation: closed-form ridge refit of each consumer (o_proj, "
+        "fc2/down)" if size else
         "- every MLP reduced to the same unit count through the same collapse/patch path; compensation: closed-form "
-        "ridge refit of fc2/down on the calibration activations (kept only where it lowers the calibration "
+        "ridge refit of fc2/down")
+    equal = "non-embedding size" if size else "MLP width"
+    lines = [
+        f"# Fibration vs structured pruning and merging peers at equal {equal}",
+        "", f"- command: `{command}`", f"- machine: {machine}", f"- date: {datetime.date.today()}",
+        f"- model and metric: {description}; uncompressed: {base:.4f}",
+        protocol + " on the calibration activations (kept only where it lowers the calibration "
         "reconstruction error); FLAP without it uses its own bias compensation; model-folding and fibration-repair "
         "apply the data-free Fold-AR variance repair before it",
         f"- cells: {quality}; **bold** = best in its column", "",
@@ -176,7 +201,7 @@ def write(rows: list[dict], out: Path, command: str, machine: str, description: 
     for k in keeps:
         for c in comps:
             values = [get[(k, m, c)]["quality"] for m in methods if (k, m, c) in get]
-            best[(k, c)] = max(values) if higher else min(values)
+            best[(k, c)] = (max if higher else min)(values, default=float("nan"))
     for m in methods:
         cells = []
         for k in keeps:
@@ -184,7 +209,8 @@ def write(rows: list[dict], out: Path, command: str, machine: str, description: 
                 v = get.get((k, m, c), {}).get("quality", float("nan"))
                 cells.append(f"**{v:.4f}**" if v == best[(k, c)] else f"{v:.4f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
-    fractions = [f"{k:.0%} units → {get[(k, methods[0], comps[0])]['fraction']:.1%}" for k in keeps]
+    fractions = [f"{k:.0%} {unit} → {get[(k, m, comps[0])]['fraction']:.1%}" for k in keeps
+                 for m in methods[:1] if (k, m, comps[0]) in get]
     lines += ["", "Non-embedding parameters kept: " + ", ".join(fractions) + ".", "",
               f"![{quality} vs parameters]({quality.replace(' ', '_')}_vs_params.png)", "",
               "Compression wall time in seconds (calibration, choice of units, collapse and, where on, the refit; "

@@ -3,11 +3,12 @@
     python scripts/target_distill.py --methods fibration flap wanda-sp --keep 0.5 --minutes 15
 
 Per method: compress to ``keep`` of the non-embedding parameters — fibration with ``FibrationConfig(target_params=
-keep)`` (attention and MLP, allocated by measured loss), the pruning baselines at the MLP width that gives the same
-non-embedding size — calibrating on wikitext-2 *valid* lines; then retune every model the same way: cosine
-distillation to the uncompressed model's mean-pooled embeddings (the fidelity loss), on other wikitext-2 *valid*
-lines, for at most ``minutes`` of wall time on this machine. Reported: mean cosine to the uncompressed model on
-wikitext-2 *test* lines, which nothing above saw, before and after retuning.
+keep)`` (attention and MLP, allocated by measured loss), the baselines with ``baselines.compress_to_size`` (attention
+heads and MLP units; ``--mlp-only``: the MLP width that gives the same size) — calibrating on wikitext-2 *valid*
+lines; then retune every model the same way: cosine distillation to the uncompressed model's mean-pooled embeddings
+(the fidelity loss), on other wikitext-2 *valid* lines, for at most ``minutes`` of wall time on this machine.
+Reported: mean cosine to the uncompressed model on wikitext-2 *test* lines, which nothing above saw, before and
+after retuning.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def mlp_keep_for(model, keep: float) -> float:
 
 def compress(method: str, teacher, calib, keep: float, args) -> tuple[torch.nn.Module, dict]:
     """The compressed model, from the cache in runs/ when an earlier run made it (compression is deterministic)."""
-    cached = CACHE / f"{method}-keep{keep}-calib{args.calib}"
+    to_size = not (args.mlp_only or method.startswith("fibration"))  # baselines: heads and MLP at the size
+    cached = CACHE / f"{method}{'-size' if to_size else ''}-keep{keep}-calib{args.calib}"
     if (cached / "compress.json").exists():
         return T.AutoModel.from_pretrained(cached).eval(), json.loads((cached / "compress.json").read_text())
     model = copy.deepcopy(teacher)
@@ -64,10 +66,13 @@ def compress(method: str, teacher, calib, keep: float, args) -> tuple[torch.nn.M
                                  max_length=args.max_length)
         compress_pretrained(model, config, evalset=calib, progress=True)
     else:
-        from hf_fibration.baselines import compress_mlps
+        from hf_fibration.baselines import compress_mlps, compress_to_size
 
-        compress_mlps(model, method, mlp_keep_for(teacher, keep), calib, compensate=args.compensate)
-    info = {"compress_seconds": time.perf_counter() - start}
+        if to_size:
+            compress_to_size(model, method, keep, calib, compensate=args.compensate)
+        else:
+            compress_mlps(model, method, mlp_keep_for(teacher, keep), calib, compensate=args.compensate)
+    info = {"compress_seconds": time.perf_counter() - start, "mlp_only": not to_size}
     model.save_pretrained(cached)
     (cached / "compress.json").write_text(json.dumps(info))
     return model, info
@@ -83,11 +88,18 @@ def main() -> None:
                     help="retuning lines (wikitext-2 valid, disjoint; default: every line the others leave)")
     ap.add_argument("--test", type=int, default=512, help="report lines (wikitext-2 test)")
     ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--max-steps", type=int, default=None,
+                    help="also stop after this many optimizer steps (equal work for every method on a shared CPU)")
     ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                    help="learning rate after warmup (cosine decays to 0 at --max-steps)")
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--hidden-weight", type=float, default=0.0,
                     help="weight of the every-layer hidden-state matching added to the cosine loss")
     ap.add_argument("--compensate", action="store_true", help="compensated collapse for the pruning baselines")
+    ap.add_argument("--mlp-only", action="store_true",
+                    help="baselines reduce MLP units only (the old protocol); default: compress_to_size, which "
+                    "prunes attention heads too where the method can (random, l1, l2, magnitude, wanda-sp, flap)")
     ap.add_argument("--compress-only", action="store_true", help="stop after the (cached) compression stage")
     ap.add_argument("--tag", default="", help="label of this retuning recipe in the table")
     ap.add_argument("--out", default="results/target_distill")
@@ -129,7 +141,8 @@ def main() -> None:
         start = time.perf_counter()
         result = retune(model, train, stop, epochs=1000, learning_rate=args.lr, patience=1000,
                         eval_every=max(1, len(train.batches) // 2), warmup_steps=20, progress=False,
-                        max_seconds=60 * args.minutes, teacher=teacher if args.hidden_weight > 0 else None,
+                        max_seconds=60 * args.minutes, max_steps=args.max_steps, schedule=args.schedule,
+                        teacher=teacher if args.hidden_weight > 0 else None,
                         distill_hidden_weight=args.hidden_weight, distill_hidden_layers="all")
         row.update(retune_seconds=time.perf_counter() - start, retune_steps=result.steps,
                    cos_after_retune=1 - evaluate_loss(model, test))
