@@ -85,9 +85,14 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mixed-precision", default="no", help="no, fp16 or bf16")
     g.add_argument("--distill", action="store_true",
                    help="distill from the uncompressed model: KL(teacher‖student)·T² on the logits mixed with the "
-                        "task loss (encoders already train on fidelity to it); costs one more model copy in memory")
+                        "task loss; bare encoders, whose loss already is fidelity to it, add every layer's hidden "
+                        "states; costs one more model copy in memory")
     g.add_argument("--distill-weight", type=float, default=0.5, help="weight of the distillation term")
     g.add_argument("--distill-temperature", type=float, default=2.0, help="distillation temperature T")
+    g.add_argument("--distill-hidden-weight", type=float, default=None,
+                   help="weight of the hidden-state matching (relative MSE); default 1 for bare encoders, else 0")
+    g.add_argument("--distill-layers", choices=("all", "last"), default="all",
+                   help="match every layer's hidden states or the last one's")
 
 
 def _base_arg(p: argparse.ArgumentParser, help_text: str, metavar: str = "ID_OR_PATH") -> None:
@@ -355,11 +360,17 @@ def _trainset(args: argparse.Namespace, model, tokenizer, task: str):
 def _retune_kwargs(args: argparse.Namespace, teacher=None, task: str | None = None) -> dict:
     kwargs = {"epochs": args.epochs, "learning_rate": args.lr, "patience": args.patience,
               "mixed_precision": args.mixed_precision}
-    if getattr(args, "distill", False) and task != "fidelity":  # fidelity already is distillation to the teacher
+    if getattr(args, "distill", False):
         if teacher is None:
             raise ValueError("--distill needs the uncompressed model as teacher; pass --base-model.")
+        hidden = args.distill_hidden_weight
+        if hidden is None:
+            hidden = 1.0 if task == "fidelity" else 0.0
+        if task == "fidelity" and hidden <= 0:  # the fidelity loss already is distillation to the teacher
+            return kwargs
         kwargs.update(teacher=teacher, distill_weight=args.distill_weight,
-                      distill_temperature=args.distill_temperature)
+                      distill_temperature=args.distill_temperature, distill_hidden_weight=hidden,
+                      distill_hidden_layers=args.distill_layers)
     return kwargs
 
 

@@ -56,3 +56,19 @@ def test_hidden_mse_is_relative_and_zero_for_the_teacher_itself():
         scaled.hidden_states = tuple(2 * h for h in out.hidden_states)
     assert float(_hidden_mse(out, out, "fidelity", b, "all")) == 0.0
     assert abs(float(_hidden_mse(out, scaled, "fidelity", b, "all")) - 1.0) < 1e-5  # ‖2t − t‖² / ‖t‖² = 1
+
+
+def test_cli_distill_adds_every_layer_matching_for_encoders_only():
+    import argparse
+
+    from hf_fibration.cli import _retune_kwargs
+
+    args = argparse.Namespace(epochs=1, lr=1e-4, patience=1, mixed_precision="no", distill=True, distill_weight=0.5,
+                              distill_temperature=2.0, distill_hidden_weight=None, distill_layers="all")
+    teacher = object()
+    encoder = _retune_kwargs(args, teacher, "fidelity")
+    assert encoder["teacher"] is teacher and encoder["distill_hidden_weight"] == 1.0
+    assert encoder["distill_hidden_layers"] == "all"
+    assert _retune_kwargs(args, teacher, "causal")["distill_hidden_weight"] == 0.0
+    args.distill_hidden_weight = 0.0
+    assert "teacher" not in _retune_kwargs(args, teacher, "fidelity")
