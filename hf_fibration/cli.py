@@ -114,6 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep this fraction of the non-embedding parameters (e.g. 0.5), allocated across layers by "
                         "measured loss, instead of the τ search")
     c.add_argument("--target-ratio", type=float, help="sugar for --target-params 1/RATIO (e.g. 2 for 2x smaller)")
+    c.add_argument("--lossless", action="store_true",
+                   help="remove only the MLP units whose removal is exact for the activation (zero, equal, negated or "
+                        "scaled rows), no search; the report gives units removed per rule and the max |Δ output|")
     c.add_argument("--holdout-fraction", type=float, default=0.5,
                    help="fraction of the eval examples the search never sees; the bound is confirmed on them and the "
                         "before/after metrics are measured on them")
@@ -213,7 +216,7 @@ def _config(args: argparse.Namespace) -> FibrationConfig:
                                parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()),
                                max_eval_samples=args.max_samples, eval_batch_size=args.batch_size,
                                max_length=args.max_length, target_params=_target(args),
-                               holdout_fraction=args.holdout_fraction)
+                               holdout_fraction=args.holdout_fraction, lossless=args.lossless)
     except ValueError as err:
         raise ValueError(_flags(str(err))) from None
 
@@ -226,7 +229,7 @@ def _target(args: argparse.Namespace) -> float | None:
 
 def _split_holdout(args: argparse.Namespace, config: FibrationConfig, model, tokenizer, evalset):
     """(search examples, held-out examples or None): what the search may use, and what confirms it."""
-    fixed = config.epsilon is not None and config.target_params is None
+    fixed = (config.epsilon is not None and config.target_params is None) or config.lossless
     if fixed or (config.holdout_fraction == 0 and not args.holdout_dataset):
         return evalset, None
     if args.holdout_dataset:

@@ -229,3 +229,28 @@ def test_target_ratio_with_distillation(marian_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["compress", str(marian_dir), "--target-ratio", "2", "--target-params", "0.5"]) == 2
     assert "not both" in capsys.readouterr().err
+
+
+def test_lossless_flag_removes_only_exact_units(marian_dir, tmp_path, capsys):
+    """--lossless: planted equal and zero units go, the translation model's outputs stay equal, no search runs."""
+    import shutil
+
+    source = tmp_path / "planted"
+    shutil.copytree(marian_dir, source)
+    model = T.MarianMTModel.from_pretrained(source).eval()
+    with torch.no_grad():
+        for layer in list(model.model.encoder.layers) + list(model.model.decoder.layers):
+            layer.fc1.weight[1] = layer.fc1.weight[0]
+            layer.fc1.bias[1] = layer.fc1.bias[0]
+            layer.fc2.weight[:, 2] = 0.0
+    model.save_pretrained(source)
+    out = tmp_path / "lossless"
+    assert main(["compress", str(source), "--lossless", "--max-samples", "16", "--output", str(out),
+                 "--no-progress"]) == 0
+    record = json.loads((out / "fibration_report.json").read_text())
+    assert record["config"]["lossless"] and record["holdout_examples"] is None
+    loaded = T.AutoModelForSeq2SeqLM.from_pretrained(out).eval()
+    assert sum(p.numel() for p in loaded.parameters()) < sum(p.numel() for p in model.parameters())
+    batch = {"input_ids": torch.tensor([[5, 9, 17, 3, 2]]), "decoder_input_ids": torch.tensor([[0, 7, 11]])}
+    with torch.no_grad():
+        assert (loaded(**batch).logits - model(**batch).logits).abs().max() < 1e-4
