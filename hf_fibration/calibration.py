@@ -159,10 +159,15 @@ def refit_consumer(model: nn.Module, out_name: str, hidden: torch.Tensor, target
 
 
 def site_dendrogram(site: Site, model: nn.Module, config, calibration: Calibration | None) -> FiberDendrogram:
-    """The site's dendrogram: over its calibration activations for ``fibers_from="activations"``, else its own."""
+    """The site's dendrogram: over its calibration activations for ``fibers_from="activations"``, with their path
+    metric for ``"afde"``, else its own."""
     if calibration is not None and config.fibers_from == "activations":
         site._dendrogram = FiberDendrogram(activation_rows(original_hidden(site, model, calibration.inputs)),
                                            config.linkage, False, config.exact_rtol)
+    if calibration is not None and config.fibers_from == "afde":  # ε-FDE with the path metric of the inputs
+        from .afde_glue import afde_dendrogram
+
+        site._dendrogram = afde_dendrogram(site, model, calibration.inputs, config.exact_rtol)
     return site.dendrogram(model, config)
 
 

@@ -12,7 +12,7 @@ from .core.fibers import EPSILON_MAX, LINKAGES
 PARTS = ("attention", "mlp", "embeddings")
 SEARCH_ORDERS = ("forward", "backward")
 BUDGETS = ("uniform", "greedy")
-FIBER_SOURCES = ("weights", "activations", "inout")
+FIBER_SOURCES = ("weights", "activations", "inout", "afde")
 
 
 @dataclass
@@ -65,9 +65,12 @@ class FibrationConfig:
     fibers_from: str = field(
         default="weights",
         metadata={"help": "MLP fibers from 'weights' (colored in-weights, the paper; exact at ε = 0), "
-                          "'activations' (cosine of calibration activations; needs data) or 'inout' (in-weights "
+                          "'activations' (cosine of calibration activations; needs data), 'inout' (in-weights "
                           "beside consumer columns, the covers view; no data; best of the weight-only modes on the "
-                          "trained Llama and Marian models in results/baselines)."},
+                          "trained Llama and Marian models in results/baselines) or 'afde' (approximate forward "
+                          "differential equivalence, core/afde.py: blocks whose bound on the consumer's error, from "
+                          "in-rows, biases and consumer columns, stays ≤ ε × the layer's output scale; uses the "
+                          "calibration inputs when there are any)."},
     )
     calibration_tokens: int = field(default=8192, metadata={"help": "Tokens of calibration activations per MLP."})
     ridge: float | None = field(

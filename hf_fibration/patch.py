@@ -68,6 +68,10 @@ class Site:
         return sum(count_parameters(get_module(model, m)) for m in self.modules)
 
     def dendrogram(self, model: nn.Module, config: FibrationConfig) -> FiberDendrogram:
+        if self._dendrogram is None and self.kind == "mlp" and config.fibers_from == "afde":
+            from .afde_glue import afde_dendrogram  # ε-FDE blocks (core/afde.py), data-free here
+
+            self._dendrogram = afde_dendrogram(self, model, None, config.exact_rtol)
         if self._dendrogram is None:
             rows = self._rows(model)
             if self.kind == "mlp" and config.fibers_from == "inout":  # covers view: in-rows beside out-columns
