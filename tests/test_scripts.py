@@ -88,6 +88,15 @@ def test_scaling_law_and_baseline_bench_few_steps(tmp_path):
     assert len(half) == 3 and all(abs(r["fraction"] - 0.5) <= 0.005 for r in half)
     assert "at equal non-embedding size" in (tmp_path / "bench-size" / "results.md").read_text()
 
+    import target_distill_lm
+
+    lm = target_distill_lm.main(["--models", str(tmp_path / "runs" / "gpt2-d32"), "--data", str(DEFAULT_TEXT),
+                                 "--keeps", "0.5", "--methods", "fibration", "flap", "--calib", "8", "--block", "32",
+                                 "--stop-blocks", "4", "--steps", "2", "--out", str(tmp_path / "lm")])
+    assert [r["method"] for r in lm] == ["fibration", "flap"]
+    assert all(abs(r["non_embedding_kept"] - 0.5) <= 0.01 and r["val_retuned"] > 0 for r in lm)
+    assert "| gpt2-d32 |" in (tmp_path / "lm" / "results.md").read_text()
+
 
 def test_multi30k_series_all_stages_on_a_tiny_size(tmp_path):
     data = tiny_multi30k(tmp_path)
