@@ -56,7 +56,8 @@ def capture_calibration(model: nn.Module, site: Site, run_batch: Callable[[int],
 
     def hook(module: nn.Module, args: tuple) -> None:
         x = args[0].detach()
-        rows = x.reshape(-1, x.shape[-1]).to(torch.float64).cpu()
+        remaining = max_tokens - sum(c.shape[0] for c in captured)  # never more than max_tokens rows in memory
+        rows = x.reshape(-1, x.shape[-1])[:remaining].to(torch.float64).cpu()
         start = sum(int(s.max()) + 1 for s in sequences[-1:]) if sequences else 0
         per_sequence = x.shape[-2] if x.dim() == 3 else 1
         captured.append(rows)
@@ -112,10 +113,12 @@ def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Cal
     w_orig, b_orig = (t if t is None else t.to(torch.float64).cpu() for t in linear_weight(site._originals[out_name]))
     target = original_hidden(site, model, x) @ w_orig.T
     if b_orig is not None:
-        target = target + b_orig
+        target += b_orig
     current = {m: get_module(model, m) for m in site.modules}
     hidden = mlp_hidden(x, _f64_inputs(site, current), activation_of(model))
-    return refit_consumer(model, out_name, hidden, target, cal, ridge, min_tokens_per_unit, cross_fit)
+    data = _RefitData.of(hidden, target, cal, min_tokens_per_unit)
+    del hidden, target  # the refit needs only the statistics and the held-out rows: free tokens × units now
+    return _refit(model, out_name, data, cal, ridge, cross_fit)
 
 
 def refit_consumer(model: nn.Module, out_name: str, hidden: torch.Tensor, target: torch.Tensor, cal: Calibration,
@@ -124,19 +127,43 @@ def refit_consumer(model: nn.Module, out_name: str, hidden: torch.Tensor, target
     """Refit the consumer ``out_name`` (already narrowed) so that ``hidden`` (tokens × its kept inputs) maps to
     ``target`` (the original output on the same tokens), validated on held-out sequences as ``compensate_mlp``
     describes; returns what was decided."""
-    held = cal.held_out()
+    return _refit(model, out_name, _RefitData.of(hidden, target, cal, min_tokens_per_unit), cal, ridge, cross_fit)
+
+
+@dataclass
+class _RefitData:
+    """What a refit reads from the calibration tokens: the ridge statistics of its cells and the held-out rows
+    (None, with ``note``, when too few tokens allow no refit)."""
+
+    stats: RidgeStats | None
+    hidden_held: torch.Tensor | None
+    target_held: torch.Tensor | None
+    note: str = ""
+
+    @classmethod
+    def of(cls, hidden: torch.Tensor, target: torch.Tensor, cal: Calibration, min_tokens_per_unit: float
+           ) -> _RefitData:
+        held = cal.held_out()
+        units, fit_tokens = hidden.shape[1], int((~held).sum())
+        if fit_tokens < min_tokens_per_unit * units or not bool(held.any()):
+            return cls(None, None, None, f"no refit: {fit_tokens} calibration tokens < {min_tokens_per_unit:g} "
+                                         f"per kept unit ({units})")
+        # cells: (held out?, batch parity) — every refit is a union of them
+        parity = cal.batch % 2 if cal.batch is not None else torch.zeros_like(cal.sequence)
+        return cls(RidgeStats(hidden, target, held.long() * 2 + parity, 4), hidden[held], target[held])
+
+
+def _refit(model: nn.Module, out_name: str, data: _RefitData, cal: Calibration, ridge: float | None,
+           cross_fit: bool) -> dict[str, object]:
+    if data.stats is None:
+        return {"refit": False, "note": data.note}
+    stats, hidden_held, target_held = data.stats, data.hidden_held, data.target_held
     down = get_module(model, out_name)
     w_now, b_now = (t if t is None else t.cpu() for t in linear_weight(down))
-    units, fit_tokens = hidden.shape[1], int((~held).sum())
-    if fit_tokens < min_tokens_per_unit * units or not bool(held.any()):
-        return {"refit": False, "note": f"no refit: {fit_tokens} calibration tokens < {min_tokens_per_unit:g} "
-                                        f"per kept unit ({units})"}
-    # cells: (held out?, batch parity) — every refit below is a union of them
-    parity = cal.batch % 2 if cal.batch is not None else torch.zeros_like(cal.sequence)
-    stats = RidgeStats(hidden, target, held.long() * 2 + parity, 4)
-    plain = reconstruction_error(hidden[held], w_now, b_now, target[held])
+    plain = reconstruction_error(hidden_held, w_now, b_now, target_held)
     ridges = RIDGE_CANDIDATES if ridge is None else (ridge,)
-    errors = [reconstruction_error(hidden[held], w, b, target[held]) for w, b in stats.path((0, 1), ridges)]
+    errors = [reconstruction_error(hidden_held, w, b, target_held) for w, b in stats.path((0, 1), ridges)]
+    data.hidden_held = data.target_held = hidden_held = target_held = None
     best = min(range(len(ridges)), key=errors.__getitem__)
     ridge, refit = ridges[best], errors[best]
     if refit >= plain:

@@ -46,7 +46,8 @@ ARG_CHECKS = [
 CONFIG_FLAGS = {"max_eval_samples": "--max-samples", "eval_batch_size": "--batch-size", "max_length": "--max-length",
                 "search_steps": "--search-steps", "epsilon_max": "--epsilon-max", "epsilon": "--epsilon",
                 "tolerance": "--tolerance", "linkage": "--linkage", "parts": "--parts",
-                "target_params": "--target-params", "holdout_fraction": "--holdout-fraction"}
+                "target_params": "--target-params", "holdout_fraction": "--holdout-fraction",
+                "calibration_tokens": "--calibration-tokens"}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -127,6 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS))
     c.add_argument("--epsilon-max", type=float, default=1.0, help="upper end of the ε search")
     c.add_argument("--search-steps", type=int, default=6, help="bisection steps per layer")
+    c.add_argument("--calibration-tokens", type=int, default=8192,
+                   help="tokens of activations per MLP refit; memory ≈ tokens × (d_model + 2·FFN width + d_model) × "
+                        "8 B, one MLP at a time")
     c.add_argument("--linkage", default="complete", help="complete, average or single")
     c.add_argument("--output", help="output directory (default: ./<model name>-fibration)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
@@ -216,7 +220,8 @@ def _config(args: argparse.Namespace) -> FibrationConfig:
                                parts=tuple(p.strip() for p in args.parts.split(",") if p.strip()),
                                max_eval_samples=args.max_samples, eval_batch_size=args.batch_size,
                                max_length=args.max_length, target_params=_target(args),
-                               holdout_fraction=args.holdout_fraction, lossless=args.lossless)
+                               holdout_fraction=args.holdout_fraction, lossless=args.lossless,
+                               calibration_tokens=args.calibration_tokens)
     except ValueError as err:
         raise ValueError(_flags(str(err))) from None
 
@@ -503,7 +508,10 @@ def _terminate(signum: int, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .memory import return_big_frees
+
     args = build_parser().parse_args(argv)
+    return_big_frees()  # freed calibration and eval buffers go back to the OS (glibc), see hf_fibration.memory
     handlers = {"compress": cmd_compress, "evaluate": cmd_evaluate, "retune": cmd_retune, "push": cmd_push}
     try:
         previous = signal.signal(signal.SIGTERM, _terminate)  # kill, timeout, Slurm, Kubernetes: like Ctrl-C

@@ -3,8 +3,11 @@
 Each case runs the CLI in a child process and reads the child's peak RSS from getrusage (Linux: ru_maxrss in KiB).
 The 100M+ causal LM is a randomly initialized Llama of SmolLM-135M's shape (30 layers, d 576, GQA 9/3, FFN 1536,
 tied embeddings) with all-MiniLM-L6-v2's tokenizer: memory depends on shapes, not on what the weights learned.
+Two floors are measured every run: the imports alone, and the imports plus one forward pass of a tiny BERT (the
+kernels and library code a first forward pages in, whatever the model's size). Rows of cases not run this time are
+kept from the previous rows.json with the date they were measured.
 
-    python scripts/peak_rss.py [--out results/peak_rss] [--search]
+    python scripts/peak_rss.py [--out results/peak_rss] [--cases minilm,llama-135m] [--search]
 """
 
 from __future__ import annotations
@@ -42,6 +45,14 @@ WRAPPER = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check
            "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
 
 
+CASES = {  # name → (model, options); the model "default" is the packaged all-MiniLM-L6-v2, "llama" the 135M LM
+    "minilm": ("default", ["--epsilon", "0.3"]),
+    "minilm-calib2048": ("default", ["--epsilon", "0.3", "--calibration-tokens", "2048"]),
+    "minilm-search": ("default", []),
+    "llama-135m": ("llama", ["--epsilon", "0.3", "--parts", "mlp"]),
+}
+
+
 def measure(model: str, out: Path, extra: list[str]) -> dict:
     """One compress in a grandchild; a fresh wrapper process reports the peak RSS of that one run (KiB)."""
     command = [sys.executable, "-m", "hf_fibration.cli", "compress", model, "--output", str(out), "--no-progress",
@@ -56,68 +67,98 @@ def measure(model: str, out: Path, extra: list[str]) -> dict:
             "ratio": round(peak / size, 2), "seconds": round(seconds, 1)}
 
 
-def measure_baseline() -> dict:
-    """Peak RSS of a process that only imports what the CLI imports (torch, transformers, datasets, the package)."""
-    code = "import hf_fibration, hf_fibration.cli, hf_fibration.data, datasets, transformers"
-    result = subprocess.run([sys.executable, "-c", WRAPPER, sys.executable, "-c", code], check=True,
+IMPORTS = "import hf_fibration, hf_fibration.cli, hf_fibration.data, datasets, transformers"
+FORWARD = ("; import torch; c = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, "
+           "num_attention_heads=4, intermediate_size=64); m = transformers.BertModel(c).eval(); "
+           "torch.no_grad()(m)(input_ids=torch.ones(1, 8, dtype=torch.long))")
+FLOORS = {"(imports only)": IMPORTS, "(imports + a first forward)": IMPORTS + FORWARD}
+
+
+def measure_baseline(name: str = "(imports only)") -> dict:
+    """Peak RSS of a process that only imports what the CLI imports (torch, transformers, datasets, the package),
+    or also runs one forward of a tiny BERT."""
+    result = subprocess.run([sys.executable, "-c", WRAPPER, sys.executable, "-c", FLOORS[name]], check=True,
                             capture_output=True, text=True)
-    return {"model": "(imports only)", "options": "", "model_bytes": 0,
+    return {"model": name, "options": "", "model_bytes": 0,
             "peak_rss_bytes": int(result.stdout.strip().splitlines()[-1]) * 1024, "ratio": None, "seconds": None}
 
 
 def render(rows: list[dict], head: dict, out: Path) -> None:
     base = next((r["peak_rss_bytes"] for r in rows if r["model"] == "(imports only)"), None)
+    warm = next((r["peak_rss_bytes"] for r in rows if r["model"] == "(imports + a first forward)"), None)
+
+    def share(r: dict, floor: int | None) -> str:
+        if floor is None or not r["model_bytes"]:
+            return ""
+        return f"{(r['peak_rss_bytes'] - floor) / r['model_bytes']:.1f}"
+
     lines = ["# Peak RSS of `hf-fibration compress`", "", preamble_markdown(head),
              "| model | options | weights (MB) | peak RSS (MB) | above the imports (MB) | (peak − imports) / weights "
-             "| time (s) |", "|---|---|---|---|---|---|---|"]
+             "| (peak − imports − first forward) / weights | time (s) | measured |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         above = "" if base is None or not r["model_bytes"] else f"{(r['peak_rss_bytes'] - base) / 2**20:.0f}"
-        ratio = "" if base is None or not r["model_bytes"] else \
-            f"{(r['peak_rss_bytes'] - base) / r['model_bytes']:.1f}"
         lines.append(f"| {r['model']} | `{r['options'] or '-'}` | {r['model_bytes'] / 2**20:.0f} | "
-                     f"{r['peak_rss_bytes'] / 2**20:.0f} | {above} | {ratio} | {r['seconds'] or ''} |")
+                     f"{r['peak_rss_bytes'] / 2**20:.0f} | {above} | {share(r, base)} | {share(r, warm)} | "
+                     f"{r['seconds'] or ''} | {r.get('date', head['date'])} |")
     lines += ["", "Peak RSS is the child's `ru_maxrss` (the whole process: Python, torch, transformers, datasets). "
-              "The "
-              "imports-only row is the floor every run pays; what the compression itself holds is the column "
-              "above it. The 135M row is a randomly initialized Llama of SmolLM-135M's shape (no such checkpoint is "
-              "available offline); memory depends on shapes, not on trained values. What bounds the rest: the "
-              "model (one fp32 copy, compressed in place), the eval batches (`--max-samples`, `--max-length`, "
-              "`--batch-size`), the cached block inputs of the search (the same sizes × d_model per block) and the "
-              "float64 calibration activations of one MLP at a time (`FibrationConfig.calibration_tokens` × FFN "
-              "width)."]
+              "Two floors every run pays: the imports, and the kernels and library code that a first forward pages "
+              "in (a tiny BERT's forward, whatever the model's size). The 135M row is a randomly initialized Llama "
+              "of SmolLM-135M's shape (no such checkpoint is available offline); memory depends on shapes, not on "
+              "trained values. What the compression holds above the floors: the model (one fp32 copy, compressed in "
+              "place; the τ search keeps one more to restore when the held-out check fails), the eval batches "
+              "(`--max-samples`, `--max-length`, `--batch-size`), the search's cached block outputs (the same sizes "
+              "× d_model), the float64 rows of one site's dendrogram, and one MLP's calibration refit at a time: "
+              "tokens × (d_model + 2·FFN width + d_model) float64 activations and 4·width² float64 ridge statistics "
+              "(`--calibration-tokens`, default 8192). `hf-fibration` fixes glibc's mmap threshold at 4 MB so that "
+              "these buffers go back to the OS when freed (`hf_fibration.memory`)."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/peak_rss")
+    parser.add_argument("--cases", default="minilm,llama-135m", help="comma-separated: " + ", ".join(CASES))
     parser.add_argument("--search", action="store_true", help="also the README's default search on MiniLM (slow)")
-    parser.add_argument("--baseline-only", action="store_true", help="add the imports-only row to --out's rows")
+    parser.add_argument("--render-only", action="store_true", help="rewrite README.md from --out's rows.json")
     args = parser.parse_args()
     from hf_fibration.loading import default_model
 
     out = Path(args.out)
-    if args.baseline_only:  # add the imports-only row to an existing run
+    if args.render_only:
         data = json.loads((out / "rows.json").read_text())
-        rows = [r for r in data.pop("rows") if r["model"] != "(imports only)"] + [measure_baseline()]
-        for r in rows:
-            r["model"] = "all-MiniLM-L6-v2" if r["model"] == "model" else r["model"]
-        write_rows(out, rows, {k: data[k] for k in ("command", "machine", "date")})
-        render(rows, data, out)
+        render(data["rows"], data, out)
         return
+    names = [c.strip() for c in args.cases.split(",") if c.strip()] + (["minilm-search"] if args.search else [])
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        parser.error(f"unknown case(s) {', '.join(unknown)}; choose among {', '.join(CASES)}")
     head = preamble()
-    rows = [measure_baseline()]
+    rows = [{**measure_baseline(name), "date": head["date"]} for name in FLOORS]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        cases = [(default_model(), ["--epsilon", "0.3"]),
-                 (str(llama_135m(tmp / "llama-135m-random")), ["--epsilon", "0.3", "--parts", "mlp"])]
-        if args.search:
-            cases.insert(1, (default_model(), []))
-        for model, extra in cases:
-            rows.append(measure(model, tmp / "out", extra))
+        for name in names:
+            model, extra = CASES[name]
+            path = default_model() if model == "default" else str(llama_135m(tmp / "llama-135m-random"))
+            rows.append({**measure(path, tmp / "out", extra), "case": name, "date": head["date"]})
             print(rows[-1], flush=True)
+    rows = rows[len(FLOORS):] + _kept_rows(out, names, head) + rows[:len(FLOORS)]
     write_rows(out, rows, head)
     render(rows, head, out)
+
+
+def _kept_rows(out: Path, names: list[str], head: dict) -> list[dict]:
+    """The previous run's rows of the cases not measured now, with the date they were measured."""
+    if not (out / "rows.json").exists():
+        return []
+    previous = json.loads((out / "rows.json").read_text())
+    options = {" ".join(extra): case for case, (_, extra) in CASES.items()}
+    kept = []
+    for r in previous["rows"]:
+        case = (r.get("case") or options.get(r["options"])) if r["model_bytes"] else None
+        if case is not None and case not in names:
+            kept.append({**r, "case": case, "date": r.get("date", previous["date"])})
+    return kept
 
 
 if __name__ == "__main__":

@@ -17,9 +17,18 @@ Activation = Callable[[torch.Tensor], torch.Tensor]
 
 def mlp_hidden(x: torch.Tensor, inputs: list[tuple[torch.Tensor, torch.Tensor | None]], act: Activation
                ) -> torch.Tensor:
-    """H = act(x W_upᵀ + b) for one input matrix, or act(x W_gateᵀ) ⊙ (x W_upᵀ) for a gated (gate, up) pair."""
-    outs = [x @ w.T + (0 if b is None else b) for w, b in inputs]
-    return act(outs[0]) if len(outs) == 1 else act(outs[0]) * outs[1]
+    """H = act(x W_upᵀ + b) for one input matrix, or act(x W_gateᵀ) ⊙ (x W_upᵀ) for a gated (gate, up) pair.
+
+    Biases and the gate's product are applied in place (the same values, one tokens × units matrix fewer)."""
+    outs = []
+    for w, b in inputs:
+        outs.append(x @ w.T)
+        if b is not None:
+            outs[-1] += b
+    hidden = act(outs.pop(0))
+    if outs:
+        hidden *= outs.pop()
+    return hidden
 
 
 def ridge_refit(hidden: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3
@@ -61,8 +70,10 @@ class RidgeStats:
         n = max(sum(self.n[c] for c in cells), 1)
         h_mean = sum(self.h[c] for c in cells) / n
         y_mean = sum(self.y[c] for c in cells) / n
-        gram = sum(self.hh[c] for c in cells) - n * torch.outer(h_mean, h_mean)
-        cross = sum(self.hy[c] for c in cells) - n * torch.outer(h_mean, y_mean)
+        gram = _total(self.hh, cells)
+        gram -= torch.outer(h_mean, h_mean).mul_(n)
+        cross = _total(self.hy, cells)
+        cross -= torch.outer(h_mean, y_mean).mul_(n)
         return gram, cross, h_mean, y_mean
 
     def solve(self, cells: tuple[int, ...], ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,12 +96,21 @@ class RidgeStats:
         return fits
 
 
+def _total(mats: list[torch.Tensor], cells: tuple[int, ...]) -> torch.Tensor:
+    """``sum(mats[c] for c in cells)`` accumulated in place (the same values, no k × k temporaries)."""
+    total = mats[cells[0]] + 0
+    for c in cells[1:]:
+        total += mats[c]
+    return total
+
+
 def reconstruction_error(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                          target: torch.Tensor) -> float:
     pred = hidden.to(torch.float64) @ weight.to(torch.float64).T
     if bias is not None:
-        pred = pred + bias.to(torch.float64)
-    return float(((pred - target.to(torch.float64)) ** 2).mean())
+        pred += bias.to(torch.float64)
+    pred -= target.to(torch.float64)
+    return float(pred.pow_(2).mean())  # in place: the same values, no further tokens × d_out copies
 
 
 def activation_rows(hidden: torch.Tensor, weight_rows: torch.Tensor | None = None, blend: float = 1.0

@@ -60,13 +60,25 @@ def sum_columns(weight: torch.Tensor, labels: torch.Tensor, scales: torch.Tensor
 
 
 def cosine_distance_condensed(rows: torch.Tensor) -> np.ndarray:
-    """Condensed (scipy) vector of 1 − cos between rows; zero rows are at distance 1 from everything."""
-    norms = rows.norm(dim=1, keepdim=True)
-    unit = (rows / norms.clamp_min(1e-30)).to(torch.float32)
-    gram = unit @ unit.T
-    dist = (1.0 - gram).clamp_(0.0, EPSILON_MAX).numpy().astype(np.float64)
-    i, j = np.triu_indices(rows.shape[0], k=1)
-    return dist[i, j]
+    """Condensed (scipy) vector of 1 − cos between rows; zero rows are at distance 1 from everything.
+
+    Memory: the float32 unit rows and one n × n float32 matrix, besides the condensed float64 result (the rows are
+    normalized a few at a time and the upper triangle is read row by row; the values are those of the one-shot
+    computation, bit for bit)."""
+    norms = rows.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    unit = torch.empty_like(rows, dtype=torch.float32)  # rows' memory layout, so the product below is the same call
+    step = max(1, 2**20 // max(rows.shape[1], 1))
+    for start in range(0, rows.shape[0], step):
+        unit[start:start + step] = rows[start:start + step] / norms[start:start + step]
+    dist = (1.0 - unit @ unit.T).clamp_(0.0, EPSILON_MAX).numpy()
+    del unit
+    n = rows.shape[0]
+    condensed = np.empty(n * (n - 1) // 2, dtype=np.float64)
+    start = 0
+    for i in range(n - 1):  # the order of np.triu_indices(n, k=1)
+        condensed[start:start + n - 1 - i] = dist[i, i + 1:]
+        start += n - 1 - i
+    return condensed
 
 
 @dataclass
