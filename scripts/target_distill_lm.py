@@ -5,7 +5,8 @@ non-embedding parameters, fibration against FLAP and Wanda-sp at exactly the sam
 
 Data: the model's own text file split as in training (first 90% train, last 10% validation). Calibration/search
 blocks and retuning blocks come from the training text (disjoint windows); the reported loss is on every
-validation block, which neither the compression nor the retuning saw.
+validation block, which neither the compression nor the retuning saw. ``--methods none`` adds the control: the
+uncompressed model retuned the same way (these models are small and briefly trained, so retuning alone moves them).
 """
 
 from __future__ import annotations
@@ -47,6 +48,8 @@ def evalset(rows: torch.Tensor, batch_size: int) -> EvalSet:
 
 def compress(method: str, teacher, calib: EvalSet, keep: float) -> torch.nn.Module:
     model = copy.deepcopy(teacher)
+    if method == "none":  # the control: the uncompressed model, retuned the same way
+        return model
     if method == "fibration":
         config = FibrationConfig(target_params=keep, parts=("attention", "mlp"))
         compress_pretrained(model, config, evalset=calib, progress=False)
@@ -90,6 +93,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         before = non_embedding_parameters(teacher)
         for keep in args.keeps:
             for method in args.methods:
+                if method == "none" and keep != args.keeps[0]:
+                    continue
                 name = Path(directory).name
                 if any(r["model"] == name and r["keep"] == round(keep, 3) and r["method"] == method for r in rows):
                     continue
