@@ -14,6 +14,18 @@ import pytest  # noqa: E402
 PAIRS = Path(__file__).parent.parent / "hf_fibration" / "data" / "multi30k_val_de_en.jsonl"
 
 
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """Scripts run in-process may fix torch's thread count; restore it after every test, since some tests compare
+    logits bit for bit with a fresh process (another count changes the order of the reductions)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def marian_dir(tmp_path_factory):
     """A tiny Marian de→en model with a real sentencepiece tokenizer, planted near-duplicate units, on disk."""
