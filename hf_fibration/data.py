@@ -224,6 +224,11 @@ def encoder_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: v for k, v in batch.items() if k != "labels"}
 
 
+def cosine_gap(pooled: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+    """Per example, 1 − cosine between normalized embeddings (the fidelity loss), never below 0."""
+    return (1.0 - (pooled * reference).sum(-1)).clamp_min(0.0)
+
+
 def pool(out, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The normalized mean over the attended positions of a model output's last hidden state."""
     hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
@@ -236,8 +241,7 @@ def task_loss(model: nn.Module, evalset: EvalSet, index: int) -> torch.Tensor:
     """The batch's mean loss as a tensor (differentiable: retuning trains on it)."""
     batch = evalset.batches[index]
     if evalset.task == "fidelity":
-        cos = (embed(model, batch) * evalset.reference[index]).sum(-1)
-        return (1.0 - cos).clamp_min(0.0).mean()
+        return cosine_gap(embed(model, batch), evalset.reference[index]).mean()
     out = model(**batch, use_cache=False) if evalset.task in ("causal", "seq2seq") else model(**batch)
     return out.loss
 
@@ -259,8 +263,7 @@ def example_losses(model: nn.Module, evalset: EvalSet) -> tuple[torch.Tensor, to
     try:
         for i, batch in enumerate(evalset.batches):
             if evalset.task == "fidelity":
-                cos = (embed(model, batch) * evalset.reference[i]).sum(-1)
-                sums.append((1.0 - cos).clamp_min(0.0).double().cpu())
+                sums.append(cosine_gap(embed(model, batch), evalset.reference[i]).double().cpu())
                 counts.append(torch.ones_like(sums[-1]))
                 continue
             kwargs = {"use_cache": False} if evalset.task in ("causal", "seq2seq") else {}

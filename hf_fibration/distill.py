@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .data import EvalSet, encoder_inputs, pool, task_loss
+from .data import EvalSet, cosine_gap, encoder_inputs, pool, task_loss
 
 DISTILL_TASKS = ("causal", "seq2seq", "masked")
 HIDDEN_LAYERS = ("last", "all")
@@ -67,8 +67,7 @@ class Distillation:
             out = student(**encoder_inputs(batch), output_hidden_states=True)
             with torch.no_grad():
                 ref = self.teacher(**encoder_inputs(batch), output_hidden_states=True)
-            cos = (pool(out, batch) * data.reference[index]).sum(-1)
-            return (1.0 - cos).clamp_min(0.0).mean() + self.hidden_weight * _hidden_mse(
+            return cosine_gap(pool(out, batch), data.reference[index]).mean() + self.hidden_weight * _hidden_mse(
                 ref, out, data.task, batch, self.hidden_layers)
         kwargs = {"use_cache": False} if data.task in ("causal", "seq2seq") else {}
         out = student(**batch, output_hidden_states=hidden, **kwargs)

@@ -26,6 +26,17 @@ def _restore_torch_threads():
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models: thread synchronization costs more than the work on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def marian_dir(tmp_path_factory):
     """A tiny Marian de→en model with a real sentencepiece tokenizer, planted near-duplicate units, on disk."""

@@ -14,13 +14,7 @@ from hf_fibration.data import batch_loss_sum
 from hf_fibration.heads import HeadSite, build_head_sites, prune_heads
 from hf_fibration.patch import Site, get_module, linear_weight, non_embedding_parameters
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def wide_model(family: str):

@@ -21,13 +21,7 @@ from hf_fibration.patch import build_sites, get_module
 NEW = MERGING + ABLATIONS
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: thread synchronization costs more than the work on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def planted_groups(n: int = 60, k: int = 12, dim: int = 24, noise: float = 1e-3, seed: int = 0):
