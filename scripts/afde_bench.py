@@ -23,8 +23,6 @@ Writes README.md (command, machine, date, tables), rows.json and mse_vs_units.pn
 from __future__ import annotations
 
 import argparse
-import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +33,7 @@ from hf_fibration.core.compensate import importance
 from hf_fibration.core.fibers import FiberDendrogram, FiberPartition, colored_in_weights
 from hf_fibration.core.merging import inout_rows
 from hf_fibration.core.selection import keep_top
-from hf_fibration.results_io import preamble, preamble_markdown
+from hf_fibration.results_io import command_line, preamble_markdown, print_preamble, write_json
 
 METHODS = ("afde", "afde-nodata", "fibration", "inout", "magnitude", "wanda", "flap")
 COUNTS = (64, 48, 32, 24, 16, 12, 8, 4)
@@ -259,8 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", default="results/afde")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
-    head = preamble("python scripts/afde_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]))
-    print(preamble_markdown(head))
+    head = print_preamble(command_line(__file__, argv))
     counts = tuple(c for c in args.counts if c <= args.hidden)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.datasets:
         raw[name] = run(name, args.seeds, args.hidden, args.steps, counts)
         summaries[name] = summarize(raw[name]["rows"], counts)
-    (out / "rows.json").write_text(json.dumps({**head, "results": raw, "summary": summaries}, indent=1) + "\n")
+    write_json(out / "rows.json", head, results=raw, summary=summaries)
     plot(summaries, out / "mse_vs_units.png")
     lines = ["# AFDE vs fibration and pruning on tanh regression MLPs", "", preamble_markdown(head).rstrip()]
     for name, summary in summaries.items():

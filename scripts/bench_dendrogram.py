@@ -6,15 +6,12 @@
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import sys
 import time
 
 import torch
 
 from hf_fibration.core import FiberDendrogram, colored_in_weights
+from hf_fibration.results_io import print_preamble
 
 
 def main() -> None:
@@ -24,9 +21,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--linkage", default="complete")
     args = parser.parse_args()
-    print(f"command: python {' '.join(sys.argv)}")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cpus, torch "
-          f"{torch.__version__}, {torch.get_num_threads()} threads; date: {datetime.date.today()}")
+    print_preamble()
     torch.manual_seed(0)
     weight, bias = torch.randn(args.rows, args.cols), torch.randn(args.rows)
     times = []

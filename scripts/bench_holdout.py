@@ -17,12 +17,8 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import os
-import platform
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -32,6 +28,7 @@ import transformers as T
 from hf_fibration import FibrationConfig, compress_pretrained
 from hf_fibration.data import build_eval_set, evaluate_loss
 from hf_fibration.patch import non_embedding_parameters
+from hf_fibration.results_io import preamble_markdown, print_preamble, write_json
 from hf_fibration.search import HoldoutError
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
@@ -134,10 +131,7 @@ def main() -> None:
     ap.add_argument("--compensate", nargs="+", default=["on", "off"])
     ap.add_argument("--out", default="results/holdout")
     args = ap.parse_args()
-    command = "python " + " ".join(sys.argv)
-    machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{datetime.date.today().isoformat()}")
-    print(f"command: {command}\nmachine: {machine}", flush=True)
+    head = print_preamble()
     torch.set_grad_enabled(False)
     model, tok = load(args.model)
 
@@ -165,11 +159,10 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 rows.append(row)
                 rows.sort(key=lambda r: (r["samples"], r["mode"] != "in-sample only", not r["compensate"]))
-                rows_path.write_text(json.dumps({"command": command, "machine": machine, "model": args.model,
-                                                 "rows": rows}, indent=1))
+                write_json(rows_path, head, model=args.model, rows=rows)
                 (out / f"{name}.md").write_text(
-                    f"# Held-out check: {name}, τ = {args.tolerance}\n\n`{command}`\n\nMachine: {machine}. "
-                    f"Unseen text: {len(unseen_rows)} examples never used by the search or its check.\n\n"
+                    f"# Held-out check: {name}, τ = {args.tolerance}\n\n" + preamble_markdown(head)
+                    + f"\nUnseen text: {len(unseen_rows)} examples never used by the search or its check.\n\n"
                     + table(rows, absolute, args.tolerance) + "\n")
 
 

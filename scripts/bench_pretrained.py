@@ -21,10 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import json
-import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -35,6 +32,7 @@ import transformers as T
 from hf_fibration.baselines import FIBRATION, MERGING, METHODS, compress_mlps, compress_to_size
 from hf_fibration.data import DEFAULT_TEXT, EvalSet, build_eval_set, evaluate_loss
 from hf_fibration.patch import non_embedding_parameters
+from hf_fibration.results_io import command_line, load_average, preamble, preamble_markdown, print_preamble, write_rows
 
 SCRIPTS = Path(__file__).resolve().parent
 WIKITEXT = SCRIPTS.parent.parent / "shared" / "data" / "wikitext2" / "test.txt"
@@ -114,10 +112,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         parser.exit(2, f"error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}\n")
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = f"python scripts/bench_pretrained.py {' '.join(argv if argv is not None else sys.argv[1:])}"
-    machine = (f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}, "
-               f"{torch.get_num_threads()} torch threads, load average {os.getloadavg()[0]:.1f} at start")
-    print(f"command: {command}\nmachine: {machine}\ndate: {datetime.date.today()}", flush=True)
+    head = print_preamble(command_line(__file__, argv), load=True)
     base, calib, evalset, quality, description = load_task(args.model, args)
     to_quality = (lambda loss: 1.0 - loss) if quality == "cosine" else (lambda loss: loss)
     base_ne = non_embedding_parameters(base)
@@ -142,8 +137,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                              "fraction": report.non_embedding_params_after / base_ne, "seconds": seconds})
                 print(f"keep {keep:.2f}  {method:<24} compensate={compensate!s:<5}  {quality} {value:.4f}  "
                       f"non-embedding {rows[-1]['fraction']:.3f}  ({rows[-1]['seconds']:.1f} s)", flush=True)
-    machine += f", {os.getloadavg()[0]:.1f} at the end"
-    write(rows, Path(args.out), command, machine, description, quality, args.size)
+    head["machine"] += f" at start, {load_average()} at the end"
+    write(rows, Path(args.out), head, description, quality, args.size)
     return rows
 
 
@@ -157,18 +152,16 @@ def merge_rows(paths: list[Path], out: Path) -> list[dict]:
         raise SystemExit("error: the rows files measure different models, metrics or protocols (--size); merge one "
                          "at a time.")
     rows = {(r["keep"], r["method"], r["compensate"]): r for run in runs for r in run["rows"]}
-    commands = "`; `".join(dict.fromkeys(r["command"] for r in runs))
-    machines = "; ".join(dict.fromkeys(r["machine"] for r in runs))
-    write(list(rows.values()), out, commands, machines, runs[0]["description"], runs[0]["quality"],
+    head = {**preamble(), "command": "`; `".join(dict.fromkeys(r["command"] for r in runs)),
+            "machine": "; ".join(dict.fromkeys(r["machine"] for r in runs))}
+    write(list(rows.values()), out, head, runs[0]["description"], runs[0]["quality"],
           runs[0].get("size", False))
     return list(rows.values())
 
 
-def write(rows: list[dict], out: Path, command: str, machine: str, description: str, quality: str,
+def write(rows: list[dict], out: Path, head: dict[str, str], description: str, quality: str,
           size: bool = False) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rows.json").write_text(json.dumps({"command": command, "machine": machine, "description": description,
-                                               "quality": quality, "size": size, "rows": rows}, indent=1) + "\n")
+    write_rows(out, rows, head, description=description, quality=quality, size=size)
     unit = "non-emb." if size else "units"
     keeps = sorted({r["keep"] for r in rows if r["method"] != "uncompressed"}, reverse=True)
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != "uncompressed"))
@@ -176,7 +169,7 @@ def write(rows: list[dict], out: Path, command: str, machine: str, description: 
     get = {(r["keep"], r["method"], r["compensate"]): r for r in rows}
     higher = quality == "cosine"
     base = get[(1.0, "uncompressed", False)]["quality"]
-    head = [f"{k:.0%} {unit}" + (" + comp." if c else "") for k in keeps for c in comps]
+    columns = [f"{k:.0%} {unit}" + (" + comp." if c else "") for k in keeps for c in comps]
     protocol = (
         "- every method at the same fraction of non-embedding parameters (`compress_to_size`): the pruning methods "
         "prune attention heads (whole key/value groups under GQA) and MLP units, FLAP by its global adaptive "
@@ -189,13 +182,13 @@ def write(rows: list[dict], out: Path, command: str, machine: str, description: 
     equal = "non-embedding size" if size else "MLP width"
     lines = [
         f"# Fibration vs structured pruning and merging peers at equal {equal}",
-        "", f"- command: `{command}`", f"- machine: {machine}", f"- date: {datetime.date.today()}",
+        "", *preamble_markdown(head).splitlines(),
         f"- model and metric: {description}; uncompressed: {base:.4f}",
         protocol + " on the calibration activations (kept only where it lowers the calibration "
         "reconstruction error); FLAP without it uses its own bias compensation; model-folding and fibration-repair "
         "apply the data-free Fold-AR variance repair before it",
         f"- cells: {quality}; **bold** = best in its column", "",
-        "| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(head),
+        "| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns),
     ]
     best = {}
     for k in keeps:
@@ -214,7 +207,7 @@ def write(rows: list[dict], out: Path, command: str, machine: str, description: 
     lines += ["", "Non-embedding parameters kept: " + ", ".join(fractions) + ".", "",
               f"![{quality} vs parameters]({quality.replace(' ', '_')}_vs_params.png)", "",
               "Compression wall time in seconds (calibration, choice of units, collapse and, where on, the refit; "
-              "evaluation excluded):", "", "| method | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+              "evaluation excluded):", "", "| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for m in methods:
         cells = [f"{get[(k, m, c)]['seconds']:.1f}" if (k, m, c) in get else "" for k in keeps for c in comps]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")

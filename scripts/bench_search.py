@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
 import os
-import platform
-import sys
 import time
 
-import torch
 import transformers as T
 
 from hf_fibration import FibrationConfig
 from hf_fibration.data import build_eval_set
 from hf_fibration.patch import build_sites
+from hf_fibration.results_io import print_preamble
 from hf_fibration.search import greedy_search, naive_search
 
 
@@ -55,8 +52,7 @@ def main() -> None:
     parser.add_argument("--parts", default="attention,mlp,embeddings")
     parser.add_argument("--marian", help="a Marian-architecture model directory (e.g. from train_multi30k.py)")
     args = parser.parse_args()
-    print(f"command: python {' '.join(sys.argv)}\nmachine: {platform.machine()} CPU, {os.cpu_count()} cores, "
-          f"torch {torch.__version__} ({torch.get_num_threads()} threads)\ndate: {datetime.date.today()}\n")
+    print_preamble()
     config = FibrationConfig(tolerance=args.tolerance, search_steps=args.steps, parts=tuple(args.parts.split(",")),
                              compensate=False)  # the naive reference is the paper algorithm: no refit
     print("| model | layers searched | eval data | naive | fast | speedup | same ε's |")

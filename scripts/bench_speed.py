@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import os
-import platform
-import sys
 import time
 
 import torch
@@ -23,6 +19,7 @@ from torch import nn
 from hf_fibration import FibrationConfig
 from hf_fibration.core import count_flops
 from hf_fibration.patch import build_sites, get_module
+from hf_fibration.results_io import print_preamble
 
 
 class MlpStack(nn.Module):
@@ -94,10 +91,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args()
-    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else \
-        f"{platform.machine()} CPU, {os.cpu_count()} cores, {torch.get_num_threads()} threads"
-    print(f"command: python {' '.join(sys.argv)}\nmachine: {device_name}, torch {torch.__version__}\n"
-          f"date: {datetime.date.today()}\n")
+    print_preamble(device=args.device)
     print("| model | MLP params ratio | MLP FLOPs ratio (ideal speedup) | MLP measured speedup | of ideal | "
           "whole-model speedup |")
     print("|---|---|---|---|---|---|")

@@ -11,11 +11,6 @@ outside the theorem). Writes results.md, history.json and emergence.png.
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import platform
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +20,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from hf_fibration.emergence import SymmetryLogger
+from hf_fibration.results_io import preamble, preamble_markdown, write_json
 
 
 def data(seed: int) -> tuple[torch.Tensor, ...]:
@@ -73,10 +69,8 @@ def main() -> None:
         h["test_accuracy"] = a
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"command": "python " + " ".join(sys.argv),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} (CPU)",
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    (out / "history.json").write_text(json.dumps({**meta, "args": vars(args), "history": logger.history}, indent=1))
+    meta = preamble()
+    write_json(out / "history.json", meta, args=vars(args), history=logger.history)
     plot(logger.history, eps, args, out / "emergence.png")
     write_md(logger.history, eps, args, meta, out / "results.md")
 
@@ -111,7 +105,7 @@ def write_md(history: list[dict], eps: tuple[float, ...], args: argparse.Namespa
     units = 2 * args.hidden
     lines = [
         "# Emergence of fibers, opfibers and covers: MLP on sklearn digits", "",
-        f"- command: `{meta['command']}`", f"- machine: {meta['machine']}", f"- date: {meta['date']}",
+        *preamble_markdown(meta).splitlines(),
         f"- model: 64-{args.hidden}-{args.hidden}-10 {args.activation}, plain SGD lr {args.lr}, weight decay "
         f"{args.weight_decay:g}, batch {args.batch}, "
         f"{args.steps} steps; measured every {args.every} steps with `hf_fibration.emergence.SymmetryLogger`; "

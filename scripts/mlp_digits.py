@@ -9,10 +9,6 @@ Writes results.md (table, command, machine, date) and accuracy_vs_params.png.
 from __future__ import annotations
 
 import argparse
-import datetime
-import os
-import platform
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +19,7 @@ from torch import nn
 
 from hf_fibration.core import FiberDendrogram, colored_in_weights, compress_sequential, count_parameters
 from hf_fibration.core.selection import selection_partitioner
+from hf_fibration.results_io import preamble_markdown, print_preamble
 
 
 def data(seed: int) -> tuple[torch.Tensor, ...]:
@@ -62,9 +59,7 @@ def main() -> None:
     parser.add_argument("--scale-aware", action="store_true", help="merge positive multiples (ReLU-exact)")
     parser.add_argument("--out", default="results/mlp_digits")
     args = parser.parse_args()
-    command = f"python {' '.join(sys.argv)}"
-    machine = f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__}"
-    print(f"command: {command}\nmachine: {machine}\ndate: {datetime.date.today()}")
+    head = print_preamble()
 
     x_tr, y_tr, x_te, y_te = data(args.seed)
     model = train(args.hidden, args.epochs, args.seed, x_tr, y_tr)
@@ -92,7 +87,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     lines = [
         "# MLP on sklearn digits: fibration vs random and L2 unit selection at equal unit counts", "",
-        f"- command: `{command}`", f"- machine: {machine} (CPU)", f"- date: {datetime.date.today()}",
+        *preamble_markdown(head).splitlines(),
         f"- model: MLP 64-{args.hidden}-{args.hidden}-10, ReLU, Adam 1e-3, {args.epochs} epochs; "
         f"test accuracy {base_acc:.4f}; {base_params} parameters; exact (ε=0) fibers in layer 0: {exact}",
         f"- random: mean of {args.random_seeds} seeds; no retuning after compression", "",

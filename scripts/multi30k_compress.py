@@ -11,14 +11,10 @@ from __future__ import annotations
 
 import argparse
 import copy
-import datetime
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
 import transformers as T
 
 import hf_fibration  # noqa: F401  (registers the loader)
@@ -26,6 +22,7 @@ from hf_fibration import FibrationConfig
 from hf_fibration.data import evaluate_loss
 from hf_fibration.metrics import bleu
 from hf_fibration.patch import non_embedding_parameters
+from hf_fibration.results_io import preamble_markdown, print_preamble
 from hf_fibration.retune import compress_retune, retune
 from hf_fibration.search import greedy_search
 
@@ -51,9 +48,7 @@ def main() -> None:
                         help="also retune the uncompressed model with one round's budget (is the gain compression's?)")
     parser.add_argument("--out", default="results/multi30k.md")
     args = parser.parse_args()
-    command = f"python {' '.join(sys.argv)}"
-    machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
-    print(f"command: {command}\nmachine: {machine}\ndate: {datetime.date.today()}", flush=True)
+    head = print_preamble()
     data = Path(args.data)
     tok = T.AutoTokenizer.from_pretrained(args.model)
     base = T.AutoModelForSeq2SeqLM.from_pretrained(args.model).eval()
@@ -86,8 +81,7 @@ def main() -> None:
         retune(control, train, val, epochs=args.epochs, learning_rate=args.lr, patience=1, progress=False)
         row("control: uncompressed, retuned with one round's budget", control, time.perf_counter() - start)
     base_ne = rows[0][2]
-    lines = [f"\n## {Path(args.model).name}: greedy vs compress–retune", "", f"- command: `{command}`",
-             f"- machine: {machine}", f"- date: {datetime.date.today()}",
+    lines = [f"\n## {Path(args.model).name}: greedy vs compress–retune", "", *preamble_markdown(head).splitlines(),
              f"- eval: {args.eval_samples} val pairs (loss); BLEU: sacrebleu, greedy decoding, first "
              f"{args.bleu_samples} test_2016_flickr pairs; retuning: {args.train_samples} train pairs, "
              f"{args.epochs} epoch(s) per round", "",

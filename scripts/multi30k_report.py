@@ -9,6 +9,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from scaling_law import fit_power_law  # noqa: E402
 
+from hf_fibration.results_io import write_rows  # noqa: E402
+
 HEADLINE_INCREASE = 0.041  # the seed's +4.1% loss
 
 
@@ -49,7 +51,7 @@ def ratio(row: dict, non_embedding: int) -> float:
     return row["base"]["non_embedding"] / non_embedding
 
 
-def report(args, command: str) -> dict:
+def report(args, head: dict[str, str]) -> dict:
     runs, out = Path(args.runs), Path(args.out)
     rows = load(runs, args.sizes)
     if not rows:
@@ -59,13 +61,13 @@ def report(args, command: str) -> dict:
     fits = scaling_fits(rows)
     slim = [{k: v for k, v in r.items() if k != "train"} | {"train": {k: v for k, v in r["train"].items()
                                                                        if k != "history"}} for r in rows]
-    (out / "rows.json").write_text(json.dumps({"meta": meta, "rows": slim, "fits": fits}, indent=1) + "\n")
+    write_rows(out, slim, head, meta=meta, fits=fits)
     for row in rows:
         plot_size(row, out / f"fig3f_d{row['d_model']}.png")
     plot_all(rows, out / "retuned_all_sizes.png")
     plot_law(rows, fits, out / "scaling_law.png")
     notes = out / "notes.md"  # hand-written reading of the numbers, kept across re-runs of the report
-    (out / "results.md").write_text(markdown(rows, fits, meta, command, notes.read_text() if notes.exists() else ""))
+    (out / "results.md").write_text(markdown(rows, fits, meta, head, notes.read_text() if notes.exists() else ""))
     print((out / "results.md").read_text())
     return {"rows": rows, "fits": fits}
 
@@ -207,11 +209,11 @@ def _fit_line(name: str, fit: dict | None) -> str:
             f"{fit['L0']:.3f} | [{fit['L0_ci'][0]:.3f}, {fit['L0_ci'][1]:.3f}] | {fit['r2']:.3f} |")
 
 
-def markdown(rows: list[dict], fits: dict, meta: dict, command: str, notes: str = "") -> str:
+def markdown(rows: list[dict], fits: dict, meta: dict, head: dict[str, str], notes: str = "") -> str:
     lines = ["# Multi30k de→en size series: converged Marian models, Alg. 2 compress–retune, scaling law", ""]
     for stage, run in meta.items():
         lines.append(f"- {stage}: `{run['command']}` — {run['machine']}, {run['date']}")
-    lines += [f"- report: `python scripts/multi30k_series.py {command}`", "",
+    lines += [f"- report: `{head['command']}` — {head['machine']}, {head['date']}", "",
               "Data: L, the bound (1+ρ)·L, every ε search and every early stopping use the val split (1,014 pairs); "
               "test losses and BLEU (sacrebleu, greedy decoding) are on test_2016_flickr (1,000) and "
               "test_2017_flickr (1,000), which nothing else saw.", "", notes.strip(), "",

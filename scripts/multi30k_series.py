@@ -19,10 +19,7 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
 import json
-import os
-import platform
 import subprocess
 import sys
 import time
@@ -41,6 +38,7 @@ from hf_fibration.core.selection import keep_top  # noqa: E402
 from hf_fibration.data import evaluate_loss  # noqa: E402
 from hf_fibration.metrics import bleu  # noqa: E402
 from hf_fibration.patch import build_sites, get_module, linear_weight, non_embedding_parameters  # noqa: E402
+from hf_fibration.results_io import command_line, print_preamble  # noqa: E402
 from hf_fibration.retune import compress_retune, retune  # noqa: E402
 from hf_fibration.search import greedy_search  # noqa: E402
 
@@ -327,9 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (Path(args.data) / "train.de.gz").exists():
         parser.exit(2, f"Multi30k not found in {args.data}; pass --data with the folder of train.de.gz etc.\n")
     Path(args.runs).mkdir(parents=True, exist_ok=True)
-    run = {"command": f"python scripts/multi30k_series.py {' '.join(argv)}", "machine": machine(args.device),
-           "date": f"{datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC"}
-    print("\n".join(f"{k}: {v}" for k, v in run.items()), flush=True)
+    run = print_preamble(command_line(__file__, argv), device=args.device)
     stages = {"all": ("train", "compress", "report"), "series": ("train", "compress")}.get(args.stage, (args.stage,))
     meta_path = Path(args.runs) / "meta.json"
     if args.jobs > 1 or len(args.sizes) > 1 or not meta_path.exists():  # the parent process records the run
@@ -342,14 +338,7 @@ def main(argv: list[str] | None = None) -> None:
     if "report" in stages:
         import multi30k_report
 
-        multi30k_report.report(args, " ".join(argv))
-
-
-def machine(device: str) -> str:
-    cpu = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
-    if device.startswith("cuda") and torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()} GPU ({cpu})"
-    return cpu
+        multi30k_report.report(args, run)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,7 @@ plasticity.png.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +23,7 @@ from sklearn.model_selection import train_test_split
 from torch import nn
 
 from hf_fibration.core.breaking import break_symmetry
+from hf_fibration.results_io import preamble, preamble_markdown, write_json
 
 
 def data(seed: int) -> tuple[torch.Tensor, ...]:
@@ -102,11 +99,8 @@ def main() -> None:
         torch.set_num_threads(1)  # a 64-h-h-2 MLP: one thread is fastest, and the CPU is shared
         splits = data(0)
         results = {m: [run(m, s, args, splits) for s in range(args.seeds)] for m in ("sgd", "break")}
-        out.mkdir(parents=True, exist_ok=True)
-        meta = {"command": "python " + " ".join(sys.argv),
-                "machine": f"{platform.machine()}, {os.cpu_count()} cpus, torch {torch.__version__} (CPU)",
-                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-        (out / "results.json").write_text(json.dumps({**meta, "args": vars(args), "results": results}, indent=1))
+        meta = preamble()
+        write_json(out / "results.json", meta, args=vars(args), results=results)
     plot(results, args, out / "plasticity.png")
     write_md(results, args, meta, out / "results.md")
     print((out / "results.md").read_text())
@@ -153,7 +147,7 @@ def write_md(results: dict, args: argparse.Namespace, meta: dict, path: Path) ->
     freed = [f for r in results["break"] for f in r["freed"]]
     lines = [
         "# Symmetry breaking for plasticity: continual binary digit tasks", "",
-        f"- command: `{meta['command']}`", f"- machine: {meta['machine']}", f"- date: {meta['date']}",
+        *preamble_markdown(meta).splitlines(),
         f"- {args.tasks} tasks, each a random pair of digit classes"
         f"{' with a fresh random permutation of the 64 pixels' if args.permute else ''}; "
         f"MLP 64-{args.hidden}-{args.hidden}-2 ReLU, "

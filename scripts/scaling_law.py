@@ -13,16 +13,12 @@ Writes results.md, fit.json and scaling_law.png to --out.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
-import torch
 import transformers as T
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -31,6 +27,7 @@ import train_lm  # noqa: E402
 from hf_fibration import FibrationConfig, compress_pretrained  # noqa: E402
 from hf_fibration.data import EvalSet, evaluate_loss  # noqa: E402
 from hf_fibration.patch import non_embedding_parameters  # noqa: E402
+from hf_fibration.results_io import command_line, preamble_markdown, print_preamble, write_json  # noqa: E402
 from hf_fibration.retune import retune  # noqa: E402
 
 
@@ -115,9 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if len(args.sizes) < 3:
         raise SystemExit("A power-law fit with confidence intervals needs at least 3 sizes; pass more --sizes.")
-    command = f"python scripts/scaling_law.py {' '.join(argv if argv is not None else sys.argv[1:])}"
-    machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
-    print(f"command: {command}\nmachine: {machine}\ndate: {datetime.date.today()}", flush=True)
+    head = print_preamble(command_line(__file__, argv))
     runs, out = Path(args.runs), Path(args.out)
     rows = []
     for d in args.sizes:
@@ -127,18 +122,17 @@ def main(argv: list[str] | None = None) -> dict:
               f"loss {r['before']['loss']:.4f} → {r['after']['loss']:.4f}", flush=True)
     fits = {name: fit_power_law([r[name]["non_embedding"] for r in rows], [r[name]["loss"] for r in rows])
             for name in ("before", "after")}
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "fit.json").write_text(json.dumps({"rows": rows, "fits": fits}, indent=2) + "\n")
-    write_markdown(rows, fits, out, command, machine, args)
+    write_json(out / "fit.json", head, rows=rows, fits=fits)
+    write_markdown(rows, fits, out, head, args)
     plot(rows, fits, out / "scaling_law.png", args.tolerance)
     return {"rows": rows, "fits": fits}
 
 
-def write_markdown(rows: list[dict], fits: dict, out: Path, command: str, machine: str, args) -> None:
+def write_markdown(rows: list[dict], fits: dict, out: Path, head: dict[str, str], args) -> None:
     span = max(r["before"]["non_embedding"] for r in rows) / min(r["before"]["non_embedding"] for r in rows)
     lines = [
         "# Scaling laws before and after fibration", "",
-        f"- command: `{command}`", f"- machine: {machine}", f"- date: {datetime.date.today()}",
+        *preamble_markdown(head).splitlines(),
         f"- models: GPT-2 architecture, {args.layers} blocks, FFN 4·d, trained {args.steps} steps (batch "
         f"{args.batch_size} × {args.block} tokens, best val checkpoint) on tinyshakespeare with a {args.vocab}-token "
         f"BPE; {len(rows)} sizes spanning {span:.1f}× in non-embedding parameters",

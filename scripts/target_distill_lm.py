@@ -27,7 +27,7 @@ from hf_fibration import FibrationConfig, compress_pretrained
 from hf_fibration.baselines import compress_to_size
 from hf_fibration.data import EvalSet, evaluate_loss
 from hf_fibration.patch import non_embedding_parameters
-from hf_fibration.results_io import preamble, preamble_markdown, write_rows
+from hf_fibration.results_io import command_line, preamble_markdown, print_preamble, write_rows
 from hf_fibration.retune import retune
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -74,8 +74,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--out", default="results/target_distill/lm")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    head = preamble(None if argv is None else 'python scripts/target_distill_lm.py ' + ' '.join(argv))
-    print(preamble_markdown(head), flush=True)
+    head = print_preamble(command_line(__file__, argv))
     train_text, val_text = split_text(Path(args.data))
     rows_path = Path(args.out) / "rows.json"
     rows = json.loads(rows_path.read_text())["rows"] if rows_path.exists() else []

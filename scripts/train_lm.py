@@ -12,11 +12,7 @@ kept. results.json records val loss, parameters, wall time, machine and command.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +21,7 @@ import transformers as T
 
 from hf_fibration.data import EvalSet, evaluate_loss
 from hf_fibration.patch import non_embedding_parameters
+from hf_fibration.results_io import command_line, print_preamble, write_json
 from hf_fibration.retune import retune
 
 SHAKESPEARE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
@@ -105,9 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
     data, out = Path(args.data), Path(args.out)
     if not data.exists():
         raise SystemExit(f"Training text not found at {data}; pass --data.")
-    command = f"python scripts/train_lm.py {' '.join(argv if argv is not None else sys.argv[1:])}"
-    machine = f"{platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
-    print(f"command: {command}\nmachine: {machine}\ndate: {datetime.date.today()}", flush=True)
+    head = print_preamble(command_line(__file__, argv))
     train_text, val_text = split_text(data)
     out.mkdir(parents=True, exist_ok=True)
     if (out / "tokenizer.json").exists():
@@ -129,14 +124,15 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = time.perf_counter() - start
     model.eval()
     model.save_pretrained(out)
-    summary = {
-        "command": command, "machine": machine, "date": str(datetime.date.today()), "arch": args.arch,
-        "d_model": args.d_model, "layers": args.layers, "parameters": sum(p.numel() for p in model.parameters()),
+    record = {
+        "arch": args.arch, "d_model": args.d_model, "layers": args.layers,
+        "parameters": sum(p.numel() for p in model.parameters()),
         "non_embedding_parameters": non_embedding_parameters(model), "steps": result.steps,
         "val_loss": evaluate_loss(model, val), "train_seconds_this_run": round(seconds, 1),
         "history": result.history,
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "results.json", head, **record)
+    summary = {**head, **record}
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2), flush=True)
     return summary
 

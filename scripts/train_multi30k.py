@@ -13,12 +13,8 @@ beside it records val loss, test_2016 BLEU, parameters, wall time, machine and c
 from __future__ import annotations
 
 import argparse
-import datetime
 import gzip
 import json
-import os
-import platform
-import sys
 import time
 from pathlib import Path
 
@@ -29,6 +25,7 @@ from hf_fibration.data import EvalSet, evaluate_loss
 from hf_fibration.marian_tokenizer import train_marian_tokenizer
 from hf_fibration.metrics import bleu
 from hf_fibration.patch import non_embedding_parameters
+from hf_fibration.results_io import command_line, print_preamble, write_json
 from hf_fibration.retune import retune
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "multi30k"
@@ -93,9 +90,7 @@ def main(argv: list[str] | None = None) -> dict:
     data, out = Path(args.data), Path(args.out)
     if not (data / "train.de.gz").exists():
         raise SystemExit(f"Multi30k not found in {data}; pass --data.")
-    command = f"python scripts/train_multi30k.py {' '.join(argv if argv is not None else sys.argv[1:])}"
-    print(f"command: {command}\nmachine: {platform.machine()} CPU, {os.cpu_count()} cores, torch {torch.__version__}"
-          f" ({torch.get_num_threads()} threads)\ndate: {datetime.date.today()}", flush=True)
+    head = print_preamble(command_line(__file__, argv))
 
     train_src, train_tgt = read_split(data, "train", args.train_limit)
     val_src, val_tgt = read_split(data, "val")
@@ -121,9 +116,8 @@ def main(argv: list[str] | None = None) -> dict:
     model.eval()
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    summary = {
-        "command": command, "machine": f"{platform.machine()} CPU, {os.cpu_count()} cores",
-        "date": str(datetime.date.today()), "d_model": args.d_model, "ffn": args.ffn or args.d_model,
+    record = {
+        "d_model": args.d_model, "ffn": args.ffn or args.d_model,
         "parameters": sum(p.numel() for p in model.parameters()),
         "non_embedding_parameters": non_embedding_parameters(model), "steps": result.steps,
         "epochs": result.epochs, "early_stopped": result.stopped_early, "patience": args.patience,
@@ -131,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
         "test2016_bleu": bleu(model, tokenizer, test_src, test_tgt), "train_seconds_this_run": round(seconds, 1),
         "history": result.history,
     }
-    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(out / "results.json", head, **record)
+    summary = {**head, **record}
     print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2), flush=True)
     return summary
 
