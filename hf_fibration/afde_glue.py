@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .calibration import activation_of, original_modules
+from .calibration import activation_of
 from .core.afde import AFDEDendrogram
 from .patch import Site, linear_weight
 
@@ -14,7 +14,7 @@ def afde_dendrogram(site: Site, model: nn.Module, inputs: torch.Tensor | None = 
                     exact_rtol: float = 1e-6) -> AFDEDendrogram:
     """The site's ε-FDE dendrogram: its in-rows and biases (fc1, or gate and up), the consumer's columns (fc2/down),
     the model's activation; ``inputs`` (calibration tokens × d_in) give the path metric, None the data-free one."""
-    modules = original_modules(site, model)
+    modules = site.originals(model)
     in_layers = [linear_weight(modules[m]) for m in site.modules_in()]
     out_weight = linear_weight(modules[site.modules[-1]])[0]
     return AFDEDendrogram(in_layers, out_weight, activation_of(model), inputs, exact_rtol)

@@ -96,14 +96,9 @@ def _compress_fixed(model: nn.Module, config: FibrationConfig, evalset: EvalSet,
             continue
         calibration = None
         if site.kind == "mlp" and config.compensate:
-            capture = getattr(cal, "capture_calibration", None) or cal.capture_inputs  # the one the search uses
-            calibration = capture(model, site, lambda i: batch_loss_sum(model, evalset, i), len(evalset.batches),
-                                  config.calibration_tokens)
-        site.apply(model, partition)
-        if calibration is not None:
-            extra = {"min_tokens_per_unit": config.min_tokens_per_unit} if hasattr(config, "min_tokens_per_unit") \
-                else {}
-            cal.compensate_mlp(site, model, calibration, config.ridge, **extra)
+            calibration = cal.capture_calibration(model, site, lambda i: batch_loss_sum(model, evalset, i),
+                                                  len(evalset.batches), config.calibration_tokens)
+        site.apply(model, partition, cal.refitter(calibration, config))
         site.commit()
         layer = layer_report(model, site, partition, eps, units, params_before)
         if embedding:

@@ -36,7 +36,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .calibration import capture_inputs, compensate_mlp, original_hidden, original_modules
+from .calibration import capture_inputs, compensate_mlp, original_hidden
 from .config import FibrationConfig
 from .core.compensate import activation_fibers, importance, span_representatives
 from .core.fibers import FiberDendrogram, FiberPartition, colored_in_weights
@@ -54,8 +54,8 @@ from .core.report import CompressionReport, LayerReport
 from .core.selection import keep_top
 from .data import EvalSet, batch_loss_sum
 from .heads import HeadSite, consumer_of, flap_scores, prunable_sites, prune_heads, shift_bias, unit_cost
-from .hub import mark_compressed
 from .patch import build_sites, get_module, linear_weight, non_embedding_parameters
+from .quantizer import mark_compressed
 
 PRUNING = ("random", "l1", "l2", "magnitude", "wanda-sp", "flap")
 MERGING = ("model-folding", "zipit")
@@ -184,7 +184,7 @@ def _compress_mlp(model: nn.Module, site, method: str, k: int, calibration: Eval
                        max_tokens)
     hidden = original_hidden(site, model, x)
     n = hidden.shape[1]
-    modules = original_modules(site, model)
+    modules = site.originals(model)
     down = linear_weight(modules[site.modules[-1]])[0].cpu()
     in_rows = [colored_in_weights(*linear_weight(modules[m])) for m in site.modules_in()]
     up_rows = torch.cat(in_rows, 1)

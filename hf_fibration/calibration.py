@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +13,8 @@ from .core.compensate import RIDGE_CANDIDATES, RidgeStats, activation_rows, mlp_
 from .core.fibers import FiberDendrogram
 from .core.modules import FiberLinear
 from .patch import Site, get_module, linear_weight, set_module
+
+REFIT_CHUNK_TOKENS = 1024  # the refit reads its tokens this many at a time: memory ∝ chunk × width, not tokens
 
 
 class _Captured(Exception):
@@ -88,13 +90,9 @@ def capture_inputs(model: nn.Module, site: Site, run_batch: Callable[[int], obje
     return capture_calibration(model, site, run_batch, num_batches, max_tokens).inputs
 
 
-def original_modules(site: Site, model: nn.Module) -> dict[str, nn.Module]:
-    return site._originals or {m: get_module(model, m) for m in site.modules}
-
-
 def original_hidden(site: Site, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """H of the uncompressed site (its original modules) on the calibration inputs."""
-    return mlp_hidden(x, _f64_inputs(site, original_modules(site, model)), activation_of(model))
+    return mlp_hidden(x, _f64_inputs(site, site.originals(model)), activation_of(model))
 
 
 def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Calibration, ridge: float | None = None,
@@ -108,17 +106,34 @@ def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Cal
     ``cross_fit``, also ``folds``: the consumer refit without the even, and without the odd, calibration batches
     (so a search can score each batch with a refit that never saw it)."""
     cal = calibration if isinstance(calibration, Calibration) else Calibration.from_tokens(calibration)
-    x = cal.inputs
     out_name = site.modules[-1]
-    w_orig, b_orig = (t if t is None else t.to(torch.float64).cpu() for t in linear_weight(site._originals[out_name]))
-    target = original_hidden(site, model, x) @ w_orig.T
-    if b_orig is not None:
-        target += b_orig
-    current = {m: get_module(model, m) for m in site.modules}
-    hidden = mlp_hidden(x, _f64_inputs(site, current), activation_of(model))
-    data = _RefitData.of(hidden, target, cal, min_tokens_per_unit)
-    del hidden, target  # the refit needs only the statistics and the held-out rows: free tokens × units now
+    original_out = site.originals(model)[out_name]
+    w_orig, b_orig = (t if t is None else t.to(torch.float64).cpu() for t in linear_weight(original_out))
+    original_in = _f64_inputs(site, site.originals(model))
+    current_in = _f64_inputs(site, {m: get_module(model, m) for m in site.modules})
+    act = activation_of(model)
+
+    def chunks() -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
+        for start in range(0, len(cal), REFIT_CHUNK_TOKENS):
+            rows = slice(start, start + REFIT_CHUNK_TOKENS)
+            x = cal.inputs[rows]
+            target = mlp_hidden(x, original_in, act) @ w_orig.T
+            if b_orig is not None:
+                target += b_orig
+            yield rows, mlp_hidden(x, current_in, act), target
+
+    data = _RefitData.collect(chunks(), cal, min_tokens_per_unit, cross_fit)
     return _refit(model, out_name, data, cal, ridge, cross_fit)
+
+
+def refitter(calibration: Calibration | None, config, cross_fit: bool = False
+              ) -> Callable[[Site, nn.Module], dict[str, object]] | None:
+    """The compensation ``Site.apply`` runs after each collapse (``compensate_mlp`` on ``calibration`` with the
+    config's ridge settings), or None when the config asks for none."""
+    if calibration is None or not config.compensate:
+        return None
+    return lambda site, model: compensate_mlp(site, model, calibration, config.ridge, config.min_tokens_per_unit,
+                                              cross_fit=cross_fit)
 
 
 def refit_consumer(model: nn.Module, out_name: str, hidden: torch.Tensor, target: torch.Tensor, cal: Calibration,
@@ -127,7 +142,8 @@ def refit_consumer(model: nn.Module, out_name: str, hidden: torch.Tensor, target
     """Refit the consumer ``out_name`` (already narrowed) so that ``hidden`` (tokens × its kept inputs) maps to
     ``target`` (the original output on the same tokens), validated on held-out sequences as ``compensate_mlp``
     describes; returns what was decided."""
-    return _refit(model, out_name, _RefitData.of(hidden, target, cal, min_tokens_per_unit), cal, ridge, cross_fit)
+    return _refit(model, out_name, _RefitData.of(hidden, target, cal, min_tokens_per_unit, cross_fit), cal, ridge,
+                  cross_fit)
 
 
 @dataclass
@@ -138,19 +154,37 @@ class _RefitData:
     stats: RidgeStats | None
     hidden_held: torch.Tensor | None
     target_held: torch.Tensor | None
+    cell_held: torch.Tensor | None = None
     note: str = ""
 
     @classmethod
-    def of(cls, hidden: torch.Tensor, target: torch.Tensor, cal: Calibration, min_tokens_per_unit: float
-           ) -> _RefitData:
+    def of(cls, hidden: torch.Tensor, target: torch.Tensor, cal: Calibration, min_tokens_per_unit: float,
+           cross_fit: bool = False) -> _RefitData:
+        return cls.collect(iter([(slice(None), hidden, target)]), cal, min_tokens_per_unit, cross_fit)
+
+    @classmethod
+    def collect(cls, chunks: Iterator[tuple[slice, torch.Tensor, torch.Tensor]], cal: Calibration,
+                min_tokens_per_unit: float, cross_fit: bool = False) -> _RefitData:
+        """The statistics of the fitting tokens of (token rows, hidden, target) chunks, accumulated one chunk at a
+        time, and the held-out rows (their statistics join only an accepted refit)."""
         held = cal.held_out()
-        units, fit_tokens = hidden.shape[1], int((~held).sum())
-        if fit_tokens < min_tokens_per_unit * units or not bool(held.any()):
-            return cls(None, None, None, f"no refit: {fit_tokens} calibration tokens < {min_tokens_per_unit:g} "
-                                         f"per kept unit ({units})")
-        # cells: (held out?, batch parity) — every refit is a union of them
-        parity = cal.batch % 2 if cal.batch is not None else torch.zeros_like(cal.sequence)
-        return cls(RidgeStats(hidden, target, held.long() * 2 + parity, 4), hidden[held], target[held])
+        # cells: (held out?, batch parity) — every refit is a union of them; parity only to cross-fit
+        parity = cal.batch % 2 if cross_fit and cal.batch is not None else torch.zeros_like(cal.sequence)
+        cell = held.long() * 2 + parity
+        stats, hidden_held, target_held = None, [], []
+        for rows, hidden, target in chunks:
+            fit = ~held[rows]
+            if stats is None:
+                units, fit_tokens = hidden.shape[1], int((~held).sum())
+                if fit_tokens < min_tokens_per_unit * units or not bool(held.any()):
+                    return cls(None, None, None, None, f"no refit: {fit_tokens} calibration tokens < "
+                                                       f"{min_tokens_per_unit:g} per kept unit ({units})")
+                stats = RidgeStats(hidden[fit], target[fit], cell[rows][fit], 4)
+            else:
+                stats.add(hidden[fit], target[fit], cell[rows][fit])
+            hidden_held.append(hidden[~fit])
+            target_held.append(target[~fit])
+        return cls(stats, torch.cat(hidden_held), torch.cat(target_held), cell[held])
 
 
 def _refit(model: nn.Module, out_name: str, data: _RefitData, cal: Calibration, ridge: float | None,
@@ -163,12 +197,13 @@ def _refit(model: nn.Module, out_name: str, data: _RefitData, cal: Calibration, 
     plain = reconstruction_error(hidden_held, w_now, b_now, target_held)
     ridges = RIDGE_CANDIDATES if ridge is None else (ridge,)
     errors = [reconstruction_error(hidden_held, w, b, target_held) for w, b in stats.path((0, 1), ridges)]
-    data.hidden_held = data.target_held = hidden_held = target_held = None
     best = min(range(len(ridges)), key=errors.__getitem__)
     ridge, refit = ridges[best], errors[best]
     if refit >= plain:
         return {"refit": False, "plain": plain, "held_out_refit": refit,
                 "note": "no refit: plain collapse is better on held-out tokens"}
+    stats.add(hidden_held, target_held, data.cell_held)
+    data.hidden_held = data.target_held = hidden_held = target_held = None
 
     def consumer(cells: tuple[int, ...]) -> FiberLinear:
         weight, bias = stats.solve(cells, ridge)
@@ -189,12 +224,12 @@ def site_dendrogram(site: Site, model: nn.Module, config, calibration: Calibrati
     """The site's dendrogram: over its calibration activations for ``fibers_from="activations"``, with their path
     metric for ``"afde"``, else its own."""
     if calibration is not None and config.fibers_from == "activations":
-        site._dendrogram = FiberDendrogram(activation_rows(original_hidden(site, model, calibration.inputs)),
-                                           config.linkage, False, config.exact_rtol)
+        site.use_fibers(FiberDendrogram(activation_rows(original_hidden(site, model, calibration.inputs)),
+                                        config.linkage, False, config.exact_rtol))
     if calibration is not None and config.fibers_from == "afde":  # ε-FDE with the path metric of the inputs
         from .afde_glue import afde_dendrogram
 
-        site._dendrogram = afde_dendrogram(site, model, calibration.inputs, config.exact_rtol)
+        site.use_fibers(afde_dendrogram(site, model, calibration.inputs, config.exact_rtol))
     return site.dendrogram(model, config)
 
 

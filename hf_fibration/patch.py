@@ -8,6 +8,7 @@ applied in order; each builds its dendrogram once, from the model as it stands w
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -67,6 +68,14 @@ class Site:
     def params(self, model: nn.Module) -> int:
         return sum(count_parameters(get_module(model, m)) for m in self.modules)
 
+    def use_fibers(self, dendrogram: FiberDendrogram) -> None:
+        """Take the site's fibers from ``dendrogram`` (activations, AFDE blocks) instead of its weights."""
+        self._dendrogram = dendrogram
+
+    def originals(self, model: nn.Module) -> dict[str, nn.Module]:
+        """The site's uncompressed modules: those an ``apply`` swapped out, else the model's own."""
+        return self._originals or {m: get_module(model, m) for m in self.modules}
+
     def dendrogram(self, model: nn.Module, config: FibrationConfig) -> FiberDendrogram:
         if self._dendrogram is None and self.kind == "mlp" and config.fibers_from == "afde":
             from .afde_glue import afde_dendrogram  # ε-FDE blocks (core/afde.py), data-free here
@@ -87,8 +96,10 @@ class Site:
     def modules_in(self) -> tuple[str, ...]:
         return self.modules[:-1] if self.kind == "mlp" else self.modules
 
-    def apply(self, model: nn.Module, partition: FiberPartition) -> None:
-        """Swap in the collapsed modules (remembering the originals so ``restore`` can undo it)."""
+    def apply(self, model: nn.Module, partition: FiberPartition,
+              refit: Callable[[Site, nn.Module], dict[str, object]] | None = None) -> dict[str, object] | None:
+        """Swap in the collapsed modules (remembering the originals so ``restore`` can undo it); then ``refit``
+        (e.g. ``calibration.refitter``) compensates them, and what it decided is returned."""
         if not self._originals:
             self._originals = {m: get_module(model, m) for m in self.modules}
         else:
@@ -99,6 +110,7 @@ class Site:
             self._apply_mlp(model, partition)
         else:
             self._apply_embedding(model, partition)
+        return None if refit is None else refit(self, model)
 
     def restore(self, model: nn.Module) -> None:
         if self.kind != "embedding":

@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import architecture_for
-from .calibration import Calibration, capture_calibration, compensate_mlp, site_dendrogram
+from .calibration import Calibration, capture_calibration, refitter, site_dendrogram
 from .config import FibrationConfig
 from .core.fibers import FiberPartition
 from .core.modules import count_parameters
@@ -235,12 +235,12 @@ def _search_site(
     tried: dict[int, tuple[FiberPartition, float]] = {}
     notes: dict[str, str | None] = {"compensation": None}
 
+    refit = refitter(calibration, config, cross_fit=True)
+
     def apply(part: FiberPartition) -> None:
-        site.apply(model, part)
         cross_fit.clear()
-        if calibration is not None and config.compensate:
-            result = compensate_mlp(site, model, calibration, config.ridge, config.min_tokens_per_unit,
-                                    cross_fit=True)
+        result = site.apply(model, part, refit)
+        if result is not None:
             notes["compensation"] = str(result["note"])
             if "folds" in result:
                 cross_fit.update(module=site.modules[-1], full=get_module(model, site.modules[-1]),

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import capture_calibration, compensate_mlp, site_dendrogram
+from .calibration import capture_calibration, refitter, site_dendrogram
 from .config import FibrationConfig
 from .core.modules import count_parameters
 from .core.report import CompressionReport, LayerReport
@@ -147,10 +147,9 @@ def _curve(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalS
     params, increase = [site.params(model)], [0.0]
     calibration = _calibration(model, config, site, evalset)
     dendro = site_dendrogram(site, model, config, calibration)
+    refit = refitter(calibration, config)
     for count in counts[1:]:
-        site.apply(model, dendro.cut_to_count(count))
-        if calibration is not None and config.compensate:
-            compensate_mlp(site, model, calibration, config.ridge, config.min_tokens_per_unit)
+        site.apply(model, dendro.cut_to_count(count), refit)
         params.append(site.params(model))
         increase.append(evaluate_loss(model, evalset) - base)
     site.restore(model)
@@ -165,10 +164,8 @@ def _collapse(model: nn.Module, config: FibrationConfig, site: Site, evalset: Ev
     """Cut the site to ``count`` fibers; returns the ε of that cut (the dendrogram height) and the refit's note."""
     calibration = _calibration(model, config, site, evalset)
     dendro = site_dendrogram(site, model, config, calibration)
-    site.apply(model, dendro.cut_to_count(count))
-    note = None
-    if calibration is not None and config.compensate:
-        note = str(compensate_mlp(site, model, calibration, config.ridge, config.min_tokens_per_unit)["note"])
+    result = site.apply(model, dendro.cut_to_count(count), refitter(calibration, config))
+    note = None if result is None else str(result["note"])
     return float(dendro.epsilon_for_count(count)), note
 
 

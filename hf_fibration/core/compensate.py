@@ -55,18 +55,33 @@ class RidgeStats:
     on any union of cells costs one k×k solve instead of a pass over the tokens."""
 
     def __init__(self, hidden: torch.Tensor, target: torch.Tensor, cell: torch.Tensor, cells: int) -> None:
+        self.hh: dict[int, torch.Tensor] = {}  # a cell's statistics exist once it has tokens
+        self.h: dict[int, torch.Tensor] = {}
+        self.hy: dict[int, torch.Tensor] = {}
+        self.y: dict[int, torch.Tensor] = {}
+        self.n = [0] * cells
+        self.add(hidden, target, cell)
+
+    def add(self, hidden: torch.Tensor, target: torch.Tensor, cell: torch.Tensor) -> None:
+        """Accumulate more tokens (so the statistics of many tokens never need all their activations at once)."""
         h, y = hidden.to(torch.float64), target.to(torch.float64)
-        self.hh, self.h, self.hy, self.y, self.n = [], [], [], [], []
-        for c in range(cells):
+        for c in range(len(self.n)):
             rows = cell == c
+            if not bool(rows.any()):
+                continue
             hc, yc = h[rows], y[rows]
-            self.hh.append(hc.T @ hc)
-            self.h.append(hc.sum(0))
-            self.hy.append(hc.T @ yc)
-            self.y.append(yc.sum(0))
-            self.n.append(int(rows.sum()))
+            if c not in self.hh:
+                self.hh[c], self.h[c] = hc.T @ hc, hc.sum(0)
+                self.hy[c], self.y[c] = hc.T @ yc, yc.sum(0)
+            else:
+                self.hh[c].addmm_(hc.T, hc)
+                self.h[c] += hc.sum(0)
+                self.hy[c].addmm_(hc.T, yc)
+                self.y[c] += yc.sum(0)
+            self.n[c] += int(rows.sum())
 
     def _centered(self, cells: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        cells = tuple(c for c in cells if c in self.hh)
         n = max(sum(self.n[c] for c in cells), 1)
         h_mean = sum(self.h[c] for c in cells) / n
         y_mean = sum(self.y[c] for c in cells) / n
@@ -80,7 +95,8 @@ class RidgeStats:
         """``ridge_refit`` on the tokens of ``cells``."""
         gram, cross, h_mean, y_mean = self._centered(cells)
         lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
-        weight = torch.linalg.solve(gram + lam * torch.eye(gram.shape[0], dtype=gram.dtype), cross).T
+        gram.diagonal().add_(lam)
+        weight = torch.linalg.solve(gram, cross).T
         return weight, y_mean - weight @ h_mean
 
     def path(self, cells: tuple[int, ...], ridges: tuple[float, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -96,7 +112,7 @@ class RidgeStats:
         return fits
 
 
-def _total(mats: list[torch.Tensor], cells: tuple[int, ...]) -> torch.Tensor:
+def _total(mats: dict[int, torch.Tensor], cells: tuple[int, ...]) -> torch.Tensor:
     """``sum(mats[c] for c in cells)`` accumulated in place (the same values, no k × k temporaries)."""
     total = mats[cells[0]] + 0
     for c in cells[1:]:
