@@ -59,7 +59,7 @@ from .quantizer import mark_compressed
 
 PRUNING = ("random", "l1", "l2", "magnitude", "wanda-sp", "flap")
 MERGING = ("model-folding", "zipit")
-FIBRATION = ("fibration-weights", "fibration-activations", "fibration-span")
+FIBRATION = ("fibration-weights", "fibration-activations", "fibration-span", "fibration-afde")
 ABLATIONS = ("fibration-inout", "fibration-kmeans", "fibration-repair")
 METHODS = PRUNING + MERGING + FIBRATION + ABLATIONS
 REPAIRED = ("model-folding", "fibration-repair")
@@ -195,6 +195,10 @@ def _compress_mlp(model: nn.Module, site, method: str, k: int, calibration: Eval
         partition = FiberDendrogram(up_rows, linkage).cut_to_count(k)
     elif method in ("model-folding", "zipit", "fibration-kmeans", "fibration-inout"):
         partition = _merging_partition(method, in_rows, down, hidden, k, linkage, seed)
+    elif method == "fibration-afde":  # ε-FDE blocks with the path metric of the calibration inputs
+        from .afde_glue import afde_dendrogram
+
+        partition = afde_dendrogram(site, model, x).cut_to_count(k)
     elif method == "fibration-activations":
         partition, fold = activation_fibers(hidden, importance("flap", up_rows, down, hidden), k, linkage)
     else:

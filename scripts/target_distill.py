@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gzip
 import json
 import random
 import time
@@ -37,6 +38,17 @@ CACHE = Path("runs/target_distill")
 def lines(path: Path) -> list[str]:
     out = [line.strip() for line in path.read_text().splitlines()]
     return [line for line in out if len(line.split()) >= 4 and not line.startswith("=")]
+
+
+def extra_lines(paths: list[str], limit: int) -> list[str]:
+    """Unlabeled distillation text from local files (one example per line; .gz read as text), shuffled."""
+    out = []
+    for path in paths:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8") as handle:
+            out += [line.strip() for line in handle if len(line.split()) >= 4]
+    random.Random(2).shuffle(out)
+    return out[:limit or None]
 
 
 def dataset(rows: list[str]):
@@ -86,6 +98,9 @@ def main() -> None:
     ap.add_argument("--calib", type=int, default=256, help="calibration/search lines (wikitext-2 valid)")
     ap.add_argument("--train", type=int, default=0,
                     help="retuning lines (wikitext-2 valid, disjoint; default: every line the others leave)")
+    ap.add_argument("--extra-text", nargs="+", default=[], metavar="FILE",
+                    help="more unlabeled retuning text: local files, one example per line (Multi30k's train.en.gz)")
+    ap.add_argument("--extra-limit", type=int, default=0, help="at most this many extra lines (0: all)")
     ap.add_argument("--test", type=int, default=512, help="report lines (wikitext-2 test)")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--max-steps", type=int, default=None,
@@ -114,6 +129,10 @@ def main() -> None:
     random.Random(0).shuffle(valid)
     calib_rows, stop_rows = valid[:args.calib], valid[args.calib:args.calib + 128]  # stop: early stopping
     train_rows = valid[args.calib + 128:][:args.train or None]
+    extra = extra_lines(args.extra_text, args.extra_limit)
+    if extra:
+        train_rows = train_rows + extra
+        random.Random(3).shuffle(train_rows)
     test_rows = random.Random(1).sample(lines(SHARED / "test.txt"), args.test)
 
     def evalset(rows: list[str], batch: int = 32):
@@ -122,6 +141,7 @@ def main() -> None:
 
     calib, train, stop, test = evalset(calib_rows), evalset(train_rows, args.batch_size), evalset(stop_rows), \
         evalset(test_rows)
+    extra_note = f" and {len(extra)} lines of {', '.join(Path(p).name for p in args.extra_text)}" if extra else ""
     out = Path(args.out)
     rows_path = out / "rows.json"
     rows = json.loads(rows_path.read_text())["rows"] if rows_path.exists() else []
@@ -134,7 +154,7 @@ def main() -> None:
         if args.compress_only:
             print(method, row, flush=True)
             continue
-        row.update(method=method, keep=args.keep, recipe=recipe, command=head["command"],
+        row.update(method=method, keep=args.keep, recipe=recipe, command=head["command"], retune_lines=len(train_rows),
                    non_embedding_kept=non_embedding_parameters(model) / before,
                    cos_before_retune=1 - evaluate_loss(model, test))
         model.requires_grad_(True)
@@ -149,15 +169,18 @@ def main() -> None:
         print(json.dumps(row), flush=True)
         rows.append(row)
         write_rows(out, rows, head)
-        table = ["| method | recipe | non-emb. kept | cos before retune | cos after | retune steps | retune s | "
-                 "compress s |", "|---|---|---|---|---|---|---|---|"]
+        table = ["| method | recipe | non-emb. kept | cos before retune | cos after | retune lines | retune steps | "
+                 "retune s | compress s |", "|---|---|---|---|---|---|---|---|---|"]
         table += [f"| {r['method']} | {r.get('recipe', '')} | {r['non_embedding_kept']:.3f} | "
-                  f"{r['cos_before_retune']:.4f} | {r['cos_after_retune']:.4f} | {r['retune_steps']} | "
+                  f"{r['cos_before_retune']:.4f} | {r['cos_after_retune']:.4f} | {r.get('retune_lines', 1434)} | "
+                  f"{r['retune_steps']} | "
                   f"{r['retune_seconds']:.0f} | {r['compress_seconds']:.0f} |" for r in rows]
         (out / "results.md").write_text(
             "# all-MiniLM-L6-v2 at a target size, then cosine distillation\n\n" + preamble_markdown(head) +
-            f"\nCalibration/search: {len(calib_rows)} wikitext-2 valid lines; retuning: {len(train_rows)} other "
-            f"valid lines (early-stopping checks on {len(stop_rows)} more); cosine reported on {len(test_rows)} "
+            f"\nCalibration/search: {len(calib_rows)} wikitext-2 valid lines; retuning: "
+            f"{len(train_rows) - len(extra)} other valid lines{extra_note} (early-stopping checks on "
+            f"{len(stop_rows)} more); cosine reported on "
+            f"{len(test_rows)} "
             "wikitext-2 test lines, never seen. Each row's own command is in rows.json.\n\n" + "\n".join(table)
             + "\n")
 
