@@ -94,23 +94,27 @@ def render(rows: list[dict], head: dict, out: Path) -> None:
 
     lines = ["# Peak RSS of `hf-fibration compress`", "", preamble_markdown(head),
              "| model | options | weights (MB) | peak RSS (MB) | above the imports (MB) | (peak − imports) / weights "
-             "| (peak − imports − first forward) / weights | time (s) | measured |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| (peak − imports − first forward) / weights | time (s) | measured | every run's peak (MB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         above = "" if base is None or not r["model_bytes"] else f"{(r['peak_rss_bytes'] - base) / 2**20:.0f}"
         lines.append(f"| {r['model']} | `{r['options'] or '-'}` | {r['model_bytes'] / 2**20:.0f} | "
                      f"{r['peak_rss_bytes'] / 2**20:.0f} | {above} | {share(r, base)} | {share(r, warm)} | "
-                     f"{r['seconds'] or ''} | {r.get('date', head['date'])} |")
-    lines += ["", "Peak RSS is the child's `ru_maxrss` (the whole process: Python, torch, transformers, datasets). "
+                     f"{r['seconds'] or ''} | {r.get('date', head['date'])} | "
+                     f"{', '.join(f'{p / 2**20:.0f}' for p in r.get('peaks_bytes', []))} |")
+    lines += ["", "Peak RSS is the child's `ru_maxrss` (the whole process: Python, torch, transformers, "
+              "datasets); with `--repeats`, the row is the median run. "
               "Two floors every run pays: the imports, and the kernels and library code that a first forward pages "
               "in (a tiny BERT's forward, whatever the model's size). The 135M row is a randomly initialized Llama "
               "of SmolLM-135M's shape (no such checkpoint is available offline); memory depends on shapes, not on "
               "trained values. What the compression holds above the floors: the model (one fp32 copy, compressed in "
               "place; the τ search keeps one more to restore when the held-out check fails), the eval batches "
               "(`--max-samples`, `--max-length`, `--batch-size`), the search's cached block outputs (the same sizes "
-              "× d_model), the float64 rows of one site's dendrogram, and one MLP's calibration refit at a time: "
-              "tokens × (d_model + 2·FFN width + d_model) float64 activations and 4·width² float64 ridge statistics "
-              "(`--calibration-tokens`, default 8192). `hf-fibration` fixes glibc's mmap threshold at 4 MB so that "
+              "× d_model), the float64 rows of one site's dendrogram, and one MLP's calibration refit at a time: its "
+              "captured inputs (tokens × d_model, `--calibration-tokens`, default 8192), read 1024 tokens at a time "
+              "into float64 ridge statistics (width² per cell: two cells while fitting, four once a refit is "
+              "accepted) and the held-out quarter's rows (tokens/4 × (width + d_model)). `hf-fibration` fixes glibc's "
+              "mmap threshold at 4 MB so that "
               "these buffers go back to the OS when freed (`hf_fibration.memory`)."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
@@ -120,6 +124,8 @@ def main() -> None:
     parser.add_argument("--out", default="results/peak_rss")
     parser.add_argument("--cases", default="minilm,llama-135m", help="comma-separated: " + ", ".join(CASES))
     parser.add_argument("--search", action="store_true", help="also the README's default search on MiniLM (slow)")
+    parser.add_argument("--repeats", type=int, default=1,
+                        help="runs per case; the row is the median run (peaks vary by a few tens of MB run to run)")
     parser.add_argument("--render-only", action="store_true", help="rewrite README.md from --out's rows.json")
     args = parser.parse_args()
     from hf_fibration.loading import default_model
@@ -134,13 +140,17 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose among {', '.join(CASES)}")
     head = preamble()
-    rows = [{**measure_baseline(name), "date": head["date"]} for name in FLOORS]
+    rows = [{**sorted((measure_baseline(name) for _ in range(args.repeats)), key=lambda r: r["peak_rss_bytes"])[
+        args.repeats // 2], "date": head["date"]} for name in FLOORS]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name in names:
             model, extra = CASES[name]
             path = default_model() if model == "default" else str(llama_135m(tmp / "llama-135m-random"))
-            rows.append({**measure(path, tmp / "out", extra), "case": name, "date": head["date"]})
+            runs = [measure(path, tmp / "out", extra) for _ in range(args.repeats)]
+            median = sorted(runs, key=lambda r: r["peak_rss_bytes"])[len(runs) // 2]
+            rows.append({**median, "peaks_bytes": [r["peak_rss_bytes"] for r in runs], "case": name,
+                         "date": head["date"]})
             print(rows[-1], flush=True)
     rows = rows[len(FLOORS):] + _kept_rows(out, names, head) + rows[:len(FLOORS)]
     write_rows(out, rows, head)

@@ -111,3 +111,28 @@ def test_weight_dendrogram_is_exact_at_zero_for_planted_rows():
     site = next(s for s in build_sites(model, FibrationConfig(parts=("mlp",))) if s.kind == "mlp")
     assert isinstance(site.dendrogram(model, FibrationConfig()), FiberDendrogram)
     assert site.dendrogram(model, FibrationConfig()).cut(0.0).num_fibers == 128 - 32
+
+
+def test_refit_read_in_chunks_equals_one_pass_and_apply_returns_it(monkeypatch):
+    from hf_fibration import calibration
+
+    model = tiny_model("llama")
+    evalset = causal_evalset(model, n_batches=12)
+    config = FibrationConfig(parts=("mlp",))
+    site = [s for s in build_sites(model, config) if s.kind == "mlp"][0]
+    cal = calibration.capture_calibration(model, site, lambda i: batch_loss_sum(model, evalset, i),
+                                          len(evalset.batches), 1024)
+    originals = {m: model.get_submodule(m) for m in site.modules}
+    part = site.dendrogram(model, config).cut_to_count(site.units(model) // 3)
+    refit = lambda s, m: compensate_mlp(s, m, cal, min_tokens_per_unit=1.0, cross_fit=True)  # noqa: E731
+    weights = []
+    for chunk in (10**9, 7):  # one pass, then 7 tokens at a time
+        monkeypatch.setattr(calibration, "REFIT_CHUNK_TOKENS", chunk)
+        result = site.apply(model, part, refit)
+        assert result is not None and result["refit"], result
+        assert site.originals(model) == originals  # what apply swapped out, not the collapsed modules
+        weights.append(model.get_submodule(site.modules[-1]).weight.detach().clone())
+        assert len(result["folds"]) == 2
+    torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-7)
+    site.restore(model)
+    assert all(model.get_submodule(m) is originals[m] for m in site.modules)
