@@ -15,6 +15,8 @@ non-embedding parameters kept. --threads fixes torch's CPU threads (recorded wit
 --size: --keep is the fraction of non-embedding parameters kept (``baselines.compress_to_size``): the pruning methods
 prune attention heads and MLP units (FLAP by its global adaptive structure, the others at one fraction), the merging
 peers and fibration modes reduce the MLPs alone to the same size (a size they cannot reach is skipped and said).
+``fibration-target`` (with --size only) is the tool's own answer to a size: ``FibrationConfig(target_params=keep)``,
+attention and MLP sites allocated by their measured loss on the calibration set (hf_fibration/target.py).
 """
 
 from __future__ import annotations
@@ -29,12 +31,14 @@ from pathlib import Path
 import torch
 import transformers as T
 
+from hf_fibration import FibrationConfig, compress_pretrained
 from hf_fibration.baselines import FIBRATION, MERGING, METHODS, compress_mlps, compress_to_size
 from hf_fibration.data import DEFAULT_TEXT, EvalSet, build_eval_set, evaluate_loss
 from hf_fibration.patch import non_embedding_parameters
 from hf_fibration.results_io import command_line, load_average, preamble, preamble_markdown, print_preamble, write_rows
 
 SCRIPTS = Path(__file__).resolve().parent
+TARGET = "fibration-target"
 WIKITEXT = SCRIPTS.parent.parent / "shared" / "data" / "wikitext2" / "test.txt"
 
 
@@ -107,9 +111,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     if args.from_rows:
         return merge_rows([Path(p) for p in args.from_rows], Path(args.out))
-    unknown = [m for m in args.methods if m not in METHODS]
+    known = METHODS + (TARGET,) if args.size else METHODS
+    unknown = [m for m in args.methods if m not in known]
     if unknown:
-        parser.exit(2, f"error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(METHODS)}\n")
+        parser.exit(2, f"error: unknown method(s) {', '.join(unknown)}; choose from {', '.join(known)}\n")
     if args.threads:
         torch.set_num_threads(args.threads)
     head = print_preamble(command_line(__file__, argv), load=True)
@@ -126,8 +131,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 model = copy.deepcopy(base)
                 start = time.perf_counter()
                 try:
-                    report = (compress_to_size if args.size else compress_mlps)(model, method, keep, calib,
-                                                                                compensate=compensate)
+                    if method == TARGET:
+                        config = FibrationConfig(target_params=keep, parts=("attention", "mlp"), compensate=compensate,
+                                                 holdout_fraction=0.0)
+                        report = compress_pretrained(model, config, evalset=calib, progress=False)
+                    else:
+                        report = (compress_to_size if args.size else compress_mlps)(model, method, keep, calib,
+                                                                                    compensate=compensate)
                 except ValueError as error:  # a size an MLP-only method cannot reach
                     print(f"keep {keep:.2f}  {method:<24} skipped: {error}", flush=True)
                     continue
@@ -221,7 +231,8 @@ def write(rows: list[dict], out: Path, head: dict[str, str], description: str, q
     for ax, c in zip(axes[0], comps, strict=True):
         for m in methods:
             pts = [(get[(k, m, c)]["fraction"], get[(k, m, c)]["quality"]) for k in keeps if (k, m, c) in get]
-            style = "o-" if m in FIBRATION else "^-." if m in MERGING else "x:" if m.startswith("fibration") else "s--"
+            shipped = m in FIBRATION or m == TARGET
+            style = "o-" if shipped else "^-." if m in MERGING else "x:" if m.startswith("fibration") else "s--"
             ax.plot([p for p, _ in pts], [q for _, q in pts], style, label=m, linewidth=2 if m in MERGING else 1)
         ax.axhline(base, color="k", linewidth=0.8, label="uncompressed")
         ax.set_title("with compensation" if c else "no compensation")

@@ -18,6 +18,7 @@ import copy
 import gzip
 import json
 import random
+import re
 import time
 from pathlib import Path
 
@@ -100,6 +101,8 @@ def main() -> None:
                     help="retuning lines (wikitext-2 valid, disjoint; default: every line the others leave)")
     ap.add_argument("--extra-text", nargs="+", default=[], metavar="FILE",
                     help="more unlabeled retuning text: local files, one example per line (Multi30k's train.en.gz)")
+    ap.add_argument("--sentences", action="store_true",
+                    help="also retune on every sentence of the retuning lines (more, shorter in-domain examples)")
     ap.add_argument("--extra-limit", type=int, default=0, help="at most this many extra lines (0: all)")
     ap.add_argument("--test", type=int, default=512, help="report lines (wikitext-2 test)")
     ap.add_argument("--max-length", type=int, default=128)
@@ -130,6 +133,8 @@ def main() -> None:
     calib_rows, stop_rows = valid[:args.calib], valid[args.calib:args.calib + 128]  # stop: early stopping
     train_rows = valid[args.calib + 128:][:args.train or None]
     extra = extra_lines(args.extra_text, args.extra_limit)
+    if args.sentences:
+        extra += [s for row in train_rows for s in re.split(r"(?<=[.!?]) (?=[A-Z])", row) if len(s.split()) >= 4]
     if extra:
         train_rows = train_rows + extra
         random.Random(3).shuffle(train_rows)
@@ -141,7 +146,8 @@ def main() -> None:
 
     calib, train, stop, test = evalset(calib_rows), evalset(train_rows, args.batch_size), evalset(stop_rows), \
         evalset(test_rows)
-    extra_note = f" and {len(extra)} lines of {', '.join(Path(p).name for p in args.extra_text)}" if extra else ""
+    sources = [Path(p).name for p in args.extra_text] + (["their sentences"] if args.sentences else [])
+    extra_note = f" and {len(extra)} lines of {', '.join(sources)}" if extra else ""
     out = Path(args.out)
     rows_path = out / "rows.json"
     rows = json.loads(rows_path.read_text())["rows"] if rows_path.exists() else []

@@ -82,10 +82,11 @@ def test_scaling_law_and_baseline_bench_few_steps(tmp_path):
     assert (tmp_path / "bench" / "val_loss_vs_params.png").stat().st_size > 1000
     sized = bench_pretrained.main(["--model", str(tmp_path / "runs" / "gpt2-d32"), "--data", str(DEFAULT_TEXT),
                                    "--keep", "0.5", "--calib", "4", "--eval", "8", "--methods", "random", "flap",
-                                   "fibration-span", "--compensation", "off", "--size", "--out",
+                                   "fibration-span", "fibration-target", "--compensation", "off", "--size", "--out",
                                    str(tmp_path / "bench-size")])
     half = [r for r in sized if r["keep"] == 0.5]  # heads and MLP units (MLP only for fibration) at the same size
-    assert len(half) == 3 and all(abs(r["fraction"] - 0.5) <= 0.005 for r in half)
+    assert [r["method"] for r in half] == ["random", "flap", "fibration-span", "fibration-target"]
+    assert len(half) == 4 and all(abs(r["fraction"] - 0.5) <= 0.005 for r in half)
     assert "at equal non-embedding size" in (tmp_path / "bench-size" / "results.md").read_text()
 
     import target_distill_lm
