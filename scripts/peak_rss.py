@@ -112,8 +112,9 @@ def render(rows: list[dict], head: dict, out: Path) -> None:
               "(`--max-samples`, `--max-length`, `--batch-size`), the search's cached block outputs (the same sizes "
               "× d_model), the float64 rows of one site's dendrogram, and one MLP's calibration refit at a time: its "
               "captured inputs (tokens × d_model, `--calibration-tokens`, default 8192), read 1024 tokens at a time "
-              "into float64 ridge statistics (width² per cell: two cells while fitting, four once a refit is "
-              "accepted) and the held-out quarter's rows (tokens/4 × (width + d_model)). `hf-fibration` fixes glibc's "
+              "into float64 ridge statistics (width² per cell: one cell while fitting, two once a refit is "
+              "accepted; twice that where the search cross-fits) and the held-out quarter's rows (tokens/4 × "
+              "(width + d_model)). `hf-fibration` fixes glibc's "
               "mmap threshold at 4 MB so that "
               "these buffers go back to the OS when freed (`hf_fibration.memory`)."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
