@@ -209,8 +209,8 @@ def write(rows: list[dict], out: Path, head: dict[str, str], description: str, q
         cells = []
         for k in keeps:
             for c in comps:
-                v = get.get((k, m, c), {}).get("quality", float("nan"))
-                cells.append(f"**{v:.4f}**" if v == best[(k, c)] else f"{v:.4f}")
+                v = get.get((k, m, c), {}).get("quality")
+                cells.append("–" if v is None else f"**{v:.4f}**" if v == best[(k, c)] else f"{v:.4f}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     fractions = [f"{k:.0%} {unit} → {get[(k, m, comps[0])]['fraction']:.1%}" for k in keeps
                  for m in methods[:1] if (k, m, comps[0]) in get]
