@@ -107,9 +107,9 @@ def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Cal
     (so a search can score each batch with a refit that never saw it)."""
     cal = calibration if isinstance(calibration, Calibration) else Calibration.from_tokens(calibration)
     out_name = site.modules[-1]
-    original_out = site.originals(model)[out_name]
-    w_orig, b_orig = (t if t is None else t.to(torch.float64).cpu() for t in linear_weight(original_out))
-    original_in = _f64_inputs(site, site.originals(model))
+    originals = site.originals(model)
+    w_orig, b_orig = (t if t is None else t.to(torch.float64).cpu() for t in linear_weight(originals[out_name]))
+    original_in = _f64_inputs(site, originals)
     current_in = _f64_inputs(site, {m: get_module(model, m) for m in site.modules})
     act = activation_of(model)
 

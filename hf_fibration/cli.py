@@ -129,8 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epsilon-max", type=float, default=1.0, help="upper end of the ε search")
     c.add_argument("--search-steps", type=int, default=6, help="bisection steps per layer")
     c.add_argument("--calibration-tokens", type=int, default=8192,
-                   help="tokens of activations per MLP refit; memory ≈ tokens × (d_model + 2·FFN width + d_model) × "
-                        "8 B, one MLP at a time")
+                   help="tokens of activations per MLP refit; memory ≈ tokens × d_model × 8 B of captured inputs, "
+                        "read 1024 at a time, plus a quarter of them held out × (FFN width + d_model) × 8 B; one MLP "
+                        "at a time")
     c.add_argument("--linkage", default="complete", help="complete, average or single")
     c.add_argument("--output", help="output directory (default: ./<model name>-fibration)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")

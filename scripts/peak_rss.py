@@ -120,6 +120,11 @@ def render(rows: list[dict], head: dict, out: Path) -> None:
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median peak (the upper one of an even count)."""
+    return sorted(runs, key=lambda r: r["peak_rss_bytes"])[len(runs) // 2]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="results/peak_rss")
@@ -141,16 +146,15 @@ def main() -> None:
     if unknown:
         parser.error(f"unknown case(s) {', '.join(unknown)}; choose among {', '.join(CASES)}")
     head = preamble()
-    rows = [{**sorted((measure_baseline(name) for _ in range(args.repeats)), key=lambda r: r["peak_rss_bytes"])[
-        args.repeats // 2], "date": head["date"]} for name in FLOORS]
+    rows = [{**median_run([measure_baseline(name) for _ in range(args.repeats)]), "date": head["date"]}
+            for name in FLOORS]
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for name in names:
             model, extra = CASES[name]
             path = default_model() if model == "default" else str(llama_135m(tmp / "llama-135m-random"))
             runs = [measure(path, tmp / "out", extra) for _ in range(args.repeats)]
-            median = sorted(runs, key=lambda r: r["peak_rss_bytes"])[len(runs) // 2]
-            rows.append({**median, "peaks_bytes": [r["peak_rss_bytes"] for r in runs], "case": name,
+            rows.append({**median_run(runs), "peaks_bytes": [r["peak_rss_bytes"] for r in runs], "case": name,
                          "date": head["date"]})
             print(rows[-1], flush=True)
     rows = rows[len(FLOORS):] + _kept_rows(out, names, head) + rows[:len(FLOORS)]
