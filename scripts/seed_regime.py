@@ -1,0 +1,153 @@
+"""The seed's Multi30k regime at a size this CPU runs to the end (issue: compression must beat training small).
+
+    python scripts/seed_regime.py train  --sizes 128 64 32 96 48 --runs runs/seed-regime     # scratch series
+    python scripts/seed_regime.py alg2   --sizes 128 --runs runs/seed-regime                 # Alg. 2 to its bound
+    python scripts/seed_regime.py report --runs runs/seed-regime --out results/seed-regime
+
+One fixed training set: the first ``--pairs`` Multi30k train pairs (400 pairs ≈ 9.3k word tokens, source + target),
+so d 128 (0.80M non-embedding parameters) sees ≈ 1 word token per 86 parameters, inside the seed's 1:68–1:105, and
+d 32 ≈ 1 per 5.6. The sentencepiece vocabulary is trained on the same pairs only. Models: Marian 3+3 layers,
+8 heads, FFN = d_model, dropout 0.1, batch 128 pairs, Adam (0.9, 0.98, 1e-9), lr 1e-4 constant (the seed's Table
+S2). Early stopping on the loss of the first ``--val-pairs`` val pairs, evaluated every ``--eval-every`` optimizer
+steps, patience ``--patience-steps`` steps; the best weights are kept (the last ones are worse on val by
+construction). The search and every early stopping see only those val pairs; every reported loss and BLEU
+(sacrebleu, greedy decoding) is on test_2016_flickr and test_2017_flickr.
+
+Resumable at every stage: a trained size (results.json) is skipped and an interrupted one resumes from its
+checkpoint; Alg. 2 resumes round by round (hf_fibration.retune.compress_retune's ``output_dir``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import train_multi30k  # noqa: E402
+
+from hf_fibration.data import evaluate_loss  # noqa: E402
+from hf_fibration.marian_tokenizer import train_marian_tokenizer  # noqa: E402
+from hf_fibration.metrics import bleu  # noqa: E402
+from hf_fibration.patch import non_embedding_parameters  # noqa: E402
+from hf_fibration.results_io import command_line, print_preamble, write_json  # noqa: E402
+from hf_fibration.retune import retune  # noqa: E402
+from hf_fibration.retune_state import complete_state  # noqa: E402
+
+TEST_SETS = ("test_2016_flickr", "test_2017_flickr")
+
+
+class Data:
+    """The fixed training subset, the val pairs for early stopping and the search, and the test sets."""
+
+    def __init__(self, args, tokenizer) -> None:
+        folder = Path(args.data)
+        self.tokenizer = tokenizer
+        src, tgt = train_multi30k.read_split(folder, "train", args.pairs)
+        self.words = sum(len(s.split()) + len(t.split()) for s, t in zip(src, tgt, strict=True))
+        self.train = train_multi30k.batches(tokenizer, src, tgt, args.batch_size, 64)
+        self.val = train_multi30k.batches(tokenizer, *train_multi30k.read_split(folder, "val", args.val_pairs),
+                                          128, 64)
+        self.tests = {name: train_multi30k.read_split(folder, name) for name in TEST_SETS}
+        self.test_sets = {name: train_multi30k.batches(tokenizer, *pairs, 128, 64)
+                          for name, pairs in self.tests.items()}
+
+    def measure(self, model, with_bleu: bool = True) -> dict:
+        model.eval()
+        out = {"non_embedding": non_embedding_parameters(model), "params": sum(p.numel() for p in model.parameters()),
+               "val_loss": evaluate_loss(model, self.val),
+               "test_loss": {name: evaluate_loss(model, s) for name, s in self.test_sets.items()}}
+        if with_bleu:
+            out["bleu"] = {name: bleu(model, self.tokenizer, *pairs, batch_size=128)
+                           for name, pairs in self.tests.items()}
+        return out
+
+
+def tokenizer_for(args):
+    import transformers as T
+
+    folder = Path(args.runs) / "tokenizer"
+    if (folder / "vocab.json").exists():
+        return T.AutoTokenizer.from_pretrained(folder)
+    src, tgt = train_multi30k.read_split(Path(args.data), "train", args.pairs)
+    return train_marian_tokenizer(src + tgt, folder, vocab_size=args.vocab)
+
+
+def stop_at(history: list[dict], patience_evals: int) -> dict:
+    """Where a run with ``patience_evals`` would have stopped, read off a longer run's eval history (the runs are
+    identical up to that point): its best loss and the step of that best."""
+    best, best_step, bad = float("inf"), 0, 0
+    for h in history:
+        if h["eval_loss"] < best:
+            best, best_step, bad = h["eval_loss"], h["step"], 0
+        else:
+            bad += 1
+            if bad >= patience_evals:
+                return {"best": best, "best_step": best_step, "stopped_step": h["step"]}
+    return {"best": best, "best_step": best_step, "stopped_step": None}
+
+
+def train_size(d: int, args, data: Data) -> dict:
+    out = Path(args.runs) / f"d{d}"
+    if (out / "results.json").exists():
+        return json.loads((out / "results.json").read_text())
+    head = print_preamble(command_line(__file__, [f"train --d {d}"] + args.rest))
+    torch.manual_seed(args.seed)
+    model = train_multi30k.build_model(data.tokenizer, d, 3, 8, None)
+    ne = non_embedding_parameters(model)
+    print(f"d {d}: {ne:,} non-embedding parameters, 1 word token per {ne / data.words:.1f}", flush=True)
+    resume = complete_state(out / "retune_state") is not None
+    start = time.perf_counter()
+    patience = args.patience_steps // args.eval_every
+    result = retune(model, data.train, data.val, epochs=10**6, learning_rate=args.lr, patience=patience,
+                    eval_every=args.eval_every, output_dir=out, resume=resume, betas=(0.9, 0.98), adam_eps=1e-9,
+                    seed=args.seed, progress=False)
+    model.save_pretrained(out)
+    data.tokenizer.save_pretrained(out)
+    record = {"d_model": d, "words": data.words, "tokens_per_parameter": data.words / ne, "steps": result.steps,
+              "early_stopped": result.stopped_early, "patience_steps": args.patience_steps,
+              "eval_every": args.eval_every, "lr": args.lr, "weights": "best",
+              "half_patience": stop_at(result.history, patience // 2),
+              "seconds_this_run": round(time.perf_counter() - start, 1), **data.measure(model),
+              "history": result.history}
+    write_json(out / "results.json", head, **record)
+    print(f"d {d}: {result.steps} steps, val {record['val_loss']:.4f}, test {record['test_loss']}, "
+          f"BLEU {record['bleu']}", flush=True)
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("stage", choices=("train", "alg2", "report"))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[128, 64, 32, 96, 48])
+    parser.add_argument("--runs", default="runs/seed-regime")
+    parser.add_argument("--out", default="results/seed-regime")
+    parser.add_argument("--data", default=str(train_multi30k.DATA))
+    parser.add_argument("--pairs", type=int, default=400, help="training pairs (the first N of train)")
+    parser.add_argument("--val-pairs", type=int, default=256, help="val pairs for early stopping and the search")
+    parser.add_argument("--vocab", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--eval-every", type=int, default=25, help="optimizer steps between val evaluations")
+    parser.add_argument("--patience-steps", type=int, default=600, help="steps without val improvement to stop")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    args.rest = argv[1:]
+    torch.set_num_threads(args.threads)
+    if not (Path(args.data) / "train.de.gz").exists():
+        parser.exit(2, f"Multi30k not found in {args.data}; pass --data with the folder of train.de.gz etc.\n")
+    Path(args.runs).mkdir(parents=True, exist_ok=True)
+    data = Data(args, tokenizer_for(args))
+    if args.stage == "train":
+        for d in args.sizes:
+            train_size(d, args, data)
+
+
+if __name__ == "__main__":
+    main()
