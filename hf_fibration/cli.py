@@ -328,7 +328,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                   "metrics": {"before": before, "after": after}, "rounds": rounds,
                   "metrics_on": "held-out examples the search never saw" if holdout is not None else "eval set",
                   "holdout_examples": None if holdout is None else holdout.num_examples}
-        save_checkpoint(model, tokenizer, tmp, record)
+        save_checkpoint(model, tokenizer, tmp, record, source=name)
     print(report.table())
     if rounds:
         print("\nround  params       loss compressed  loss retuned  within bound")
@@ -446,7 +446,7 @@ def cmd_retune(args: argparse.Namespace) -> int:
         record["retune"] = result.to_dict()
         record["metrics"] = {"before": record.get("metrics", {}).get("before", {}),
                              "after": _finite(quality(model, evalset, tokenizer), "the retuned model")}
-        save_checkpoint(model, tokenizer, tmp, record)
+        save_checkpoint(model, tokenizer, tmp, record, source=args.model)
     shutil.rmtree(state_dir, ignore_errors=True)
     print(f"eval loss {result.initial_loss:.4f} -> {result.best_loss:.4f} in {result.steps} steps "
           f"({'early stop' if result.stopped_early else 'all epochs'}); wrote {output.resolve()}")

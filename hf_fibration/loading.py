@@ -230,7 +230,79 @@ def atomic_directory(output: str | os.PathLike, overwrite: bool = False):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_checkpoint(model: nn.Module, tokenizer, directory: Path, report: dict | None = None) -> None:
+# Files of a source model that describe its (uncompressed) weights: never carried into a compressed output.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".ot", ".onnx", ".gguf",
+                   ".tflite", ".npz", ".pkl", ".pickle")
+NOT_CARRIED = ("config.json", "README.md", "fibration_report.json", "model.safetensors.index.json",
+               "pytorch_model.bin.index.json")
+
+
+def _module_dirs(source: Path) -> set[str]:
+    """The sentence-transformers module folders (1_Pooling, 2_Dense, ...) that modules.json names."""
+    try:
+        modules = json.loads((source / "modules.json").read_text())
+    except (OSError, ValueError):
+        return set()
+    paths = {str(m.get("path") or "") for m in modules if isinstance(m, dict)} if isinstance(modules, list) else set()
+    return {p.strip("/") for p in paths if p.strip("/") and "/" not in p.strip("/") and not p.startswith(".")}
+
+
+def _source_directory(source: str) -> Path | None:
+    """A local directory holding ``source``'s files: the path itself, or the Hub snapshot of its non-weight files."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return path
+    if not is_hub_id(source):
+        return None
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(source, ignore_patterns=[f"*{s}" for s in WEIGHT_SUFFIXES]
+                                      + ["onnx/*", "openvino/*", "coreml/*"]))
+    except Exception as err:  # offline, gated, removed: the checkpoint itself is still complete
+        print(f"hf-fibration: warning: could not fetch the non-weight files of {source} ({_first(err)}); a "
+              "sentence-transformers pipeline (modules.json, pooling, normalization) is not carried into the output.",
+              file=sys.stderr)
+        return None
+
+
+def _first(err: Exception) -> str:
+    return str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+
+
+def carry_files(source: str | None, directory: Path) -> list[str]:
+    """Copy the files of ``source`` its users rely on besides the weights into ``directory``; returns their names.
+
+    That is every top-level file but the weights, config.json and README.md (the model card describes the
+    compressed model, not the base), plus the sentence-transformers module folders named in modules.json
+    (1_Pooling, 2_Dense with its own small weights, ...), so ``SentenceTransformer(output)`` runs the base's
+    pipeline — pooling, normalization, max_seq_length — on the compressed transformer. Hidden files, exports of the
+    uncompressed weights (onnx/, openvino/) and other folders (training checkpoints) stay behind. Run it before
+    ``save_pretrained``: the files the model and tokenizer write replace the copies."""
+    root = _source_directory(source) if source else None
+    if root is None:
+        return []
+    carried = []
+    modules = _module_dirs(root)
+    for item in sorted(root.iterdir()):
+        name = item.name
+        if name.startswith(".") or name in NOT_CARRIED:
+            continue
+        if item.is_dir():
+            if name in modules:
+                shutil.copytree(item, directory / name, dirs_exist_ok=True,
+                                ignore=shutil.ignore_patterns(".*"))
+                carried.append(name + "/")
+        elif item.is_file() and not name.lower().endswith(WEIGHT_SUFFIXES):
+            shutil.copyfile(item, directory / name)
+            carried.append(name)
+    return carried
+
+
+def save_checkpoint(model: nn.Module, tokenizer, directory: Path, report: dict | None = None,
+                    source: str | None = None) -> None:
+    """save_pretrained of the model and tokenizer, the run's record, and (first) the source's other files."""
+    carry_files(source, directory)
     model.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)

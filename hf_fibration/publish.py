@@ -167,9 +167,12 @@ def build_card(record: dict[str, Any], repo_id: str, plot: str | None = None, ba
     base_id = base_model or hub_id_of(record.get("base_model")) or hub_id_of(record.get("source"))
     metrics = _metrics(record)
     results = eval_results(record)
+    sentence_transformers = bool(record.get("sentence_transformers"))
+    tags = ["hf-fibration", "fibration", "compression", "structured-compression"]
     card_data = ModelCardData(
         base_model=base_id, base_model_relation="quantized" if base_id else None,
-        library_name="transformers", tags=["hf-fibration", "fibration", "compression", "structured-compression"],
+        library_name="sentence-transformers" if sentence_transformers else "transformers",
+        tags=tags + ["sentence-transformers", "sentence-similarity"] if sentence_transformers else tags,
         datasets=_dataset(record, task)[4], pipeline_tag=TASK_TYPES[task],
         model_name=repo_id.split("/")[-1] if results else None, eval_results=results or None,
     )
@@ -187,7 +190,7 @@ def build_card(record: dict[str, Any], repo_id: str, plot: str | None = None, ba
         non_embedding_ratio=f"{ne_before / max(ne_after, 1):.2f}×" if ne_before and ne_after else "—",
         metrics=rows, auto_class=AUTO_CLASSES[task], command=short_command(record.get("command")), task=task,
         tolerance=(record.get("config") or {}).get("tolerance"), layers=report.get("layers") or [], plot=plot,
-        losses=_loss_lines(report),
+        losses=_loss_lines(report), sentence_transformers=sentence_transformers,
     )
 
 
@@ -212,6 +215,7 @@ def write_card(directory: str | Path, repo_id: str, out_dir: str | Path, base_mo
     """Write README.md (and the plot) for the checkpoint in ``directory`` into ``out_dir``."""
     out_dir = Path(out_dir)
     record = read_record(directory)
+    record["sentence_transformers"] = (Path(directory) / "modules.json").is_file()
     plot = PLOT_FILE if plot_layers(record, out_dir / PLOT_FILE) else None
     card = build_card(record, repo_id, plot, base_model)
     card.save(out_dir / "README.md")
