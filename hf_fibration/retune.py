@@ -7,7 +7,9 @@ Mixed precision, gradient accumulation and multi-GPU/DeepSpeed/FSDP come from ``
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -205,6 +207,7 @@ def compress_retune(
     base_loss: float | None = None,
     on_round: Callable[[dict, nn.Module], None] | None = None,
     time_budget_s: float | None = None,
+    output_dir: str | Path | None = None,
     **retune_kwargs,
 ) -> tuple[nn.Module, list[dict]]:
     """Seed Alg. 2 (Methods 5.4). L = the eval loss of ``model`` (or ``base_loss``). Each round: the greedy search
@@ -216,8 +219,14 @@ def compress_retune(
     there distills from it). Returns the model and one row per retuned round plus a row for the returned model
     (``round == "final"``, with why the loop ended).
 
-    ``on_round(row, model)`` is called after every round (to checkpoint a long run); with ``time_budget_s`` no new
-    round starts once that many seconds have passed."""
+    ``on_round(row, model)`` is called after every round (it may add fields to the row); with ``time_budget_s`` no
+    new round starts once that many seconds have passed.
+
+    With ``output_dir`` (a transformers model) the loop is resumable round by round: every retuned round is saved
+    there (``round-<r>/``, a loadable checkpoint, with the retuning's own checkpoints in it) and recorded in
+    ``alg2.json``; called again with the same settings it continues from the last saved round (a round interrupted
+    mid-retuning continues its retuning) to the same weights and rows as an uninterrupted run. Settings that differ
+    from the saved ones raise ``ValueError``; ``max_rounds`` and ``time_budget_s`` may change between calls."""
     from .config import FibrationConfig
     from .core.modules import count_parameters
     from .patch import compress_with_epsilons, non_embedding_parameters
@@ -239,30 +248,42 @@ def compress_retune(
             return m, {}, evaluate_loss(m, evalset)
         return searched, {layer.name: layer.epsilon for layer in report.layers}, evaluate_loss(searched, evalset)
 
-    rows: list[dict] = []
+    rounds = Alg2Rounds(output_dir, {"rho": rho, "quench": quench, "base_loss": base, "config": config.to_dict(),
+                                     "retune": _jsonable(retune_kwargs)}) if output_dir is not None else None
+    rows: list[dict] = rounds.rows if rounds is not None else []
+    first = 0
+    if rows:  # resuming: continue from the model that entered the first round not yet finished
+        first = len(rows) if rows[-1]["within_bound"] else len(rows) - 1
+        if first > 0:
+            model = rounds.load(model, first - 1)
     ended = "bound"
     began = time.perf_counter()
-    for r in range(max_rounds + 1):
+    for r in range(first, max_rounds + 1):
         start = time.perf_counter()
         last_good = copy.deepcopy(model)  # M_o: every round starts from the last model within the bound
         searched, epsilons, searched_loss = search(model)
         search_seconds = time.perf_counter() - start
         out_of_time = time_budget_s is not None and time.perf_counter() - began > time_budget_s
+        if r < len(rows):  # this round was retuned before the resume and broke the bound
+            break
         if r == max_rounds or not epsilons or out_of_time:
             ended = "nothing left to compress" if not epsilons else "time budget" if out_of_time else "max_rounds"
             break
         over = {name: min(eps * quench, EPSILON_CEILING) for name, eps in epsilons.items()}
         compress_with_epsilons(model, FibrationConfig(**{**config.to_dict(), "epsilon": None, "epsilons": over}))
         compressed_loss = evaluate_loss(model, evalset)
-        result = retune(model, train, evalset, progress=progress, **retune_kwargs)
+        checkpoints = {} if rounds is None else {"output_dir": rounds.folder(r), "resume": True}
+        result = retune(model, train, evalset, progress=progress, **checkpoints, **retune_kwargs)
         row = {"round": r, "epsilons_searched": epsilons, "searched": {**sizes(searched), "loss": searched_loss},
                "epsilons": over, **sizes(model), "loss_compressed": compressed_loss,
                "loss_retuned": result.best_loss, "steps": result.steps, "epochs": result.epochs,
                "within_bound": result.best_loss <= bound, "search_seconds": search_seconds,
                "seconds": time.perf_counter() - start, "base_loss": base, "bound": bound}
-        rows.append(row)
         if on_round is not None:
             on_round(row, model)
+        rows.append(row)
+        if rounds is not None:
+            rounds.save(model, r)
         if not row["within_bound"]:
             break
     # Alg. 2 lines 12–13: the last model within the bound, compressed once more at the searched ε's
@@ -276,3 +297,45 @@ def compress_retune(
                  "within_bound": final_loss <= bound, "search_seconds": search_seconds, "base_loss": base,
                  "bound": bound})
     return final, rows
+
+
+def _jsonable(kwargs: dict) -> dict:
+    """The retuning settings that identify a run (modules such as a teacher by their class)."""
+    return {k: v if isinstance(v, (int, float, str, bool, type(None), list, tuple)) else type(v).__name__
+            for k, v in sorted(kwargs.items())}
+
+
+class Alg2Rounds:
+    """The saved rounds of a resumable Alg. 2 run: ``alg2.json`` (settings and one row per finished round) and
+    ``round-<r>/`` (the retuned model of round r, a fibration checkpoint)."""
+
+    def __init__(self, output_dir: str | Path, settings: dict) -> None:
+        self.dir = Path(output_dir)
+        self.record = self.dir / "alg2.json"
+        self.settings = json.loads(json.dumps(settings))  # as it reads back from the file
+        self.rows: list[dict] = []
+        if self.record.exists():
+            saved = json.loads(self.record.read_text())
+            changed = sorted(k for k in self.settings if saved["settings"].get(k) != self.settings[k])
+            if changed:
+                raise ValueError(f"{self.dir} holds an Alg. 2 run with other settings ({', '.join(changed)}); "
+                                 "pass the same settings to resume it, or another output_dir.")
+            self.rows = saved["rows"]
+
+    def folder(self, r: int) -> Path:
+        return self.dir / f"round-{r}"
+
+    def save(self, model: nn.Module, r: int) -> None:
+        from .quantizer import mark_compressed
+
+        if not hasattr(model, "save_pretrained"):
+            raise ValueError("A resumable Alg. 2 run (output_dir) needs a transformers model.")
+        mark_compressed(model, {"alg2_round": r}, {"round": self.rows[-1]})
+        model.save_pretrained(self.folder(r))
+        tmp = self.record.with_suffix(".tmp")  # the record names a round only once its model is written
+        tmp.write_text(json.dumps({"settings": self.settings, "rows": self.rows}, indent=1) + "\n")
+        os.replace(tmp, self.record)
+
+    def load(self, like: nn.Module, r: int) -> nn.Module:
+        loaded = type(like).from_pretrained(self.folder(r)).to(next(like.parameters()).device)
+        return loaded.train(like.training)

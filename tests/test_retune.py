@@ -164,3 +164,36 @@ def test_distillation_refuses_a_teacher_that_does_not_fit():
         retune(student, data, data, epochs=1, progress=False, teacher=other)
     with pytest.raises(ValueError, match="temperature"):
         retune(student, data, data, epochs=1, progress=False, teacher=teacher, distill_temperature=0)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_alg2_resumed_round_by_round_equals_an_uninterrupted_run(setup, trained, tmp_path):
+    _, train, evalset = setup
+    kwargs = dict(rho=1.0, quench=1.5, max_rounds=2, epochs=1, eval_every=2, patience=2, learning_rate=1e-3,
+                  progress=False)
+    whole, whole_rows = compress_retune(copy.deepcopy(trained), ALG2, evalset, train, output_dir=tmp_path / "a",
+                                        **kwargs)
+
+    def interrupt(row: dict, model) -> None:
+        if row["round"] == 1:
+            raise _Stop  # killed after round 1's retuning, before the round is recorded
+
+    with pytest.raises(_Stop):
+        compress_retune(copy.deepcopy(trained), ALG2, evalset, train, output_dir=tmp_path / "b", on_round=interrupt,
+                        **kwargs)
+    assert [r["round"] for r in json.loads((tmp_path / "b" / "alg2.json").read_text())["rows"]] == [0]
+    resumed, resumed_rows = compress_retune(copy.deepcopy(trained), ALG2, evalset, train, output_dir=tmp_path / "b",
+                                            **kwargs)
+
+    def timeless(rows: list[dict]) -> list[dict]:
+        return [{k: v for k, v in r.items() if "seconds" not in k} for r in rows]
+
+    assert len(whole_rows) >= 3 and timeless(resumed_rows) == timeless(whole_rows)
+    assert resumed.state_dict().keys() == whole.state_dict().keys()
+    assert all(torch.equal(resumed.state_dict()[k], whole.state_dict()[k]) for k in whole.state_dict())
+    with pytest.raises(ValueError, match="other settings"):
+        compress_retune(copy.deepcopy(trained), ALG2, evalset, train, output_dir=tmp_path / "b",
+                        **{**kwargs, "quench": 1.2})
