@@ -281,7 +281,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     base_id = args.base_model or hub_id_of(name)
     source = name if is_hub_id(name) else str(Path(name).expanduser().resolve())
     output = args.output or default_output
-    with atomic_directory(output, args.overwrite) as tmp:
+    with atomic_directory(output, args.overwrite, sources=(name,)) as tmp:
         model = load_model(name, args.device)
         tokenizer = load_tokenizer(name)
         evalset = _evalset(args, model, tokenizer).to(next(model.parameters()).device)
@@ -418,13 +418,14 @@ def base_model_for(model_dir: str, model, explicit: str | None) -> str | None:
 
 
 def cmd_retune(args: argparse.Namespace) -> int:
-    from .loading import atomic_directory, load_model, load_tokenizer, save_checkpoint
+    from .loading import atomic_directory, check_output, load_model, load_tokenizer, save_checkpoint
     from .publish import read_record
     from .retune import STATE_DIR, retune
     from .retune_state import complete_state
 
     record = read_record(args.model)
     output = Path(args.output or f"{args.model.rstrip('/')}-retuned")
+    check_output(output, args.overwrite, sources=(args.model,))  # before the model loads
     model = load_model(args.model, args.device)
     tokenizer = load_tokenizer(args.model)
     teacher = model
@@ -439,7 +440,7 @@ def cmd_retune(args: argparse.Namespace) -> int:
         print(f"hf-fibration: resuming from step {json.loads((saved / 'trainer.json').read_text())['step']}"
               if saved else f"hf-fibration: no checkpoint in {state_dir}; starting from the beginning",
               file=sys.stderr)
-    with atomic_directory(output, args.overwrite) as tmp:
+    with atomic_directory(output, args.overwrite, sources=(args.model,)) as tmp:
         kwargs = _retune_kwargs(args, teacher if teacher is not model else None, evalset.task)
         result = retune(model, train, evalset, output_dir=state_dir, resume=args.resume,
                         progress=not args.no_progress, **kwargs)

@@ -207,24 +207,70 @@ def clean_stale(output: Path) -> list[Path]:
     return removed
 
 
+def is_fibration_output(path: Path) -> bool:
+    """True for a directory written by hf-fibration (its record, or a fibration quantization_config)."""
+    if (path / "fibration_report.json").is_file():
+        return True
+    try:
+        quant = json.loads((path / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(quant, dict) and quant.get("quant_method") == "fibration"
+
+
+def check_output(output: str | os.PathLike, overwrite: bool = False, sources: tuple[str | None, ...] = ()) -> Path:
+    """The resolved output directory, refused in one line before any work when writing it could lose data: a file,
+    the input model itself, a directory holding the input or inside it, or — even with ``overwrite`` — an existing
+    directory that is not an earlier hf-fibration output."""
+    output = Path(output).expanduser().resolve()
+    for above in (output, *output.parents):
+        if above.exists():
+            if not above.is_dir():
+                where = "is an existing file" if above == output else f"lies under the file {above}"
+                raise ValueError(f"--output {output} {where}; pass a directory path.")
+            break
+    for source in sources:
+        src = Path(source).expanduser() if source else None
+        if src is None or not src.exists():
+            continue
+        src = src.resolve()
+        if output == src:
+            raise ValueError(f"--output {output} is the input model; choose another --output (the input is never "
+                             "replaced).")
+        if output in src.parents:
+            raise ValueError(f"--output {output} contains the input model {src}; choose an --output outside it.")
+        if src in output.parents:
+            raise ValueError(f"--output {output} lies inside the input model {src}; choose an --output outside it.")
+    if output.exists():
+        if not overwrite:
+            raise ValueError(f"Output directory {output} exists; pass --overwrite or choose another --output.")
+        if any(output.iterdir()) and not is_fibration_output(output):
+            files = sum(1 for f in output.rglob("*") if f.is_file())
+            raise ValueError(f"--overwrite would delete {output} ({files} files), which holds no hf-fibration "
+                             "output; delete it yourself or choose another --output.")
+    return output
+
+
 @contextmanager
-def atomic_directory(output: str | os.PathLike, overwrite: bool = False):
+def atomic_directory(output: str | os.PathLike, overwrite: bool = False, sources: tuple[str | None, ...] = ()):
     """Yield a temp directory next to ``output``; it becomes ``output`` only if the block finishes.
 
-    The temp name carries the process id, so a later run removes the ones whose process was killed. The
-    directory is made with ``mkdir`` (the umask's mode), as any output folder would be."""
-    output = Path(output).expanduser().resolve()
-    if output.exists() and not overwrite:
-        raise ValueError(f"Output directory {output} exists; pass --overwrite or choose another --output.")
+    ``output`` is checked first (``check_output``: never the input, never a directory that is not an earlier
+    hf-fibration output). The temp name carries the process id, so a later run removes the ones whose process was
+    killed; a replaced output is renamed aside (under such a name) before the new one is renamed in. The directory
+    is made with ``mkdir`` (the umask's mode), as any output folder would be."""
+    output = check_output(output, overwrite, sources)
     output.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(output)
-    tmp = output.parent / f".{output.name}{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
+    stem = f".{output.name}{TMP_MARK}{os.getpid()}-{os.urandom(4).hex()}"
+    tmp, old = output.parent / stem, output.parent / f"{stem}-replaced"
     tmp.mkdir()
     try:
         yield tmp
         if output.exists():
-            shutil.rmtree(output)
+            os.replace(output, old)
         os.replace(tmp, output)
+        shutil.rmtree(old, ignore_errors=True)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

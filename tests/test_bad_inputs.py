@@ -3,6 +3,7 @@ no output directory left behind (#15 item 2, #18 items 3-5 and 7)."""
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -47,6 +48,17 @@ ROWS = [
     ("push-404", ["push", "{compressed}", "user/x", "@404"], "check the repo id"),
     ("push-500", ["push", "{compressed}", "user/x", "@500"], "retry later"),
     ("push-dropped-connection", ["push", "{compressed}", "user/x", "@drop"], "check the connection"),
+    # #27.2: the output never replaces, contains or lies inside the input, nor deletes what hf-fibration did not write
+    ("output-is-input", ["compress", "{copy}", "--output", "{copy}", "--overwrite"], "is the input model"),
+    ("output-contains-input", ["compress", "{copy}", "--output", "{copy_parent}", "--overwrite"],
+     "contains the input model"),
+    ("output-inside-input", ["compress", "{copy}", "--output", "{copy}/sub"], "lies inside the input model"),
+    ("retune-output-is-input", ["retune", "{compressed}", "--train-dataset", "{text}", "--output", "{compressed}",
+                                "--overwrite"], "is the input model"),
+    ("overwrite-foreign-dir", ["compress", "{marian}", "--output", "{foreign}", "--overwrite"],
+     "--overwrite would delete"),
+    ("output-is-a-file", ["compress", "{marian}", "--output", "{text}", "--overwrite"], "is an existing file"),
+    ("output-under-a-file", ["compress", "{marian}", "--output", "{text}/x"], "lies under the file"),
 ]
 
 
@@ -60,6 +72,13 @@ def compressed(tmp_path_factory):
     model.save_pretrained(root / "compressed")
     T.AutoTokenizer.from_pretrained(source).save_pretrained(root / "compressed")
     return root / "compressed"
+
+
+def _tree(path):
+    """A file's bytes, or a directory's files and their bytes: what a refused run must leave as it was."""
+    if path.is_file():
+        return path.read_bytes()
+    return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
 
 
 def _variant(src, dst, edit_config=None, edit_tensors=None, truncate=False):
@@ -122,7 +141,12 @@ def places(tmp_path_factory, marian_dir, compressed):
     key = next(k for k in tensors if k.endswith("fc1.weight"))
     tensors[key][0, 0] = float("nan")
     save_file(tensors, nan_marian / "model.safetensors", metadata={"format": "pt"})
-    return {"marian": marian_dir, "compressed": compressed, "vit": root / "vit", "no_tokenizer": root / "no_tokenizer",
+    copy = shutil.copytree(marian_dir, root / "copy_parent" / "copy")
+    (root / "foreign").mkdir()
+    (root / "foreign" / "notes.txt").write_text("mine")
+    (root / "text.txt").write_text("A line of text.\n" * 4)
+    return {"copy": copy, "copy_parent": copy.parent, "foreign": root / "foreign", "text": root / "text.txt",
+            "marian": marian_dir, "compressed": compressed, "vit": root / "vit", "no_tokenizer": root / "no_tokenizer",
             "empty": root / "empty.txt", "pairs": root / "pairs.jsonl", "data_dir": root / "data_dir",
             "nan_marian": nan_marian,
             "truncated": _variant(compressed, root / "truncated", truncate=True),
@@ -142,7 +166,9 @@ def test_bad_input(places, tmp_path, monkeypatch, capsys, argv, message):
     argv = [a for a in argv if not a.startswith("@")]
     out = tmp_path / "out"
     if argv[0] in ("compress", "retune"):
-        argv += ["--output", str(out), "--no-progress"]
+        argv += (["--output", str(out)] if "--output" not in argv else []) + ["--no-progress"]
+    watched = [Path(a) for a in argv[1:] if Path(a).exists()]  # the source and any existing output: untouched
+    before = [_tree(p) for p in watched]
     if argv[0] in ("compress", "retune", "evaluate") and "--device" not in argv:
         argv += ["--device", "cpu"]
     with LoopbackHub() as hub:
@@ -162,6 +188,10 @@ def test_bad_input(places, tmp_path, monkeypatch, capsys, argv, message):
     assert "Traceback" not in err
     assert not out.exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+    assert [_tree(p) for p in watched] == before
+    if "--output" in argv:
+        target = Path(argv[argv.index("--output") + 1])
+        assert not list(target.parent.glob(f".{target.name}.tmp-*")) if target.parent.is_dir() else True
     if argv[0] == "push":
         assert not (places["compressed"] / "README.md").exists()
 

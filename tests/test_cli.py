@@ -254,3 +254,18 @@ def test_lossless_flag_removes_only_exact_units(marian_dir, tmp_path, capsys):
     batch = {"input_ids": torch.tensor([[5, 9, 17, 3, 2]]), "decoder_input_ids": torch.tensor([[0, 7, 11]])}
     with torch.no_grad():
         assert (loaded(**batch).logits - model(**batch).logits).abs().max() < 1e-4
+
+
+def test_overwrite_replaces_a_previous_output_only(marian_dir, tmp_path):
+    """#27.2: --overwrite replaces an earlier hf-fibration output (or an empty directory), leaving no temp behind."""
+    out, empty = tmp_path / "out", tmp_path / "empty"
+    empty.mkdir()
+    argv = ["compress", str(marian_dir), "--epsilon", "0.2", "--parts", "mlp", "--max-samples", "8", "--no-progress",
+            "--device", "cpu", "--overwrite"]
+    assert main(argv + ["--output", str(out)]) == 0
+    (out / "stale.txt").write_text("from the earlier run")
+    assert main(argv + ["--output", str(out)]) == 0
+    assert main(argv + ["--output", str(empty)]) == 0
+    for d in (out, empty):
+        assert (d / "fibration_report.json").is_file() and not (d / "stale.txt").exists()
+    assert {p.name for p in tmp_path.iterdir()} == {"out", "empty"}
