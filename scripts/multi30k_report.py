@@ -7,9 +7,8 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scaling_law import fit_power_law  # noqa: E402
-
 from hf_fibration.results_io import write_rows  # noqa: E402
+from hf_fibration.scaling import fit_power_law  # noqa: E402
 
 HEADLINE_INCREASE = 0.041  # the seed's +4.1% loss
 

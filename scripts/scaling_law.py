@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -29,22 +28,7 @@ from hf_fibration.data import EvalSet, evaluate_loss  # noqa: E402
 from hf_fibration.patch import non_embedding_parameters  # noqa: E402
 from hf_fibration.results_io import command_line, preamble_markdown, print_preamble, write_json  # noqa: E402
 from hf_fibration.retune import retune  # noqa: E402
-
-
-def fit_power_law(params: list[float], losses: list[float], level: float = 0.95) -> dict:
-    """Least squares of log L = log L0 − α·log P, with t-based confidence intervals on α and L0."""
-    from scipy import stats
-
-    fit = stats.linregress([math.log(p) for p in params], [math.log(v) for v in losses])
-    n = len(params)
-    t = stats.t.ppf(0.5 + level / 2, n - 2) if n > 2 else float("inf")
-    return {
-        "alpha": -fit.slope, "alpha_ci": [-fit.slope - t * fit.stderr, -fit.slope + t * fit.stderr],
-        "L0": math.exp(fit.intercept),
-        "L0_ci": [math.exp(fit.intercept - t * fit.intercept_stderr),
-                  math.exp(fit.intercept + t * fit.intercept_stderr)],
-        "r2": fit.rvalue ** 2, "points": n,
-    }
+from hf_fibration.scaling import fit_power_law  # noqa: E402
 
 
 def split_blocks(evalset: EvalSet, first: int) -> tuple[EvalSet, EvalSet]:
