@@ -5,23 +5,30 @@ compressed module; the registered quantizer swaps in modules of those shapes bef
 heterogeneous widths load exactly. The registration happens on ``import hf_fibration``.
 
 Before anything is allocated the recorded shapes are checked against the skeleton built from the base config
-(a compressed module is never wider than the original) and against the safetensors headers; after the weights
-load, every fiber index must point at an existing fiber. A tampered or truncated checkpoint fails in one line
-that names the module, not at the first forward.
+(a compressed module is never wider than the original) and against the safetensors headers. After the weights
+load, every fiber index must be a map the compression can write (onto its fibers, numbered in order of first
+use; a tied head's the same as its embedding's), every weight must be finite, and every tensor must have the
+sha256 digest ``save_pretrained`` recorded in ``quantization_config.digests`` (of its bytes in the weights file;
+the fiber indices kept in config.json too). A tampered, corrupted or truncated checkpoint fails in one line that
+names the module or tensor, not at the first forward or, worse, in wrong outputs.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import mmap
 import struct
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .core.embedding import FiberEmbedding, FiberInputLinear
 from .core.modules import FiberLinear
 from .patch import FIBER_MODULES, build_fiber_modules, fiber_module_specs, restore_fiber_indices
 
@@ -47,6 +54,7 @@ class FibrationQuantizationConfig(QuantizationConfigMixin):
         report: dict[str, Any] | None = None,
         load_hint: str = LOAD_HINT,
         base_model: str | None = None,
+        digests: dict[str, str] | None = None,
         **kwargs: Any,
     ) -> None:
         self.quant_method = QUANT_METHOD
@@ -55,6 +63,7 @@ class FibrationQuantizationConfig(QuantizationConfigMixin):
         self.report = dict(report or {})
         self.load_hint = load_hint
         self.base_model = base_model
+        self.digests = dict(digests or {})  # tensor name → "sha256:<hex>" of its bytes as saved
 
 
 class FibrationQuantizer(HfQuantizer):
@@ -70,12 +79,26 @@ class FibrationQuantizer(HfQuantizer):
                 headers.update(safetensors_header(file))
         check_specs(model, specs, headers)
         build_fiber_modules(model, specs)
+        self._checkpoint_files = [str(f) for f in kwargs.get("checkpoint_files") or []]
         return model
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
         restore_fiber_indices(model, self.quantization_config.modules)
         check_fiber_indices(model)
+        check_finite(model)
+        digests = getattr(self.quantization_config, "digests", None) or {}
+        check_file_digests(getattr(self, "_checkpoint_files", []), digests)
+        check_index_digests(model, digests)
         return model
+
+    def get_state_dict_and_metadata(self, model: nn.Module) -> tuple[None, dict]:
+        """Called by ``save_pretrained`` before config.json is written: record the digest of every tensor."""
+        digests = tensor_digests(model)
+        for config in {id(c): c for c in (self.quantization_config,
+                                           getattr(model.config, "quantization_config", None))}.values():
+            if isinstance(config, FibrationQuantizationConfig):
+                config.digests = digests
+        return None, {}
 
     def is_serializable(self, safe_serialization: bool | None = None) -> bool:
         return True
@@ -231,3 +254,90 @@ def check_fiber_indices(model: nn.Module) -> None:
         if index.numel() and (int(index.min()) < 0 or int(index.max()) >= fibers):
             raise CheckpointError(f"Compressed module {name!r} has a fiber index outside [0, {fibers}) "
                                   f"(found {int(index.min())}..{int(index.max())}); {FIX}.")
+        _check_map(name, index, fibers)
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    tied = isinstance(head, FiberInputLinear) and isinstance(embedding, FiberEmbedding) and \
+        head.weight is embedding.weight and head.fiber_index.device.type != "meta"
+    if tied and not torch.equal(head.fiber_index, embedding.fiber_index):
+        raise CheckpointError(f"The tied output head's fiber index differs from the input embedding's; {FIX}.")
+
+
+def _check_map(name: str, index: torch.Tensor, fibers: int) -> None:
+    """A fiber index the compression writes maps onto every fiber, numbered in the order slots first use them."""
+    n = index.numel()
+    first = torch.full((fibers,), n, dtype=torch.long, device=index.device)
+    first.scatter_reduce_(0, index.long(), torch.arange(n, device=index.device), reduce="amin")
+    if fibers and int(first.max()) >= n:
+        raise CheckpointError(f"Compressed module {name!r} has a fiber index that never uses fiber "
+                              f"{int(torch.argmax(first))} (not a map onto its {fibers} fibers); {FIX}.")
+    if fibers > 1 and not bool((first[1:] > first[:-1]).all()):
+        raise CheckpointError(f"Compressed module {name!r} has a fiber index whose fibers are not numbered in "
+                              f"order of first use (a permuted index); {FIX}.")
+
+
+def _digest(data: Any) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> Any:
+    """The tensor's bytes as safetensors stores them (little-endian, contiguous), without a copy on CPU."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy() if flat.numel() else b""
+
+
+def tensor_digests(model: nn.Module) -> dict[str, str]:
+    """sha256 of every state-dict tensor's bytes, and of the fiber indices config.json keeps (not in the file)."""
+    digests = {name: _digest(_tensor_bytes(t)) for name, t in model.state_dict().items()
+               if isinstance(t, torch.Tensor) and t.device.type != "meta"}
+    for name, module in model.named_modules():
+        if isinstance(module, (FiberEmbedding, FiberInputLinear)):
+            digests[f"{name}.fiber_index"] = _digest(_tensor_bytes(module.fiber_index))
+    return digests
+
+
+def check_file_digests(files: list[str], digests: dict[str, str]) -> None:
+    """Each tensor in the .safetensors files whose digest was recorded must hash to it (bit flips, edits)."""
+    if not digests:
+        return  # written before digests were recorded
+    for file in files:
+        if not file.endswith(".safetensors"):
+            continue
+        path = Path(file)
+        with path.open("rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            header = json.loads(f.read(length))
+            if path.stat().st_size == 8 + length:
+                continue
+            with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+                view = memoryview(data)
+                try:
+                    for name, info in header.items():
+                        expected = digests.get(name)
+                        if name == "__metadata__" or expected is None:
+                            continue
+                        start, end = (8 + length + o for o in info["data_offsets"])
+                        if _digest(view[start:end]) != expected:
+                            raise CheckpointError(f"Tensor {name!r} in {path.name} does not match the sha256 digest "
+                                                  f"recorded when it was saved (the file was altered or corrupted); "
+                                                  f"{FIX}.")
+                finally:
+                    view.release()
+
+
+def check_index_digests(model: nn.Module, digests: dict[str, str]) -> None:
+    """The fiber indices read from config.json must be the ones saved (they are not in the weights file)."""
+    for name, module in model.named_modules():
+        expected = digests.get(f"{name}.fiber_index")
+        if not isinstance(module, (FiberEmbedding, FiberInputLinear)) or expected is None \
+                or module.fiber_index.device.type == "meta":
+            continue
+        if _digest(_tensor_bytes(module.fiber_index)) != expected:
+            raise CheckpointError(f"Compressed module {name!r}: the fiber_index in config.json does not match the "
+                                  f"digest recorded when it was saved; {FIX}.")
+
+
+def check_finite(model: nn.Module) -> None:
+    """No NaN or inf in any loaded weight (they would reach every output)."""
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if tensor.is_floating_point() and tensor.device.type != "meta" and not bool(tensor.isfinite().all()):
+            raise CheckpointError(f"Weight {name!r} holds NaN or inf values; {FIX}.")

@@ -42,6 +42,11 @@ ROWS = [
     ("evaluate-crafted-width", ["evaluate", "{huge_width}"], "wider than the base model"),
     ("evaluate-shape-vs-header", ["evaluate", "{shape_mismatch}"], "weights file holds"),
     ("evaluate-nan", ["evaluate", "{nan_compressed}"], "NaN"),
+    # #27.3: integrity at load: digests of every tensor, finite weights, fiber indices that are real maps
+    ("evaluate-bytes-flipped", ["evaluate", "{bytes_flipped}"], "does not match the sha256 digest"),
+    ("evaluate-index-permuted", ["evaluate", "{permuted_index}"], "order of first use"),
+    ("evaluate-index-not-onto", ["evaluate", "{index_not_onto}"], "never uses fiber"),
+    ("evaluate-config-index-moved", ["evaluate", "{moved_config_index}"], "does not match the digest"),
     ("push-not-compressed", ["push", "{marian}", "user/x"], "compress it first"),
     ("push-bad-repo-id", ["push", "{compressed}", "no-namespace"], "user-or-org/"),
     ("push-401", ["push", "{compressed}", "user/x", "@401"], "check the token"),
@@ -81,8 +86,10 @@ def _tree(path):
     return {str(f.relative_to(path)): f.read_bytes() for f in sorted(path.rglob("*")) if f.is_file()}
 
 
-def _variant(src, dst, edit_config=None, edit_tensors=None, truncate=False):
+def _variant(src, dst, edit_config=None, edit_tensors=None, truncate=False, edit_file=None):
     shutil.copytree(src, dst)
+    if edit_file is not None:
+        edit_file(dst / "model.safetensors")
     if edit_config is not None:
         config = json.loads((dst / "config.json").read_text())
         edit_config(config["quantization_config"]["modules"])
@@ -117,6 +124,34 @@ def _huge_width(modules):
 def _shape_mismatch(modules):
     spec = next(s for s in modules.values() if s["kind"] == "linear" and s["out_features"] > 1)
     spec["out_features"] -= 1
+
+
+def _flip_bytes(path):
+    data = bytearray(path.read_bytes())
+    middle = len(data) // 2
+    data[middle:middle + 16] = bytes(b ^ 0xFF for b in data[middle:middle + 16])
+    path.write_bytes(bytes(data))
+
+
+def _fiber_indices(tensors):
+    return next(k for k, v in tensors.items() if k.endswith("fiber_index") and len(set(v.tolist())) > 2)
+
+
+def _permute_index(tensors):
+    key = _fiber_indices(tensors)
+    tensors[key] = tensors[key].flip(0).contiguous()  # in range, onto, but not a map the compression writes
+
+
+def _index_not_onto(tensors):
+    key = _fiber_indices(tensors)
+    tensors[key][tensors[key] == int(tensors[key].max())] = 0
+
+
+def _move_config_index(modules):
+    """Reassign one slot of the embedding's index to fiber 0: still in range, onto and in first-use order."""
+    index = _first(modules, "embedding")["fiber_index"]
+    j = next(j for j in range(1, len(index)) if index[j] != 0 and index.index(index[j]) < j)
+    index[j] = 0
 
 
 def _nan(tensors):
@@ -154,7 +189,11 @@ def places(tmp_path_factory, marian_dir, compressed):
             "bad_buffer_index": _variant(compressed, root / "bad_buffer_index", edit_tensors=_set_buffer_index),
             "huge_width": _variant(compressed, root / "huge_width", edit_config=_huge_width),
             "shape_mismatch": _variant(compressed, root / "shape_mismatch", edit_config=_shape_mismatch),
-            "nan_compressed": _variant(compressed, root / "nan_compressed", edit_tensors=_nan)}
+            "nan_compressed": _variant(compressed, root / "nan_compressed", edit_tensors=_nan),
+            "bytes_flipped": _variant(compressed, root / "bytes_flipped", edit_file=_flip_bytes),
+            "permuted_index": _variant(compressed, root / "permuted_index", edit_tensors=_permute_index),
+            "index_not_onto": _variant(compressed, root / "index_not_onto", edit_tensors=_index_not_onto),
+            "moved_config_index": _variant(compressed, root / "moved_config_index", edit_config=_move_config_index)}
 
 
 @pytest.mark.parametrize("argv, message", [pytest.param(a, m, id=i) for i, a, m in ROWS])
@@ -197,6 +236,8 @@ def test_bad_input(places, tmp_path, monkeypatch, capsys, argv, message):
 
 
 @pytest.mark.parametrize("variant, message", [("truncated", "cut off: module"), ("bad_spec_index", "fiber_index"),
+                                              ("bytes_flipped", "sha256"), ("nan_compressed", "NaN"),
+                                              ("permuted_index", "first use"),
                                               ("bad_buffer_index", "fiber index outside"),
                                               ("huge_width", "wider than the base model")])
 def test_plain_from_pretrained_refuses_damaged_checkpoints_in_one_line(places, variant, message):
