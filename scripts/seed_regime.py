@@ -20,6 +20,7 @@ checkpoint; Alg. 2 resumes round by round (hf_fibration.retune.compress_retune's
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 import time
@@ -30,15 +31,27 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import train_multi30k  # noqa: E402
 
+import hf_fibration  # noqa: E402,F401  (registers the loader of compressed checkpoints)
+from hf_fibration import FibrationConfig  # noqa: E402
+from hf_fibration.config import FIBER_SOURCES  # noqa: E402
 from hf_fibration.data import evaluate_loss  # noqa: E402
 from hf_fibration.marian_tokenizer import train_marian_tokenizer  # noqa: E402
 from hf_fibration.metrics import bleu  # noqa: E402
 from hf_fibration.patch import non_embedding_parameters  # noqa: E402
 from hf_fibration.results_io import command_line, print_preamble, write_json  # noqa: E402
-from hf_fibration.retune import retune  # noqa: E402
+from hf_fibration.retune import compress_retune, retune  # noqa: E402
 from hf_fibration.retune_state import complete_state  # noqa: E402
 
 TEST_SETS = ("test_2016_flickr", "test_2017_flickr")
+# Alg. 2 variants, each one change from "seed" (paper collapse of weight fibers, average linkage as in the
+# authors' code, retuning to convergence with the training's patience)
+VARIANTS = {
+    "seed": {},
+    "short-retune": {"patience_steps": 50},  # patience 2 evaluations, as the landed series
+    "distill": {"distill": True},  # KL to the uncompressed model during retuning (Minitron's lever)
+    "data-aware": {"compensate": True, "fibers_from": "span" if "span" in FIBER_SOURCES else "activations"},
+    "complete-linkage": {"linkage": "complete"},
+}
 
 
 class Data:
@@ -120,6 +133,46 @@ def train_size(d: int, args, data: Data) -> dict:
     return record
 
 
+def alg2_size(d: int, variant: str, args, data: Data) -> dict:
+    """Alg. 2 to its bound on the trained size d (resumable round by round), then the answer measured on test."""
+    import transformers as T
+
+    folder = Path(args.runs) / f"d{d}"
+    out = folder / f"alg2-{variant}"
+    if (out / "final.json").exists():
+        return json.loads((out / "final.json").read_text())
+    head = print_preamble(command_line(__file__, [f"alg2 --d {d} --variant {variant}"] + args.rest))
+    trained = json.loads((folder / "results.json").read_text())
+    base = T.MarianMTModel.from_pretrained(folder).eval()
+    spec = VARIANTS[variant]
+    config = FibrationConfig(tolerance=args.alg2_tau, search_steps=args.search_steps, parts=("attention", "mlp"),
+                             linkage=spec.get("linkage", "average"), compensate=spec.get("compensate", False),
+                             fibers_from=spec.get("fibers_from", "weights"), holdout_fraction=0.0)
+    patience = spec.get("patience_steps", args.retune_patience_steps) // args.eval_every
+    teacher = {"teacher": base, "distill_weight": args.distill_weight} if spec.get("distill") else {}
+    log = lambda msg: print(f"[d{d} {variant} {time.strftime('%H:%M:%S')}] {msg}", flush=True)  # noqa: E731
+
+    def on_round(row: dict, model) -> None:
+        row["test_loss"] = {name: evaluate_loss(model, s) for name, s in data.test_sets.items()}
+        log(f"round {row['round']}: {row['non_embedding_params']:,} non-embedding, val {row['loss_compressed']:.4f}"
+            f" → {row['loss_retuned']:.4f} ({row['steps']} steps), test {row['test_loss']}")
+
+    start = time.perf_counter()
+    final, rows = compress_retune(
+        copy.deepcopy(base), config, data.val, data.train, rho=args.rho, quench=args.quench,
+        max_rounds=args.max_rounds, progress=False, base_loss=trained["val_loss"], on_round=on_round,
+        output_dir=out, epochs=10**6, eval_every=args.eval_every, patience=patience, learning_rate=args.lr,
+        betas=(0.9, 0.98), adam_eps=1e-9, seed=args.seed, **teacher)
+    record = {"d_model": d, "variant": variant, "spec": spec, "tau": args.alg2_tau, "rho": args.rho,
+              "quench": args.quench, "retune_patience_steps": patience * args.eval_every,
+              "base": {k: trained[k] for k in ("non_embedding", "val_loss", "test_loss", "bleu")},
+              "final": data.measure(final), "rows": rows, "seconds_this_run": round(time.perf_counter() - start, 1)}
+    write_json(out / "final.json", head, **record)
+    log(f"answer: {record['final']['non_embedding']:,} non-embedding, test {record['final']['test_loss']}, "
+        f"BLEU {record['final']['bleu']}")
+    return record
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,6 +188,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--eval-every", type=int, default=25, help="optimizer steps between val evaluations")
     parser.add_argument("--patience-steps", type=int, default=600, help="steps without val improvement to stop")
+    parser.add_argument("--variants", nargs="+", default=["seed"], choices=list(VARIANTS),
+                        help="Alg. 2 variants to run (each one change from 'seed')")
+    parser.add_argument("--alg2-tau", type=float, default=0.01, help="τ of every round's greedy search")
+    parser.add_argument("--search-steps", type=int, default=8, help="bisection steps per site")
+    parser.add_argument("--rho", type=float, default=0.041)
+    parser.add_argument("--quench", type=float, default=1.05)
+    parser.add_argument("--max-rounds", type=int, default=200)
+    parser.add_argument("--retune-patience-steps", type=int, default=300,
+                        help="Alg. 2 retuning patience in steps (results.json: half_patience vs patience)")
+    parser.add_argument("--distill-weight", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
@@ -142,11 +205,20 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     if not (Path(args.data) / "train.de.gz").exists():
         parser.exit(2, f"Multi30k not found in {args.data}; pass --data with the folder of train.de.gz etc.\n")
+    if args.stage == "report":
+        import seed_regime_report
+
+        seed_regime_report.report(Path(args.runs), Path(args.out), args)
+        return
     Path(args.runs).mkdir(parents=True, exist_ok=True)
     data = Data(args, tokenizer_for(args))
     if args.stage == "train":
         for d in args.sizes:
             train_size(d, args, data)
+    else:
+        for d in args.sizes:
+            for variant in args.variants:
+                alg2_size(d, variant, args, data)
 
 
 if __name__ == "__main__":
