@@ -7,6 +7,7 @@ outputs of the model and of the uncompressed model, whose base value is 0, so it
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,7 +57,7 @@ def load_split(
             builder = FILE_BUILDERS.get("".join(path.suffixes[-1:]).lower())
             if builder is None:
                 raise DataError(f"Cannot read {path}: use a .txt, .json, .jsonl, .csv or .parquet file.")
-            ds = datasets.load_dataset(builder, data_files={"train": str(path)}, split="train")
+            ds = _load_file(datasets, builder, path)
         else:
             ds = datasets.load_dataset(dataset, config_name, split=split)
     except DataError:
@@ -72,6 +73,33 @@ def load_split(
     if max_samples is not None and len(ds) > max_samples:
         ds = ds.shuffle(seed=seed).select(range(max_samples))
     return ds
+
+
+# What a file of each kind must look like, for the one-line error when it does not parse.
+FILE_FORMATS = {"text": "UTF-8 text, one example a line", "json": "JSON Lines (one JSON object a line, UTF-8) or "
+                "one JSON array of objects", "csv": "UTF-8 CSV with a header row (quote fields holding commas)",
+                "parquet": "a Parquet file (re-write it, e.g. with pandas.DataFrame.to_parquet)"}
+
+
+def _load_file(datasets, builder: str, path: Path):
+    """One local data file through `datasets`; a file that does not parse is a one-line DataError naming why."""
+    if builder != "parquet":
+        with path.open("rb") as f:
+            if b"\x00" in f.read(1 << 16):
+                raise DataError(f"{path} looks binary (it holds NUL bytes); pass {FILE_FORMATS[builder]}.")
+    quiet = logging.getLogger("datasets")  # its builders log the parse error with a traceback; ours is one line
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
+    try:
+        return datasets.load_dataset(builder, data_files={"train": str(path)}, split="train")
+    except datasets.exceptions.DatasetGenerationError as err:
+        cause = err.__cause__ or err.__context__ or err
+        while (cause.__cause__ or cause.__context__) is not None and not isinstance(cause, UnicodeDecodeError):
+            cause = cause.__cause__ or cause.__context__
+        what = "is not UTF-8" if isinstance(cause, UnicodeDecodeError) else "does not parse"
+        raise DataError(f"{path} {what} ({_first_line(cause)[:120]}); pass {FILE_FORMATS[builder]}.") from None
+    finally:
+        quiet.setLevel(level)
 
 
 def _first_line(err: Exception) -> str:

@@ -25,6 +25,12 @@ ROWS = [
     ("wrong-split", ["compress", "{marian}", "--dataset", "{data_dir}", "--split", "nope"], "--split"),
     ("wrong-column", ["compress", "{marian}", "--dataset", "{pairs}", "--source-column", "nope"], "--source-column"),
     ("empty-split", ["compress", "{marian}", "--dataset", "{empty}"], "empty"),
+    # #27.4: data files that do not parse
+    ("latin1-text", ["compress", "{marian}", "--dataset", "{latin1}"], "is not UTF-8"),
+    ("binary-text", ["compress", "{marian}", "--dataset", "{binary}"], "looks binary"),
+    ("broken-jsonl", ["compress", "{marian}", "--dataset", "{broken_jsonl}"], "JSON Lines"),
+    ("broken-csv", ["compress", "{marian}", "--dataset", "{broken_csv}"], "CSV with a header row"),
+    ("broken-train-jsonl", ["retune", "{compressed}", "--train-dataset", "{broken_jsonl}"], "JSON Lines"),
     ("over-long-sequences", ["compress", "{marian}", "--max-length", "100000"], "--max-length 128 or less"),
     ("epsilon-out-of-range", ["compress", "{marian}", "--epsilon", "2.5"], "--epsilon must lie in [0, 2)"),
     ("tolerance-negative", ["compress", "{marian}", "--tolerance", "-1"], "--tolerance must be"),
@@ -180,7 +186,13 @@ def places(tmp_path_factory, marian_dir, compressed):
     (root / "foreign").mkdir()
     (root / "foreign" / "notes.txt").write_text("mine")
     (root / "text.txt").write_text("A line of text.\n" * 4)
-    return {"copy": copy, "copy_parent": copy.parent, "foreign": root / "foreign", "text": root / "text.txt",
+    (root / "latin1.txt").write_bytes("caf\xe9 au lait\n".encode("latin-1"))
+    (root / "binary.txt").write_bytes(bytes(range(256)) * 4)
+    (root / "broken.jsonl").write_text('{"de": "Hallo", "en": "Hello"}\n{"de": broken\n')
+    (root / "broken.csv").write_text('de,en\n"Hallo,Hello\n1,2,3,4\n')
+    return {"latin1": root / "latin1.txt", "binary": root / "binary.txt", "broken_jsonl": root / "broken.jsonl",
+            "broken_csv": root / "broken.csv", "copy": copy, "copy_parent": copy.parent, "foreign": root / "foreign",
+            "text": root / "text.txt",
             "marian": marian_dir, "compressed": compressed, "vit": root / "vit", "no_tokenizer": root / "no_tokenizer",
             "empty": root / "empty.txt", "pairs": root / "pairs.jsonl", "data_dir": root / "data_dir",
             "nan_marian": nan_marian,
