@@ -417,6 +417,35 @@ def base_model_for(model_dir: str, model, explicit: str | None) -> str | None:
                      "uncompressed model (hub id or local path).")
 
 
+# retune flags that do not change the result: a resumed run may differ from the interrupted one in these only.
+RESUME_FREE = ("command", "output", "overwrite", "resume", "no_progress", "device")
+RUN_ARGS = "arguments.json"  # beside the retuning checkpoint: what the interrupted run was asked for
+
+
+def _run_arguments(args: argparse.Namespace) -> dict:
+    values = {k: v for k, v in sorted(vars(args).items()) if k not in RESUME_FREE}
+    values["model"] = str(Path(args.model).expanduser().resolve())
+    return values
+
+
+def check_resume(args: argparse.Namespace, state_dir: Path) -> None:
+    """A resumed run must be the interrupted one: refuse, in one line naming the flags, arguments that differ."""
+    try:
+        saved = json.loads((state_dir / RUN_ARGS).read_text())
+    except (OSError, ValueError):
+        return  # no checkpoint (the run starts over) or one written before the arguments were kept
+    now = _run_arguments(args)
+    changed = [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+    if changed:
+        def flag(k: str) -> str:
+            return "the model" if k == "model" else "--" + k.replace("_", "-")
+
+        was = ", ".join(f"{flag(k)} {saved.get(k)!r}" for k in changed)
+        now_text = ", ".join(f"{flag(k)} {now.get(k)!r}" for k in changed)
+        raise ValueError(f"--resume: the interrupted run in {state_dir} used {was}, this one passes {now_text}; pass "
+                         "the same arguments to resume it, or drop --resume to start over.")
+
+
 def cmd_retune(args: argparse.Namespace) -> int:
     from .loading import atomic_directory, check_output, load_model, load_tokenizer, save_checkpoint
     from .publish import read_record
@@ -426,6 +455,8 @@ def cmd_retune(args: argparse.Namespace) -> int:
     record = read_record(args.model)
     output = Path(args.output or f"{args.model.rstrip('/')}-retuned")
     check_output(output, args.overwrite, sources=(args.model,))  # before the model loads
+    if args.resume:
+        check_resume(args, output.parent / f".{output.name}.retune")
     model = load_model(args.model, args.device)
     tokenizer = load_tokenizer(args.model)
     teacher = model
@@ -440,6 +471,8 @@ def cmd_retune(args: argparse.Namespace) -> int:
         print(f"hf-fibration: resuming from step {json.loads((saved / 'trainer.json').read_text())['step']}"
               if saved else f"hf-fibration: no checkpoint in {state_dir}; starting from the beginning",
               file=sys.stderr)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    (state_dir / RUN_ARGS).write_text(json.dumps(_run_arguments(args), indent=2) + "\n")
     with atomic_directory(output, args.overwrite, sources=(args.model,)) as tmp:
         kwargs = _retune_kwargs(args, teacher if teacher is not model else None, evalset.task)
         result = retune(model, train, evalset, output_dir=state_dir, resume=args.resume,

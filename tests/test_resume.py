@@ -95,7 +95,12 @@ def test_cli_retune_resume_matches_the_uninterrupted_run(marian_dir, splits, tmp
         assert main([*retune_args, "--output", str(tmp_path / "cut")]) == 130
     assert not (tmp_path / "cut").exists() and (tmp_path / ".cut.retune").exists()
     capsys.readouterr()
-    assert main([*retune_args, "--output", str(tmp_path / "cut"), "--resume"]) == 0
+    # #27.5: changed arguments are refused in one line naming them, and the checkpoint stays for a real resume
+    assert main([*retune_args, "--output", str(tmp_path / "cut"), "--resume", "--lr", "5e-4"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--lr 0.001" in err[0] and "--lr 0.0005" in err[0] and "Traceback" not in err[0]
+    assert not (tmp_path / "cut").exists() and (tmp_path / ".cut.retune" / STATE_DIR).exists()
+    assert main([*retune_args, "--output", str(tmp_path / "cut"), "--resume", "--device", "cpu"]) == 0
     assert "resuming from step" in capsys.readouterr().err
     whole, cut = (json.loads((tmp_path / d / "fibration_report.json").read_text()) for d in ("whole", "cut"))
     assert cut["retune"] == whole["retune"] and cut["metrics"] == whole["metrics"]
