@@ -42,6 +42,32 @@ ARG_CHECKS = [
     ("target_ratio", lambda v: math.isfinite(v) and v >= 1, "a number ≥ 1 (how many times smaller)"),
     ("holdout_fraction", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
 ]
+# Flags given together that would be resolved silently: (flag, other, why). One row per pair.
+CONFLICTS = [
+    ("epsilon", "target_params", "a fixed ε and a target size pick the ε's differently"),
+    ("epsilon", "target_ratio", "a fixed ε and a target size pick the ε's differently"),
+    ("epsilon", "lossless", "--lossless removes only exact units, with no ε"),
+    ("lossless", "target_params", "--lossless removes only exact units, whatever the size"),
+    ("lossless", "target_ratio", "--lossless removes only exact units, whatever the size"),
+    ("target_params", "target_ratio", "both set the size"),
+    ("tolerance", "epsilon", "τ bounds the ε search, which a fixed ε skips"),
+    ("tolerance", "target_params", "the target size replaces the τ search"),
+    ("tolerance", "target_ratio", "the target size replaces the τ search"),
+    ("tolerance", "lossless", "--lossless has no loss bound"),
+    ("holdout_fraction", "epsilon", "a fixed ε is not searched, so nothing is held out"),
+    ("holdout_fraction", "lossless", "--lossless is not searched, so nothing is held out"),
+    ("holdout_fraction", "holdout_dataset", "both say what is held out"),
+    ("holdout_dataset", "epsilon", "a fixed ε is not searched, so nothing is held out"),
+    ("holdout_dataset", "lossless", "--lossless is not searched, so nothing is held out"),
+    ("search_steps", "epsilon", "a fixed ε is not searched"),
+    ("epsilon_max", "epsilon", "a fixed ε is not searched"),
+]
+# Flags that do something only beside another: (flag, the one it needs).
+RETUNE_ONLY = ("rho", "quench", "max_rounds", "train_dataset", "train_split", "train_samples", "epochs", "lr",
+               "patience", "mixed_precision", "distill")
+DISTILL_ONLY = ("distill_weight", "distill_temperature", "distill_hidden_weight", "distill_layers")
+NEEDS = [("layer_losses", "epsilon"), ("private", "push_to_hub"), *((f, "retune") for f in RETUNE_ONLY),
+         *((f, "distill") for f in DISTILL_ONLY)]
 # FibrationConfig fields named in its errors → the flags that set them.
 CONFIG_FLAGS = {"max_eval_samples": "--max-samples", "eval_batch_size": "--batch-size", "max_length": "--max-length",
                 "search_steps": "--search-steps", "epsilon_max": "--epsilon-max", "epsilon": "--epsilon",
@@ -180,11 +206,46 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def check_args(args: argparse.Namespace) -> None:
+def given_flags(parser: argparse.ArgumentParser, argv: list[str]) -> set[str]:
+    """The dests of the options written on the command line (abbreviations resolved as argparse does)."""
+    sub = next((a for a in parser._actions if isinstance(a, argparse._SubParsersAction)), None)
+    command = next((a for a in argv if not a.startswith("-")), None)
+    chosen = sub.choices.get(command) if sub is not None and command else None
+    if chosen is None:
+        return set()
+    options = chosen._option_string_actions
+    given = set()
+    for word in argv:
+        if word == "--":
+            break
+        if not word.startswith("--"):
+            continue
+        name = word.split("=", 1)[0]
+        matches = [name] if name in options else [o for o in options if o.startswith(name)]
+        if len({options[m].dest for m in matches}) == 1:
+            given.add(options[matches[0]].dest)
+    return given
+
+
+def _flag(dest: str) -> str:
+    return "--" + dest.replace("_", "-")
+
+
+def check_args(args: argparse.Namespace, given: set[str] | None = None) -> None:
+    """Values the parser cannot check, and (with ``given``, the flags written) flags that conflict."""
     for dest, ok, what in ARG_CHECKS:
         value = getattr(args, dest, None)
         if value is not None and not ok(value):
             raise ValueError(f"--{dest.replace('_', '-')} must be {what}, got {value}.")
+    if given is None:
+        return
+    for flag, other, why in CONFLICTS:
+        if flag in given and other in given:
+            raise ValueError(f"Pass {_flag(flag)} or {_flag(other)}, not both: {why}.")
+    for flag, needed in NEEDS:
+        if flag in given and needed not in given and hasattr(args, needed):
+            raise ValueError(f"{_flag(flag)} applies only with {_flag(needed)}; add {_flag(needed)} or drop "
+                             f"{_flag(flag)}.")
 
 
 def _flags(message: str) -> str:
@@ -228,8 +289,6 @@ def _config(args: argparse.Namespace) -> FibrationConfig:
 
 
 def _target(args: argparse.Namespace) -> float | None:
-    if args.target_params is not None and args.target_ratio is not None:
-        raise ValueError("Pass --target-params or --target-ratio, not both.")
     return 1 / args.target_ratio if args.target_ratio is not None else args.target_params
 
 
@@ -545,7 +604,9 @@ def _terminate(signum: int, frame) -> None:
 def main(argv: list[str] | None = None) -> int:
     from .memory import return_big_frees
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    given = given_flags(parser, list(sys.argv[1:] if argv is None else argv))
     return_big_frees()  # freed calibration and eval buffers go back to the OS (glibc), see hf_fibration.memory
     handlers = {"compress": cmd_compress, "evaluate": cmd_evaluate, "retune": cmd_retune, "push": cmd_push}
     try:
@@ -553,7 +614,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError:  # not the main thread: leave signals to the host program
         previous = None
     try:
-        check_args(args)
+        check_args(args, given)
         return handlers[args.command](args)
     except (ValueError, OSError, RuntimeError) as err:
         if os.environ.get("HF_FIBRATION_DEBUG"):
