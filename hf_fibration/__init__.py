@@ -4,6 +4,7 @@ Importing the package registers the ``fibration`` quantization method with trans
 checkpoints load with plain ``AutoModel*.from_pretrained``.
 """
 
+from . import _startup  # noqa: F401, I001  (first: Ctrl-C while the CLI imports torch prints one line)
 from .api import compress_pretrained, push_to_hub
 from .config import FibrationConfig
 from .core import CompressionReport, FiberLinear, compress_lstm, compress_sequential

@@ -248,10 +248,12 @@ def check_args(args: argparse.Namespace, given: set[str] | None = None) -> None:
                              f"{_flag(flag)}.")
 
 
-def _flags(message: str) -> str:
-    """A FibrationConfig error in the CLI's words: field names become the flags that set them."""
+def _flags(message: str, only_fields: bool = False) -> str:
+    """A FibrationConfig error in the CLI's words: field names become the flags that set them (``only_fields``:
+    only the names no sentence uses, those with an underscore)."""
     for field, flag in sorted(CONFIG_FLAGS.items(), key=lambda kv: -len(kv[0])):
-        message = re.sub(rf"\b{field}\b", flag, message)
+        if not only_fields or "_" in field:
+            message = re.sub(rf"(?<!-)\b{field}\b", flag, message)
     return message
 
 
@@ -301,9 +303,28 @@ def _split_holdout(args: argparse.Namespace, config: FibrationConfig, model, tok
         holdout = _evalset(args, model, tokenizer, args.holdout_dataset).to(next(model.parameters()).device)
         search = evalset
     else:
+        check_holdout_size(evalset.num_examples, config.holdout_fraction, config.target_params is not None)
         search, holdout = evalset.split(config.holdout_fraction, config.seed)
     _warn_if_small(config, model, search)
     return search, holdout
+
+
+def check_holdout_size(examples: int, fraction: float, target: bool = False) -> None:
+    """The examples held out must be enough to confirm on: MIN_HOLDOUT_EXAMPLES for the τ search (below that the
+    standard error of their loss means nothing), one for a target size (measured only). One message, in flags."""
+    from .search import MIN_HOLDOUT_EXAMPLES
+
+    minimum = 1 if target else MIN_HOLDOUT_EXAMPLES
+
+    def held(n: int) -> int:
+        return min(max(round(fraction * n), 1), n - 1)
+
+    if held(examples) < minimum:
+        needed = next(n for n in range(2, 10**7) if held(n) >= minimum)
+        kept = max(held(examples), 0)
+        raise ValueError(f"--holdout-fraction {fraction} of {examples} eval examples holds out {kept}; the check on "
+                         f"unseen data needs at least {minimum}: pass --max-samples {needed} or more (with that much "
+                         "data), or --holdout-fraction 0 to go without the check.")
 
 
 def _warn_if_small(config: FibrationConfig, model, search) -> None:
@@ -333,8 +354,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     )
 
     name = args.model or default_model()
-    default_output = "all-MiniLM-L6-v2-fibration" if not args.model else f"{Path(name.rstrip('/')).name}-fibration"
     config = _config(args)
+    if not (args.epsilon is not None or args.lossless or args.holdout_dataset) and args.holdout_fraction > 0:
+        check_holdout_size(args.max_samples, args.holdout_fraction, config.target_params is not None)  # and the data
+    default_output = "all-MiniLM-L6-v2-fibration" if not args.model else f"{Path(name.rstrip('/')).name}-fibration"
     if args.base_model is not None and not is_hub_id(args.base_model):
         raise ValueError(f"--base-model {args.base_model!r} is not a hub model id; pass one like 'org/name'.")
     base_id = args.base_model or hub_id_of(name)
@@ -620,12 +643,14 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get("HF_FIBRATION_DEBUG"):
             raise
         message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if args.command == "compress":  # an error of the library naming a FibrationConfig field: the flag
+            message = _flags(message, only_fields=True)
         print(f"hf-fibration: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         why = f" ({err})" if str(err) else ""
         print(f"hf-fibration: interrupted{why}; no output written.", file=sys.stderr)
-        return 130
+        return 128 + (signal.SIGTERM if str(err) == signal.SIGTERM.name else signal.SIGINT)  # 143 or 130
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)

@@ -96,12 +96,30 @@ def load_config(name_or_path: str) -> transformers.PretrainedConfig:
                          "'user-or-org/name').")
     if path.is_dir() and not (path / "config.json").exists():
         raise ValueError(f"{name_or_path} has no config.json; pass a directory written by save_pretrained.")
+    if path.is_dir():
+        _check_dtype(path / "config.json")
     try:
         return transformers.AutoConfig.from_pretrained(name_or_path)
+    except AttributeError as err:  # transformers resolves config values with getattr(torch, ...)
+        raise ValueError(f"Cannot read the config of {name_or_path!r} ({_first(err)}); check config.json's values "
+                         "(dtype: float32, float16 or bfloat16).") from None
     except (OSError, ValueError) as err:
         where = "local directory" if path.exists() else "hub id (the Hub may be unreachable)"
         first = str(err).strip().splitlines()[0][:160]
         raise ValueError(f"Cannot load model {name_or_path!r} as a {where}: {first}") from None
+
+
+def _check_dtype(config_file: Path) -> None:
+    """config.json's dtype (or torch_dtype) must name a torch dtype; transformers fails with AttributeError."""
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        return  # transformers says what is wrong with the file
+    for key in ("dtype", "torch_dtype"):
+        value = config.get(key) if isinstance(config, dict) else None
+        if isinstance(value, str) and value != "auto" and not isinstance(getattr(torch, value, None), torch.dtype):
+            raise ValueError(f"{config_file} has {key} {value!r}, not a torch dtype; set it to \"float32\", "
+                             "\"float16\" or \"bfloat16\" (or delete the line).")
 
 
 def model_class(config: transformers.PretrainedConfig) -> type:
@@ -127,6 +145,11 @@ def resolve_device(device: str | None) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible; "
                              "pass a smaller index.")
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device {device}: MPS (Apple-silicon GPU) is not available to this torch (it needs macOS "
+                         "12.3+ on Apple silicon and a torch built with MPS); pass --device cpu.")
+    elif dev.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise ValueError(f"--device {device}: no Intel XPU is available to this torch; pass --device cpu.")
     elif dev.type not in ("cpu", "mps", "xpu"):
         raise ValueError(f"Unsupported device {device!r}; pass --device cpu, cuda or cuda:N.")
     return dev

@@ -25,6 +25,11 @@ ROWS = [
     ("wrong-split", ["compress", "{marian}", "--dataset", "{data_dir}", "--split", "nope"], "--split"),
     ("wrong-column", ["compress", "{marian}", "--dataset", "{pairs}", "--source-column", "nope"], "--source-column"),
     ("empty-split", ["compress", "{marian}", "--dataset", "{empty}"], "empty"),
+    # #27.7
+    ("bad-config-dtype", ["evaluate", "{bad_dtype}"], "not a torch dtype"),
+    ("mps-unavailable", ["evaluate", "{marian}", "--device", "mps"], "--device cpu"),
+    ("holdout-too-small", ["compress", "{marian}", "--max-samples", "4"], "pass --max-samples 15 or more"),
+    ("holdout-too-small-data", ["compress", "{marian}", "--dataset", "{pairs}"], "--holdout-fraction 0"),
     # #27.6: conflicting flags are refused, not resolved silently
     ("epsilon-and-target", ["compress", "{marian}", "--epsilon", "0.3", "--target-params", "0.5"],
      "Pass --epsilon or --target-params, not both"),
@@ -203,7 +208,11 @@ def places(tmp_path_factory, marian_dir, compressed):
     (root / "binary.txt").write_bytes(bytes(range(256)) * 4)
     (root / "broken.jsonl").write_text('{"de": "Hallo", "en": "Hello"}\n{"de": broken\n')
     (root / "broken.csv").write_text('de,en\n"Hallo,Hello\n1,2,3,4\n')
-    return {"latin1": root / "latin1.txt", "binary": root / "binary.txt", "broken_jsonl": root / "broken.jsonl",
+    bad_dtype = shutil.copytree(compressed, root / "bad_dtype")
+    config = json.loads((bad_dtype / "config.json").read_text())
+    (bad_dtype / "config.json").write_text(json.dumps({**config, "dtype": "float99"}))
+    return {"bad_dtype": bad_dtype, "latin1": root / "latin1.txt", "binary": root / "binary.txt",
+            "broken_jsonl": root / "broken.jsonl",
             "broken_csv": root / "broken.csv", "copy": copy, "copy_parent": copy.parent, "foreign": root / "foreign",
             "text": root / "text.txt",
             "marian": marian_dir, "compressed": compressed, "vit": root / "vit", "no_tokenizer": root / "no_tokenizer",
