@@ -352,6 +352,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         load_tokenizer,
         save_checkpoint,
     )
+    from .publish import base_card
 
     name = args.model or default_model()
     config = _config(args)
@@ -409,6 +410,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                   "config": config.to_dict(), "report": report.to_dict(),
                   "metrics": {"before": before, "after": after}, "rounds": rounds,
                   "metrics_on": "held-out examples the search never saw" if holdout is not None else "eval set",
+                  "base_card": base_card(name if not is_hub_id(name) else base_id or name),
                   "holdout_examples": None if holdout is None else holdout.num_examples}
         save_checkpoint(model, tokenizer, tmp, record, source=name)
     print(report.table())

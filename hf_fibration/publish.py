@@ -51,6 +51,30 @@ def task_of_config(config: dict[str, Any]) -> str:
     return "fidelity"
 
 
+# The fidelity task's loss is 1 − cos between mean-pooled embeddings; every other task's is a cross-entropy.
+FIDELITY_LABEL = "1 − cos to the base model's embeddings"
+
+
+def base_card(source: str | None) -> dict[str, Any]:
+    """license, language and datasets from the base model's own card (a local README.md, else the Hub's, when
+    reachable): the compressed model inherits the base's license and what it was trained on."""
+    if not source:
+        return {}
+    path = Path(source).expanduser() / "README.md"
+    try:
+        card = ModelCard.load(path) if path.is_file() else ModelCard.load(source) if is_hub_id(source) else None
+    except Exception:  # offline, gated, no card: the fields stay unknown
+        return {}
+    if card is None:
+        return {}
+    data = card.data.to_dict()
+    return {k: data[k] for k in ("license", "license_name", "license_link", "language", "datasets") if data.get(k)}
+
+
+def _metric_label(task: str, name: str) -> str:
+    return FIDELITY_LABEL if task == "fidelity" and name == "loss" else name
+
+
 def read_record(directory: str | Path) -> dict[str, Any]:
     """The run's record: fibration_report.json, else one rebuilt from config.json's quantization_config."""
     directory = Path(directory)
@@ -92,9 +116,12 @@ def plot_layers(record: dict[str, Any], path: Path) -> bool:
     if not layers:
         return False
     fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(layers)), 3.2))
+    fig.set_size_inches(max(7, 0.3 * len(layers)), 5)
     ax.bar(range(len(layers)), [la["units_after"] / la["units_before"] for la in layers], color="tab:red")
-    ax.set_ylabel("units kept")
-    ax.set_xticks(range(len(layers)), [la["name"].split(".", 1)[-1] for la in layers], rotation=90, fontsize=6)
+    ax.set_ylabel("fraction of units kept", fontsize=12)
+    ax.set_xlabel("layer", fontsize=12)
+    ax.set_xticks(range(len(layers)), [la["name"].split(".", 1)[-1] for la in layers], rotation=90, fontsize=9)
+    ax.tick_params(axis="y", labelsize=10)
     ax.set_ylim(0, 1.05)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -155,8 +182,9 @@ def eval_results(record: dict[str, Any]) -> list[EvalResult]:
                 continue
             results.append(EvalResult(
                 task_type=TASK_TYPES[task], dataset_type=ds_type, dataset_name=ds_name, dataset_config=ds_config,
-                dataset_split=ds_split, metric_type=name, metric_value=float(value),
-                metric_name=f"{name} ({stage})"))
+                dataset_split=ds_split, metric_value=float(value),
+                metric_name=f"{_metric_label(task, name)} ({stage})",
+                metric_type="cosine_distance" if task == "fidelity" and name == "loss" else name))
     return results
 
 
@@ -169,15 +197,24 @@ def build_card(record: dict[str, Any], repo_id: str, plot: str | None = None, ba
     results = eval_results(record)
     sentence_transformers = bool(record.get("sentence_transformers"))
     tags = ["hf-fibration", "fibration", "compression", "structured-compression"]
+    inherited = record.get("base_card") or {}
+    ds_type = _dataset(record, task)[0]
+    datasets = list(dict.fromkeys([*(inherited.get("datasets") or []), *([ds_type] if ds_type != "custom" else [])]))
     card_data = ModelCardData(
-        base_model=base_id, base_model_relation="quantized" if base_id else None,
+        # The Hub's relations are adapter, merge, quantized and finetune. Fibration collapses units (rows averaged,
+        # consumer columns summed and refit on data, optionally retuned): new weights derived from the base's, of
+        # other shapes, in full precision — not a quantization (no lower-precision copy of the same weights), not
+        # a merge of several models, not an adapter on top of the base. Of the four, "finetune" is the honest one.
+        base_model=base_id, base_model_relation="finetune" if base_id else None,
         library_name="sentence-transformers" if sentence_transformers else "transformers",
         tags=tags + ["sentence-transformers", "sentence-similarity"] if sentence_transformers else tags,
-        datasets=_dataset(record, task)[4], pipeline_tag=TASK_TYPES[task],
-        model_name=repo_id.split("/")[-1] if results else None, eval_results=results or None,
+        license=inherited.get("license"), license_name=inherited.get("license_name"),
+        license_link=inherited.get("license_link"), language=inherited.get("language"), datasets=datasets or None,
+        pipeline_tag=TASK_TYPES[task], model_name=repo_id.split("/")[-1] if results else None,
+        eval_results=results or None,
     )
-    rows = [{"name": name, "before": _fmt((metrics.get("before") or {}).get(name)), "after": _fmt(value)}
-            for name, value in (metrics.get("after") or {}).items()]
+    rows = [{"name": _metric_label(task, name), "before": _fmt((metrics.get("before") or {}).get(name)),
+             "after": _fmt(value)} for name, value in (metrics.get("after") or {}).items()]
     before, after = report.get("params_before") or 0, report.get("params_after") or 0
     ne_before, ne_after = report.get("non_embedding_params_before"), report.get("non_embedding_params_after")
     described = base_id or (Path(str(record["source"])).name if record.get("source") else "a model")
@@ -188,18 +225,36 @@ def build_card(record: dict[str, Any], repo_id: str, plot: str | None = None, ba
         non_embedding_before=f"{ne_before:,}" if ne_before else "—",
         non_embedding_after=f"{ne_after:,}" if ne_after else "—",
         non_embedding_ratio=f"{ne_before / max(ne_after, 1):.2f}×" if ne_before and ne_after else "—",
-        metrics=rows, auto_class=AUTO_CLASSES[task], command=short_command(record.get("command")), task=task,
-        tolerance=(record.get("config") or {}).get("tolerance"), layers=report.get("layers") or [], plot=plot,
-        losses=_loss_lines(report), sentence_transformers=sentence_transformers,
+        metrics=rows, auto_class=AUTO_CLASSES[task], command=short_command(record.get("command")),
+        loss_label=LOSS_LABELS[task], method=_method(record.get("config") or {}), layers=report.get("layers") or [],
+        plot=plot, losses=_loss_lines(report), sentence_transformers=sentence_transformers,
     )
+
+
+LOSS_LABELS = {"fidelity": f"{FIDELITY_LABEL} (1 − cosine between the mean-pooled, normalized embeddings of this "
+                           "model and of the uncompressed one; 0 is identical)",
+               "causal": "next-token cross-entropy", "masked": "masked-LM cross-entropy",
+               "seq2seq": "teacher-forced cross-entropy on the targets"}
+
+
+def _method(config: dict[str, Any]) -> str:
+    """How the ε's were chosen, in the card's words."""
+    if config.get("lossless"):
+        return "Lossless: only units whose removal is exact were removed (no ε, no search)."
+    if config.get("target_params") is not None:
+        return f"Target size: {config['target_params']:g} of the non-embedding parameters, allocated by measured loss."
+    if config.get("epsilon") is not None:
+        return f"Fixed ε = {config['epsilon']:g} for every layer (no search)."
+    return f"Searched: the largest ε per layer keeping the loss within τ = {config.get('tolerance')}."
 
 
 def _loss_lines(report: dict[str, Any]) -> list[str]:
     """Where each loss was measured: the examples the search used, and the held-out ones it never saw."""
     lines = []
+    searched = report.get("holdout_final_loss") is not None or report.get("search_examples")
     if report.get("final_loss") is not None and report.get("base_loss") is not None:
-        lines.append(f"on the {report.get('search_examples') or 'eval'} search examples: "
-                     f"{report['base_loss']:.4f} → {report['final_loss']:.4f}")
+        where = f"the {report.get('search_examples') or ''} search examples" if searched else "the eval examples"
+        lines.append(f"on {where.replace('  ', ' ')}: {report['base_loss']:.4f} → {report['final_loss']:.4f}")
     if report.get("holdout_final_loss") is not None and report.get("holdout_base_loss") is not None:
         lines.append(f"on {report.get('holdout_examples')} held-out examples the search never saw (the metrics "
                      f"above): {report['holdout_base_loss']:.4f} → {report['holdout_final_loss']:.4f}")

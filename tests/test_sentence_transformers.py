@@ -68,3 +68,4 @@ def test_model_card_shows_sentence_transformers_usage(minilm_compressed, tmp_pat
     card = write_card(minilm_compressed[1], "user/minilm-fib", tmp_path)
     assert "from sentence_transformers import SentenceTransformer" in card.content
     assert card.data.library_name == "sentence-transformers"
+    assert card.data.license == "apache-2.0" and card.data.language == "en"  # #27.8: from the base's card
