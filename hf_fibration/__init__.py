@@ -5,6 +5,7 @@ checkpoints load with plain ``AutoModel*.from_pretrained``.
 """
 
 from . import _startup  # noqa: F401, I001  (first: Ctrl-C while the CLI imports torch prints one line)
+from . import fiber_sources  # noqa: F401  (registers the built-in fibers_from choices)
 from .api import compress_pretrained, push_to_hub
 from .config import FibrationConfig
 from .core import CompressionReport, FiberLinear, compress_lstm, compress_sequential

@@ -4,11 +4,17 @@ from __future__ import annotations
 
 from torch import nn
 
+from . import calibration as cal
 from .config import FibrationConfig
+from .core.modules import count_parameters
 from .core.report import CompressionReport
-from .data import EvalSet, build_eval_set
+from .data import EvalSet, batch_loss_sum, build_eval_set, evaluate_loss
+from .lossless_glue import compress_lossless_config
+from .patch import build_sites, compress_with_epsilons, layer_report, non_embedding_parameters
 from .publish import push_to_hub
 from .quantizer import mark_compressed
+from .search import greedy_search
+from .target import compress_to_target
 
 __all__ = ["compress_pretrained", "push_to_hub"]
 
@@ -38,9 +44,6 @@ def compress_pretrained(
     ``hf_fibration.push_to_hub`` publishes it with a model card. ``base_model`` (a hub id or path) records what
     it was compressed from (default: what it was loaded from). The search confirms its bound on ``holdout`` (default:
     a ``config.holdout_fraction`` of the eval data that it then never uses otherwise)."""
-    from .patch import compress_with_epsilons
-    from .search import greedy_search
-
     config = config or FibrationConfig()
     _check_finite(model)
     fixed = config.epsilon is not None or all(p in config.epsilons for p in config.parts)
@@ -49,12 +52,8 @@ def compress_pretrained(
                                  max_length=config.max_length, seed=config.seed,
                                  max_samples=config.max_eval_samples)
     if config.lossless:
-        from .lossless_glue import compress_lossless_config
-
         report = compress_lossless_config(model, config, evalset)
     elif config.target_params is not None:
-        from .target import compress_to_target
-
         if evalset is None:
             raise ValueError("A target size is allocated by measured loss: pass tokenizer= (and optionally dataset=) "
                              "or evalset=.")
@@ -75,11 +74,6 @@ def compress_pretrained(
 def _compress_fixed(model: nn.Module, config: FibrationConfig, evalset: EvalSet, base_loss: float | None
                     ) -> CompressionReport:
     """Every site at its fixed ε, with the compensated refit of MLP consumers; two evaluations in all."""
-    from . import calibration as cal
-    from .core.modules import count_parameters
-    from .data import batch_loss_sum, evaluate_loss
-    from .patch import build_sites, layer_report, non_embedding_parameters
-
     report = CompressionReport(params_before=count_parameters(model),
                                non_embedding_params_before=non_embedding_parameters(model))
     report.base_loss = evaluate_loss(model, evalset) if base_loss is None else base_loss

@@ -36,9 +36,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .afde_glue import afde_dendrogram
 from .calibration import capture_inputs, compensate_mlp, original_hidden
 from .config import FibrationConfig
-from .core.compensate import activation_fibers, importance, span_representatives
+from .core.compensate import SpanDendrogram, activation_fibers, importance
 from .core.fibers import FiberDendrogram, FiberPartition, colored_in_weights
 from .core.heads import flap_allocation, uniform_allocation
 from .core.merging import (
@@ -196,17 +197,12 @@ def _compress_mlp(model: nn.Module, site, method: str, k: int, calibration: Eval
     elif method in ("model-folding", "zipit", "fibration-kmeans", "fibration-inout"):
         partition = _merging_partition(method, in_rows, down, hidden, k, linkage, seed)
     elif method == "fibration-afde":  # ε-FDE blocks with the path metric of the calibration inputs
-        from .afde_glue import afde_dendrogram
-
         partition = afde_dendrogram(site, model, x).cut_to_count(k)
     elif method == "fibration-activations":
-        partition, fold = activation_fibers(hidden, importance("flap", up_rows, down, hidden), k, linkage)
-    else:
-        reps = span_representatives(hidden, down, k)
-        partition, fold = activation_fibers(hidden, None, k, representatives=reps)
-    site.apply(model, partition)
-    if method in ("fibration-activations", "fibration-span"):
-        _fold_columns(site, model, down, fold)
+        partition = activation_fibers(hidden, importance("flap", up_rows, down, hidden), k, linkage)[0]
+    else:  # fibers_from="span", the same fibers
+        partition = SpanDendrogram(hidden, down).cut_to_count(k)
+    site.apply(model, partition)  # a partition with a fold (activations, span) sets the consumer's columns
     if method in REPAIRED:
         _repair(site, model, modules, partition.labels)
     if compensate:
@@ -242,13 +238,6 @@ def _repair(site, model: nn.Module, originals: dict[str, nn.Module], labels: tor
         scales = fold_repair_scales(linear_weight(originals[name])[0].cpu(), labels)
         layer = get_module(model, name)
         layer.weight.mul_(scales.to(layer.weight)[:, None])
-
-
-@torch.no_grad()
-def _fold_columns(site, model: nn.Module, down: torch.Tensor, fold: torch.Tensor) -> None:
-    """Consumer columns of the fiber representatives: Σ_j a_j·col_j over each fiber's members."""
-    layer = get_module(model, site.modules[-1])
-    layer.weight.copy_((down.to(torch.float64) @ fold.T).to(layer.weight))
 
 
 @torch.no_grad()

@@ -9,8 +9,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .core.compensate import RIDGE_CANDIDATES, RidgeStats, activation_rows, mlp_hidden, reconstruction_error
-from .core.fibers import FiberDendrogram
+from .core.compensate import RIDGE_CANDIDATES, RidgeStats, mlp_hidden, reconstruction_error
 from .core.modules import FiberLinear
 from .patch import Site, get_module, linear_weight, set_module
 
@@ -218,19 +217,6 @@ def _refit(model: nn.Module, out_name: str, data: _RefitData, cal: Calibration, 
         result["folds"] = [consumer((1 - p, 3 - p)) for p in (0, 1)]  # without the batches of parity p
         result["calibration_batches"] = set(cal.batch.tolist())
     return result
-
-
-def site_dendrogram(site: Site, model: nn.Module, config, calibration: Calibration | None) -> FiberDendrogram:
-    """The site's dendrogram: over its calibration activations for ``fibers_from="activations"``, with their path
-    metric for ``"afde"``, else its own."""
-    if calibration is not None and config.fibers_from == "activations":
-        site.use_fibers(FiberDendrogram(activation_rows(original_hidden(site, model, calibration.inputs)),
-                                        config.linkage, False, config.exact_rtol))
-    if calibration is not None and config.fibers_from == "afde":  # ε-FDE with the path metric of the inputs
-        from .afde_glue import afde_dendrogram
-
-        site.use_fibers(afde_dendrogram(site, model, calibration.inputs, config.exact_rtol))
-    return site.dendrogram(model, config)
 
 
 def _f64_inputs(site: Site, modules: dict[str, nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:

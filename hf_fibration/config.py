@@ -4,15 +4,52 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from .core.fibers import EPSILON_MAX, LINKAGES
+from .core.fibers import EPSILON_MAX, LINKAGES, FiberPartition
 
 PARTS = ("attention", "mlp", "embeddings")
 SEARCH_ORDERS = ("forward", "backward")
 BUDGETS = ("uniform", "greedy")
-FIBER_SOURCES = ("weights", "activations", "inout", "afde")
+
+
+class Dendrogram(Protocol):
+    """What a fiber source builds for a site: its fibers at any threshold ε or unit count, nested."""
+
+    def cut(self, epsilon: float) -> FiberPartition: ...
+
+    def cut_to_count(self, num_fibers: int) -> FiberPartition: ...
+
+    def epsilon_for_count(self, num_fibers: int) -> float: ...
+
+
+@dataclass(frozen=True)
+class FiberSource:
+    """A way to form an MLP site's fibers, chosen by ``FibrationConfig.fibers_from``.
+
+    ``build(site, model, config, calibration)`` returns the site's ``Dendrogram``; ``calibration`` (a
+    ``calibration.Calibration`` of the tokens entering the site) is None when the run has no data or nothing asked
+    for it. ``calibrated``: the source reads those activations, so every policy captures them even when nothing is
+    refit."""
+
+    name: str
+    help: str
+    build: Callable[[Any, Any, FibrationConfig, Any], Dendrogram]
+    calibrated: bool = False
+
+
+FIBER_SOURCES: dict[str, FiberSource] = {}  # name → source; hf_fibration.fiber_sources registers the built-in ones
+
+
+def register_fiber_source(name: str, help: str, build: Callable[[Any, Any, FibrationConfig, Any], Dendrogram],
+                          *, calibrated: bool = False) -> FiberSource:
+    """Make ``fibers_from=name`` available to every policy (fixed ε, the τ search, the target size, Alg. 2)."""
+    if name in FIBER_SOURCES:
+        raise ValueError(f"A fiber source named {name!r} is already registered.")
+    FIBER_SOURCES[name] = source = FiberSource(name, help, build, calibrated)
+    return source
 
 
 @dataclass
@@ -64,13 +101,10 @@ class FibrationConfig:
     )
     fibers_from: str = field(
         default="weights",
-        metadata={"help": "MLP fibers from 'weights' (colored in-weights, the paper; exact at ε = 0), "
-                          "'activations' (cosine of calibration activations; needs data), 'inout' (in-weights "
-                          "beside consumer columns, the covers view; no data; best of the weight-only modes on the "
-                          "trained Llama and Marian models in results/baselines) or 'afde' (approximate forward "
-                          "differential equivalence, core/afde.py: blocks whose bound on the consumer's error, from "
-                          "in-rows, biases and consumer columns, stays ≤ ε × the layer's output scale; uses the "
-                          "calibration inputs when there are any)."},
+        metadata={"help": "How MLP units are grouped into fibers: one of FIBER_SOURCES ('weights', the paper's "
+                          "colored in-weights, exact at ε = 0; 'activations'; 'inout'; 'afde'; 'span', the best "
+                          "measured on pretrained weights, needs data); each source's help is "
+                          "FIBER_SOURCES[name].help."},
     )
     calibration_tokens: int = field(default=8192, metadata={"help": "Tokens of calibration activations per MLP."})
     ridge: float | None = field(
@@ -147,6 +181,11 @@ class FibrationConfig:
         _check(self.max_eval_samples >= 1, f"max_eval_samples must be ≥ 1, got {self.max_eval_samples}.")
         _check(self.eval_batch_size >= 1, f"eval_batch_size must be ≥ 1, got {self.eval_batch_size}.")
         _check(self.max_length >= 2, f"max_length must be ≥ 2, got {self.max_length}.")
+
+    @property
+    def calibrates_mlps(self) -> bool:
+        """Whether MLP sites need the calibration activations entering them: to refit, or to form the fibers."""
+        return self.compensate or FIBER_SOURCES[self.fibers_from].calibrated
 
     def epsilon_for(self, part: str, module_name: str) -> float | None:
         """The fixed ε of a module: its name, then its part, then the global ε (None: to be searched)."""

@@ -12,19 +12,18 @@ from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
+from transformers.activations import ACT2FN
 
 from .config import FibrationConfig
 from .core.lossless import ACTIVATIONS, RULES, LosslessLayer, LosslessPartition, LosslessReport, lossless_partition
 from .core.lossless import rank as _core_rank
 from .core.modules import count_parameters
 from .core.report import CompressionReport, LayerReport
-from .patch import Site, build_sites, get_module, linear_weight
+from .patch import Site, build_sites, get_module, linear_weight, non_embedding_parameters
 
 
 def activation_of(model: nn.Module) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
     """(name, σ) of the model's MLP activation, from its config (σ from transformers' ACT2FN)."""
-    from transformers.activations import ACT2FN
-
     config = model.config
     name = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
     if not isinstance(name, str) or name not in ACT2FN:
@@ -110,16 +109,12 @@ def rank(model: nn.Module | tuple[torch.Tensor, ...], activation: str = "tanh", 
 def compress_lossless_config(model: nn.Module, config: FibrationConfig, evalset=None) -> CompressionReport:
     """``FibrationConfig(lossless=True)`` through ``compress_pretrained``: the lossless report is kept as
     ``report.lossless`` (units per rule, max |Δ output| on the eval batches when given)."""
-    from .patch import non_embedding_parameters
-
     params, non_emb = count_parameters(model), non_embedding_parameters(model)
     lossless = compress_lossless_pretrained(model, rtol=config.exact_rtol,
                                             batches=None if evalset is None else evalset.batches)
-    report = CompressionReport(
+    return CompressionReport(
         layers=[LayerReport(x.name, x.units_before, x.units_after, 0.0, x.params_before, x.params_after)
                 for x in lossless.layers],
         params_before=params, params_after=count_parameters(model), non_embedding_params_before=non_emb,
-        non_embedding_params_after=non_emb - (params - count_parameters(model)),
+        non_embedding_params_after=non_emb - (params - count_parameters(model)), lossless=lossless,
     )
-    report.lossless = lossless
-    return report

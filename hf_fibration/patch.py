@@ -10,18 +10,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from .architectures import SUPPORTED_MODEL_TYPES, Architecture, architecture_for
-from .config import FibrationConfig
+from .config import FIBER_SOURCES, Dendrogram, FibrationConfig
 from .core.collapse import collapse_weight, mean_rows
 from .core.embedding import FiberEmbedding, FiberInputLinear
 from .core.fibers import FiberDendrogram, FiberPartition, colored_in_weights
-from .core.merging import inout_rows
 from .core.modules import FiberLinear, count_parameters
 from .core.report import CompressionReport, LayerReport
+
+if TYPE_CHECKING:
+    from .calibration import Calibration
 
 FIBER_MODULES = (FiberLinear, FiberEmbedding, FiberInputLinear)
 HOMOGENEOUS_ACTIVATIONS = ("relu", "leaky_relu")
@@ -58,7 +61,7 @@ class Site:
     modules: tuple[str, ...]
     scale_aware: bool = False
     _originals: dict[str, nn.Module] = field(default_factory=dict, repr=False)
-    _dendrogram: FiberDendrogram | None = field(default=None, repr=False)
+    _dendrogram: Dendrogram | None = field(default=None, repr=False)
 
     def units(self, model: nn.Module) -> int:
         if self.kind == "embedding":
@@ -68,27 +71,24 @@ class Site:
     def params(self, model: nn.Module) -> int:
         return sum(count_parameters(get_module(model, m)) for m in self.modules)
 
-    def use_fibers(self, dendrogram: FiberDendrogram) -> None:
-        """Take the site's fibers from ``dendrogram`` (activations, AFDE blocks) instead of its weights."""
-        self._dendrogram = dendrogram
-
     def originals(self, model: nn.Module) -> dict[str, nn.Module]:
         """The site's uncompressed modules: those an ``apply`` swapped out, else the model's own."""
         return self._originals or {m: get_module(model, m) for m in self.modules}
 
-    def dendrogram(self, model: nn.Module, config: FibrationConfig) -> FiberDendrogram:
-        if self._dendrogram is None and self.kind == "mlp" and config.fibers_from == "afde":
-            from .afde_glue import afde_dendrogram  # ε-FDE blocks (core/afde.py), data-free here
-
-            self._dendrogram = afde_dendrogram(self, model, None, config.exact_rtol)
+    def dendrogram(self, model: nn.Module, config: FibrationConfig, calibration: Calibration | None = None
+                   ) -> Dendrogram:
+        """The site's fibers, built once: an MLP's from ``config.fibers_from`` (``config.FIBER_SOURCES``, given the
+        calibration activations entering it when there are any), every other site's from its weight rows."""
         if self._dendrogram is None:
-            rows = self._rows(model)
-            if self.kind == "mlp" and config.fibers_from == "inout":  # covers view: in-rows beside out-columns
-                rows = inout_rows(rows, linear_weight(get_module(model, self.modules[-1]))[0])
-            self._dendrogram = FiberDendrogram(rows, config.linkage, self.scale_aware, config.exact_rtol)
+            if self.kind == "mlp":
+                self._dendrogram = FIBER_SOURCES[config.fibers_from].build(self, model, config, calibration)
+            else:
+                self._dendrogram = FiberDendrogram(self.rows(model), config.linkage, self.scale_aware,
+                                                   config.exact_rtol)
         return self._dendrogram
 
-    def _rows(self, model: nn.Module) -> torch.Tensor:
+    def rows(self, model: nn.Module) -> torch.Tensor:
+        """The units' colored in-weights (an MLP's input projections side by side; an embedding's columns)."""
         if self.kind == "embedding":
             return model.get_input_embeddings().weight.detach().to(torch.float64).T
         return torch.cat([colored_in_weights(*linear_weight(get_module(model, m))) for m in self.modules_in()], 1)
@@ -143,6 +143,9 @@ class Site:
             set_module(model, name, FiberLinear.from_weights(w, b, getattr(original, "fiber_index", None)))
         out = self._originals[self.modules[-1]]
         w, b = collapse_weight(*linear_weight(out), None, partition)
+        if partition.fold is not None:  # units folded into representatives by a coefficient each
+            weight = linear_weight(out)[0].to(torch.float64)
+            w = (weight @ partition.fold.T.to(weight)).to(w)
         set_module(model, self.modules[-1], FiberLinear.from_weights(w, b, getattr(out, "fiber_index", None)))
 
     def _apply_embedding(self, model: nn.Module, partition: FiberPartition) -> None:

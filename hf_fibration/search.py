@@ -18,7 +18,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .architectures import architecture_for
-from .calibration import Calibration, capture_calibration, refitter, site_dendrogram
+from .calibration import Calibration, capture_calibration, refitter
 from .config import FibrationConfig
 from .core.fibers import FiberPartition
 from .core.modules import count_parameters
@@ -203,7 +203,7 @@ def _search_once(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
             fixed = config.epsilon_for(site.part, site.name)
             site_bound = bound if config.budget == "greedy" else base + (bound - base) * (i + 1) / len(sites)
             calibration = None
-            if site.kind == "mlp" and (config.compensate or config.fibers_from == "activations"):
+            if site.kind == "mlp" and config.calibrates_mlps:
                 calibration = _calibrate(model, config, site, evalset, replay)
             layer, current = _search_site(model, config, site, loss, site_bound, current, fixed, calibration,
                                           cross_fit)
@@ -231,7 +231,7 @@ def _search_site(
 ) -> tuple[LayerReport | None, float]:
     units, params_before = site.units(model), _site_params(model, site)
     cross_fit = {} if cross_fit is None else cross_fit
-    dendro = site_dendrogram(site, model, config, calibration)
+    dendro = site.dendrogram(model, config, calibration)
     tried: dict[int, tuple[FiberPartition, float]] = {}
     notes: dict[str, str | None] = {"compensation": None}
 
@@ -312,8 +312,6 @@ def naive_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet) ->
     the dendrogram at every bisection step, evaluate the full model on the full eval set. Same decisions.
 
     Returns the compressed copy and the ε chosen per site (None where the site stayed uncompressed)."""
-    import copy
-
     base = evaluate_loss(model, evalset)
     bound = base * (1 + config.tolerance) if evalset.task != "fidelity" else config.tolerance
     chosen_eps: list[float | None] = []

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import capture_calibration, refitter, site_dendrogram
+from .calibration import capture_calibration, refitter
 from .config import FibrationConfig
 from .core.modules import count_parameters
 from .core.report import CompressionReport, LayerReport
@@ -146,7 +146,7 @@ def _curve(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalS
     counts = [units] + sorted({max(1, round(f * units)) for f in LADDER} - {units}, reverse=True)
     params, increase = [site.params(model)], [0.0]
     calibration = _calibration(model, config, site, evalset)
-    dendro = site_dendrogram(site, model, config, calibration)
+    dendro = site.dendrogram(model, config, calibration)
     refit = refitter(calibration, config)
     for count in counts[1:]:
         site.apply(model, dendro.cut_to_count(count), refit)
@@ -163,14 +163,14 @@ def _collapse(model: nn.Module, config: FibrationConfig, site: Site, evalset: Ev
               ) -> tuple[float, str | None]:
     """Cut the site to ``count`` fibers; returns the ε of that cut (the dendrogram height) and the refit's note."""
     calibration = _calibration(model, config, site, evalset)
-    dendro = site_dendrogram(site, model, config, calibration)
+    dendro = site.dendrogram(model, config, calibration)
     result = site.apply(model, dendro.cut_to_count(count), refitter(calibration, config))
     note = None if result is None else str(result["note"])
     return float(dendro.epsilon_for_count(count)), note
 
 
 def _calibration(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalSet):
-    if site.kind != "mlp" or not (config.compensate or config.fibers_from == "activations"):
+    if site.kind != "mlp" or not config.calibrates_mlps:
         return None
     run: Callable[[int], object] = lambda i: batch_loss_sum(model, evalset, i)  # noqa: E731
     return capture_calibration(model, site, run, len(evalset.batches), config.calibration_tokens)

@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from .fibers import FiberPartition
+from .fibers import EPSILON_MAX, FiberDendrogram, FiberPartition
 
 Activation = Callable[[torch.Tensor], torch.Tensor]
 
@@ -175,9 +175,8 @@ def activation_fibers(hidden: torch.Tensor, scores: torch.Tensor, k: int, linkag
 
     With ``representatives`` given (e.g. ``span_representatives``), every unit joins the nearest one.
     Returns the partition (representatives labeled 0..k-1, other units −1) and the fold matrix F (k × units)
-    with F[c, j] = a_j for the members of fiber c, so the new consumer weight is W_down Fᵀ."""
-    from .fibers import FiberDendrogram
-
+    with F[c, j] = a_j for the members of fiber c, so the new consumer weight is W_down Fᵀ (also the partition's
+    ``fold``, which ``Site.apply`` honours)."""
     h = hidden.to(torch.float64)
     n = h.shape[1]
     if representatives is not None:  # fibers around given representatives: each unit joins its nearest one
@@ -203,26 +202,79 @@ def activation_fibers(hidden: torch.Tensor, scores: torch.Tensor, k: int, linkag
     labels[reps] = new_label
     fold = torch.zeros(num, n, dtype=torch.float64)
     fold[new_label[fibers], torch.arange(n)] = coef
-    return FiberPartition(labels, torch.ones(n, dtype=torch.float64)), fold
+    return FiberPartition(labels, torch.ones(n, dtype=torch.float64), fold), fold
 
 
 def span_representatives(hidden: torch.Tensor, down_weight: torch.Tensor, k: int) -> torch.Tensor:
     """The k units whose (centered, output-weighted) activations span the others best: the first k pivots of a
     pivoted Cholesky of the Gram of Φ = H·diag(‖W_down[:, i]‖) (the pivots of a column-pivoted QR of Φ), found
     greedily in O(n·k²). Units in their span are linear fibers of them."""
+    n = hidden.shape[1]
+    return _span_pivots(hidden, down_weight, max(1, min(k, n)))[0]
+
+
+def _span_pivots(hidden: torch.Tensor, down_weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first k pivots (each independent of k) and the relative residual ‖Φ − P_t Φ‖_F / ‖Φ‖_F after the
+    first t of them, t = 0..k. Once nothing is left to explain (round-off), the remaining units follow in index
+    order with residual 0."""
     h = hidden.to(torch.float64)
     phi = (h - h.mean(0, keepdim=True)) * down_weight.to(torch.float64).norm(dim=0)
     gram = phi.T @ phi
     n = gram.shape[0]
-    k = max(1, min(k, n))
     residual = gram.diagonal().clone()
+    total = float(residual.sum())
     factor = torch.zeros(n, k, dtype=torch.float64)
     pivots = torch.empty(k, dtype=torch.long)
+    left = torch.ones(n, dtype=torch.bool)
+    energy = torch.zeros(k + 1, dtype=torch.float64)
+    energy[0] = total
     for t in range(k):
         i = int(torch.argmax(residual))
+        if not residual[i] > SPAN_ROUNDOFF * total:  # the span already holds every unit
+            rest = left.nonzero().flatten()[: k - t]
+            pivots[t:] = rest
+            energy[t + 1:] = 0.0
+            break
         pivots[t] = i
+        left[i] = False
         column = (gram[:, i] - factor[:, :t] @ factor[i, :t]) / residual[i].clamp_min(1e-30).sqrt()
         factor[:, t] = column
         residual -= column**2
         residual[pivots[: t + 1]] = -float("inf")
-    return pivots
+        energy[t + 1] = residual[left].clamp_min(0).sum()
+    relative = (energy / max(total, 1e-300)).sqrt()
+    return pivots, torch.cummin(relative, 0).values
+
+
+SPAN_ROUNDOFF = 1e-13  # a pivot's residual below this fraction of the trace is round-off, not signal
+
+
+class SpanDendrogram:
+    """``fibers_from="span"``: the nested span fibers of an MLP site, cut at any count or ε like a dendrogram.
+
+    The t-th representative is the t-th pivot of ``span_representatives`` (the pivots do not depend on how many
+    are asked for); every other unit folds into its most collinear representative (``activation_fibers``), so the
+    partition carries the consumer's fold. ε is the relative residual ‖Φ − P_k Φ‖_F / ‖Φ‖_F of the output-weighted
+    activations outside the span of the k kept units: in [0, 1], and a cut at ε keeps the fewest units within it
+    (ε = 0 keeps every unit unless the activations are rank-deficient)."""
+
+    def __init__(self, hidden: torch.Tensor, down_weight: torch.Tensor) -> None:
+        self.hidden = hidden
+        self.order, self.residual = _span_pivots(hidden, down_weight, hidden.shape[1])
+
+    @property
+    def num_units(self) -> int:
+        return int(self.order.numel())
+
+    def cut(self, epsilon: float) -> FiberPartition:
+        if not 0.0 <= epsilon < EPSILON_MAX:
+            raise ValueError(f"epsilon must lie in [0, 2), got {epsilon}.")
+        within = (self.residual[1:] <= epsilon).nonzero().flatten()
+        return self.cut_to_count(int(within[0]) + 1 if within.numel() else self.num_units)
+
+    def cut_to_count(self, num_fibers: int) -> FiberPartition:
+        k = max(1, min(num_fibers, self.num_units))
+        return activation_fibers(self.hidden, None, k, representatives=self.order[:k])[0]
+
+    def epsilon_for_count(self, num_fibers: int) -> float:
+        return float(self.residual[max(1, min(num_fibers, self.num_units))])

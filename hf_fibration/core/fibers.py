@@ -83,10 +83,14 @@ def cosine_distance_condensed(rows: torch.Tensor) -> np.ndarray:
 
 @dataclass
 class FiberPartition:
-    """Fiber id per unit (0..k-1, or -1 for a dropped unit) and the positive scale of each unit."""
+    """Fiber id per unit (0..k-1, or -1 for a dropped unit) and the positive scale of each unit.
+
+    ``fold`` (k × units), when set, gives the consumer's new columns as W·foldᵀ instead of the sums over each
+    fiber: units folded into a representative by a coefficient each (``core.compensate.activation_fibers``)."""
 
     labels: torch.Tensor
     scales: torch.Tensor
+    fold: torch.Tensor | None = None
 
     @property
     def num_units(self) -> int:

@@ -256,7 +256,7 @@ def lossless_partition(
     for s in rel[member].tolist():
         kind = "equal" if close(s, 1.0) else "negated" if close(s, -1.0) else "scaled"
         removed[kind] += 1
-    return LosslessPartition(relabel(labels), scales, offsets, removed)
+    return LosslessPartition(relabel(labels), scales, offsets=offsets, removed=removed)
 
 
 def _with_bias(weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .lossless import LosslessLayer, LosslessReport
+
 
 @dataclass
 class LayerReport:
@@ -32,6 +34,7 @@ class CompressionReport:
     search_examples: int | None = None
     holdout_examples: int | None = None
     attempts: list[dict] = field(default_factory=list)
+    lossless: LosslessReport | None = None  # lossless mode: units removed per rule and layer, max |Δ output|
 
     @property
     def ratio(self) -> float:
@@ -44,12 +47,19 @@ class CompressionReport:
         return self.non_embedding_params_before / max(self.non_embedding_params_after, 1)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        data = asdict(self)
+        if self.lossless is not None:
+            data["lossless"] = self.lossless.to_dict()
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> CompressionReport:
         data = dict(data)
         data["layers"] = [LayerReport(**layer) for layer in data.get("layers", [])]
+        if data.get("lossless") is not None:
+            lossless = {k: v for k, v in data["lossless"].items() if k != "removed_total"}
+            lossless["layers"] = [LosslessLayer(**layer) for layer in lossless.get("layers", [])]
+            data["lossless"] = LosslessReport(**lossless)
         return cls(**data)
 
     def table(self) -> str:
