@@ -73,7 +73,8 @@ CONFIG_FLAGS = {"max_eval_samples": "--max-samples", "eval_batch_size": "--batch
                 "search_steps": "--search-steps", "epsilon_max": "--epsilon-max", "epsilon": "--epsilon",
                 "tolerance": "--tolerance", "linkage": "--linkage", "parts": "--parts",
                 "target_params": "--target-params", "holdout_fraction": "--holdout-fraction",
-                "calibration_tokens": "--calibration-tokens"}
+                "calibration_tokens": "--calibration-tokens", "fibers_from": "--fibers-from",
+                "compensate": "--no-compensate"}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -86,7 +87,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return text + " (default: %(default)s)"
 
 
-def _data_args(p: argparse.ArgumentParser) -> None:
+def _data_args(p: argparse.ArgumentParser, holdout: bool = False) -> None:
     g = p.add_argument_group("eval data (default: a small eval set packaged with hf-fibration)")
     g.add_argument("--dataset", help="hub dataset name, local data file (.txt/.json/.jsonl/.csv/.parquet) or dir")
     g.add_argument("--dataset-config", help="dataset configuration name")
@@ -95,21 +96,24 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--source-column", help="source column (translation)")
     g.add_argument("--target-column", help="target column (translation)")
     g.add_argument("--max-samples", type=int, default=256,
-                   help="eval examples used (half of them held out to confirm the bound, see --holdout-fraction)")
+                   help="eval examples used (half of them held out to confirm the bound, see --holdout-fraction)"
+                   if holdout else "eval examples used")
     g.add_argument("--batch-size", type=int, default=16, help="eval batch size")
     g.add_argument("--max-length", type=int, default=64, help="truncate examples to this many tokens")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
+def _train_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     g = p.add_argument_group("retuning (accelerate: mixed precision, multi-GPU from `accelerate config`)")
-    g.add_argument("--train-dataset", help="train data, like --dataset (required for retuning)")
+    g.add_argument("--train-dataset", required=required,
+                   help="train data, like --dataset" + ("" if required else " (required with --retune)"))
     g.add_argument("--train-split", default="train", help="train split")
     g.add_argument("--train-samples", type=int, default=1024, help="train examples used")
     g.add_argument("--epochs", type=int, default=3, help="retuning epochs per round")
     g.add_argument("--lr", type=float, default=5e-5, help="learning rate")
     g.add_argument("--patience", type=int, default=2, help="evaluations without improvement before stopping")
-    g.add_argument("--mixed-precision", default="no", help="no, fp16 or bf16")
+    g.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"),
+                   help="mixed-precision training through accelerate")
     g.add_argument("--distill", action="store_true",
                    help="distill from the uncompressed model: KL(teacher‖student)·T² on the logits mixed with the "
                         "task loss; bare encoders, whose loss already is fidelity to it, add every layer's hidden "
@@ -127,8 +131,11 @@ def _base_arg(p: argparse.ArgumentParser, help_text: str, metavar: str = "ID_OR_
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__, config
+
     parser = argparse.ArgumentParser(prog="hf-fibration", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"hf-fibration {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("compress", help="find fibers layer by layer and write a compressed checkpoint",
@@ -159,6 +166,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "read 1024 at a time, plus a quarter of them held out × (FFN width + d_model) × 8 B; one MLP "
                         "at a time")
     c.add_argument("--linkage", default="complete", help="complete, average or single")
+    sources = tuple(config.FIBER_SOURCES)  # read now: every registered fiber source is a choice
+    c.add_argument("--fibers-from", choices=sources, metavar="SOURCE",
+                   help="how MLP units are grouped into fibers: " + ", ".join(sources) + " (default: "
+                        f"{config.FibrationConfig.fibers_from}; see FibrationConfig.fibers_from)")
+    c.add_argument("--no-compensate", action="store_true",
+                   help="collapse MLPs without refitting their consumer (fc2/down) on calibration activations")
     c.add_argument("--output", help="output directory (default: ./<model name>-fibration)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -171,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-rounds", type=int, default=5, help="rounds of the compress–retune loop after the first")
     c.add_argument("--push-to-hub", metavar="REPO_ID", help="push the result (with a model card) to this repo")
     c.add_argument("--private", action="store_true", help="create the Hub repo as private")
-    _data_args(c)
+    _data_args(c, holdout=True)
     _train_args(c)
 
     r = sub.add_parser("retune", help="retune a compressed checkpoint with accelerate (early stopping, resume)",
@@ -185,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     _base_arg(r, "bare encoders: the uncompressed model to match (default: the one recorded in the checkpoint)")
     _data_args(r)
-    _train_args(r)
+    _train_args(r, required=True)
 
     p = sub.add_parser("push", help="push a compressed checkpoint to the Hub with a generated model card",
                        formatter_class=HelpFormatter)
@@ -285,9 +298,15 @@ def _config(args: argparse.Namespace) -> FibrationConfig:
                                max_eval_samples=args.max_samples, eval_batch_size=args.batch_size,
                                max_length=args.max_length, target_params=_target(args),
                                holdout_fraction=args.holdout_fraction, lossless=args.lossless,
-                               calibration_tokens=args.calibration_tokens)
+                               calibration_tokens=args.calibration_tokens, **_optional_fields(args))
     except ValueError as err:
         raise ValueError(_flags(str(err))) from None
+
+
+def _optional_fields(args: argparse.Namespace) -> dict:
+    """FibrationConfig fields set only when their flag is given (else the config's own default holds)."""
+    fields = {} if args.fibers_from is None else {"fibers_from": args.fibers_from}
+    return {**fields, "compensate": False} if args.no_compensate else fields
 
 
 def _target(args: argparse.Namespace) -> float | None:
@@ -622,6 +641,17 @@ def _recorded_holdout(args: argparse.Namespace, evalset):
     return held_out if held_out.num_examples == record.get("holdout_examples") else None
 
 
+def _silence_progress_bars() -> None:
+    """--no-progress: no bars from transformers (loading, saving weights), huggingface_hub or datasets either."""
+    import datasets
+    import huggingface_hub.utils
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    datasets.disable_progress_bars()
+
+
 def _terminate(signum: int, frame) -> None:
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
@@ -633,6 +663,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     given = given_flags(parser, list(sys.argv[1:] if argv is None else argv))
     return_big_frees()  # freed calibration and eval buffers go back to the OS (glibc), see hf_fibration.memory
+    if getattr(args, "no_progress", False):
+        _silence_progress_bars()
     handlers = {"compress": cmd_compress, "evaluate": cmd_evaluate, "retune": cmd_retune, "push": cmd_push}
     try:
         previous = signal.signal(signal.SIGTERM, _terminate)  # kill, timeout, Slurm, Kubernetes: like Ctrl-C

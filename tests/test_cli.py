@@ -285,3 +285,55 @@ def test_ctrl_c_while_the_cli_imports_prints_one_line():
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert "Traceback" not in err and proc.returncode in (0, -signal.SIGINT), err
+
+
+@pytest.mark.parametrize("command", ["compress", "evaluate", "retune"])
+def test_help_says_only_what_the_command_has(command, capsys):
+    """#27.10: no --holdout-fraction where there is none; retune's --train-dataset required; choices listed."""
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert ("--holdout-fraction" in text) == (command == "compress")
+    if command == "retune":
+        assert "--train-dataset TRAIN_DATASET" in text and "[--train-dataset" not in text
+    if command != "evaluate":
+        assert "--mixed-precision {no,fp16,bf16}" in text
+
+
+def test_version_and_compress_flags_for_fiber_source_and_compensation(monkeypatch, capsys):
+    from hf_fibration import __version__, config
+    from hf_fibration.cli import _config, build_parser
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == f"hf-fibration {__version__}"
+    # the choices are read when the parser is built: a newly registered source appears without touching the CLI
+    monkeypatch.setattr(config, "FIBER_SOURCES", {**dict.fromkeys(config.FIBER_SOURCES), "planted": None})
+    action = next(a for a in build_parser()._subparsers._group_actions[0].choices["compress"]._actions
+                  if a.dest == "fibers_from")
+    assert tuple(action.choices) == tuple(config.FIBER_SOURCES) and "planted" in action.choices
+    monkeypatch.undo()
+    args = build_parser().parse_args(["compress", "m", "--fibers-from", "inout", "--no-compensate"])
+    made = _config(args)
+    assert made.fibers_from == "inout" and made.compensate is False
+    default = _config(build_parser().parse_args(["compress", "m"]))
+    assert default.fibers_from == config.FibrationConfig().fibers_from and default.compensate is True
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compress", "m", "--fibers-from", "nope"])
+
+
+def test_no_progress_silences_transformers_bars_too(marian_dir, tmp_path, capsys):
+    import transformers
+
+    try:
+        assert main(["compress", str(marian_dir), "--epsilon", "0.2", "--parts", "mlp", "--max-samples", "8",
+                     "--output", str(tmp_path / "out"), "--no-progress", "--device", "cpu"]) == 0
+        err = capsys.readouterr().err
+        assert "Loading weights" not in err and "Writing model shards" not in err and "it/s]" not in err, err
+    finally:
+        transformers.utils.logging.enable_progress_bar()
+        import datasets
+        import huggingface_hub.utils
+
+        huggingface_hub.utils.enable_progress_bars()
+        datasets.enable_progress_bars()
