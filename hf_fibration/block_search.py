@@ -1,0 +1,221 @@
+"""A τ search whose cost grows linearly with depth: block-output errors on cached inputs, one global allocation,
+then a bisection of that allocation on the true loss.
+
+1. One forward pass records what enters the first block of each stack (encoder, decoder, ...). The stack's inputs
+   are then carried block by block (as SparseGPT and Wanda do): at block b, every site of the block is cut at each
+   ε of a grid, and the relative error of the block's output, ‖Y' − Y‖² / ‖Y‖², is measured on the carried
+   inputs; then the inputs move on through the uncompressed block. Cost: sites × cuts × one block.
+2. The allocation: each site takes the cut that minimises (parameters kept) + λ·(error); the larger λ, the less is
+   collapsed. The search bisects log λ on the full eval loss (one evaluation per step) for the most compressed
+   allocation that keeps loss ≤ base·(1+τ), and applies it. The sites' errors are measured independently (each
+   on uncompressed inputs); the bisection on the real loss is what keeps the promise.
+
+Plain collapse only (``compensate=False`` and a fiber source that needs no calibration); sites outside the
+blocks (embeddings) are left for the greedy search.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .config import FIBER_SOURCES, FibrationConfig
+from .core.modules import count_parameters
+from .core.report import CompressionReport
+from .data import EvalSet, batch_loss_sum, evaluate_loss
+from .patch import Site, build_sites, layer_report, non_embedding_parameters
+from .search import _block_of, _bound, _site_params, _stacks
+
+GRID = 17  # ε's per site: ε_min + (ε_max − ε_min)·i/16
+
+
+def _first_output(out: object) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+class _StackInputs:
+    """What enters the first block of each stack, per eval batch: (args, kwargs), caches switched off."""
+
+    def __init__(self, model: nn.Module, stacks: list[list[nn.Module]], evalset: EvalSet) -> None:
+        self.calls: list[list[tuple[tuple, dict]]] = [[] for _ in stacks]
+        handles = [blocks[0].register_forward_pre_hook(self._hook(s), with_kwargs=True)
+                   for s, blocks in enumerate(stacks)]
+        try:
+            with torch.no_grad():
+                was_training = model.training
+                model.eval()
+                for i in range(len(evalset.batches)):
+                    batch_loss_sum(model, evalset, i)
+                model.train(was_training)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _hook(self, s: int):
+        def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+            kwargs = {k: (None if k in ("past_key_value", "past_key_values") else False if k == "use_cache" else v)
+                      for k, v in kwargs.items()}
+            self.calls[s].append((tuple(args), kwargs))
+
+        return record
+
+
+def _run(block: nn.Module, call: tuple[tuple, dict], hidden: torch.Tensor) -> torch.Tensor:
+    args, kwargs = call
+    if args:
+        return _first_output(block(hidden, *args[1:], **kwargs))
+    return _first_output(block(**{**kwargs, "hidden_states": hidden}))
+
+
+def _hidden(call: tuple[tuple, dict]) -> torch.Tensor:
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _first_tokens(evalset: EvalSet, tokens: int) -> EvalSet:
+    """The leading batches of ``evalset`` that hold about ``tokens`` input tokens (at least one batch)."""
+    count, taken = 0, 0
+    for batch in evalset.batches:
+        if taken and count >= tokens:
+            break
+        count += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
+        taken += 1
+    return EvalSet(evalset.task, evalset.batches[:taken], evalset.weights[:taken])
+
+
+def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSet, sites: list[Site],
+                      progress: bool = True) -> dict[str, list[dict]]:
+    """Per site, one entry per distinct cut of its ε grid: ε, partition, parameters after, relative block error,
+    measured on the first ``config.calibration_tokens`` tokens of ``evalset``."""
+    stacks, position = _stacks(model)
+    inputs = _StackInputs(model, stacks, _first_tokens(evalset, config.calibration_tokens))
+    by_block: dict[tuple[int, int], list[Site]] = {}
+    for site in sites:
+        pos = _block_of(site, position)
+        if pos is not None:
+            by_block.setdefault(pos, []).append(site)
+    grid = [config.epsilon_min + (config.epsilon_max - config.epsilon_min) * i / (GRID - 1) for i in range(GRID)]
+    curves: dict[str, list[dict]] = {}
+    bar = tqdm(total=len(by_block), desc="block errors", disable=not progress, unit="block")
+    with torch.no_grad():
+        for s, blocks in enumerate(stacks):
+            hidden = [_hidden(call) for call in inputs.calls[s]]
+            for b, block in enumerate(blocks):
+                calls = inputs.calls[s]
+                reference = [_run(block, call, h) for call, h in zip(calls, hidden, strict=True)]
+                norm = sum(float(y.double().pow(2).sum()) for y in reference)
+                for site in by_block.get((s, b), []):
+                    curves[site.name] = _site_curve(model, config, site, block, calls, hidden, reference, norm,
+                                                    grid)
+                hidden = reference
+                if (s, b) in by_block:
+                    bar.update(1)
+    bar.close()
+    return curves
+
+
+def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn.Module, calls: list,
+                hidden: list[torch.Tensor], reference: list[torch.Tensor], norm: float, grid: list[float]
+                ) -> list[dict]:
+    dendro = site.dendrogram(model, config)
+    site.commit()
+    params_before = _site_params(model, site)
+    curve: dict[int, dict] = {}
+    for eps in grid:
+        part = dendro.cut(eps)
+        if part.num_fibers in curve or part.is_trivial:
+            continue
+        site.apply(model, part)
+        error = sum(float((_run(block, call, h) - y).double().pow(2).sum())
+                    for call, h, y in zip(calls, hidden, reference, strict=True))
+        curve[part.num_fibers] = {"epsilon": eps, "partition": part, "params": _site_params(model, site),
+                                  "params_before": params_before, "error": error / max(norm, 1e-30)}
+        site.restore(model)
+        site.commit()  # forget the originals: a later apply must take the model's modules as they are then
+    return sorted(curve.values(), key=lambda c: c["params"], reverse=True)
+
+
+def allocate(curves: dict[str, list[dict]], lam: float) -> dict[str, dict | None]:
+    """Each site's cut minimising parameters + λ·error (None: leave the site uncompressed, error 0)."""
+    chosen: dict[str, dict | None] = {}
+    for name, curve in curves.items():
+        best, best_cost = None, float(curve[0]["params_before"]) if curve else 0.0
+        for cut in curve:
+            cost = cut["params"] + lam * cut["error"]
+            if cost < best_cost:
+                best, best_cost = cut, cost
+        chosen[name] = best
+    return chosen
+
+
+def _apply(model: nn.Module, sites: list[Site], chosen: dict[str, dict | None]) -> list[Site]:
+    applied = []
+    for site in sites:
+        cut = chosen.get(site.name)
+        if cut is not None:
+            site.apply(model, cut["partition"])
+            applied.append(site)
+    return applied
+
+
+def _undo(model: nn.Module, applied: list[Site]) -> None:
+    for site in reversed(applied):
+        site.restore(model)
+        site.commit()
+
+
+def block_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet, progress: bool = True,
+                 steps: int = 12) -> CompressionReport:
+    """Compress ``model`` in place: the most compressed λ-allocation of the block-error curves whose eval loss
+    stays ≤ base·(1+τ) (``steps`` bisection steps on log λ, each one full evaluation)."""
+    if config.compensate or FIBER_SOURCES[config.fibers_from].calibrated:
+        raise ValueError("The block search collapses without calibration data: pass compensate=False and a fiber "
+                         "source that needs none (e.g. fibers_from='weights'), or use the greedy search.")
+    report = CompressionReport(params_before=count_parameters(model),
+                               non_embedding_params_before=non_embedding_parameters(model))
+    base = evaluate_loss(model, evalset)
+    bound = _bound(base, config.tolerance, evalset.task)
+    report.base_loss = base
+    sites = [s for s in build_sites(model, config) if s.kind != "embedding"]
+    curves = site_error_curves(model, config, evalset, sites, progress)
+    errors = [c["error"] for curve in curves.values() for c in curve if c["error"] > 0]
+    saved = [c["params_before"] - c["params"] for curve in curves.values() for c in curve]
+    if not errors:
+        report.final_loss, report.params_after = base, report.params_before
+        report.non_embedding_params_after = report.non_embedding_params_before
+        return report
+    # λ from "everything collapses" (λ·max error below the smallest saving) to "nothing does"
+    lo = math.log(max(min(saved), 1) / max(errors) / 10)
+    hi = math.log(max(saved) / min(errors) * 10)
+    best: tuple[dict, float] | None = None
+    for _ in tqdm(range(steps), desc="allocation", disable=not progress, unit="eval"):
+        mid = (lo + hi) / 2
+        chosen = allocate(curves, math.exp(mid))
+        applied = _apply(model, sites, chosen)
+        value = evaluate_loss(model, evalset, bound)
+        _undo(model, applied)
+        if value <= bound:
+            best, hi = (chosen, value), mid
+        else:
+            lo = mid
+    current = base
+    if best is not None:
+        chosen, current = best
+        for site in sites:
+            cut = chosen.get(site.name)
+            if cut is None:
+                continue
+            before = site.units(model)
+            site.apply(model, cut["partition"])
+            report.layers.append(layer_report(model, site, cut["partition"], cut["epsilon"], before,
+                                              cut["params_before"]))
+            site.commit()
+        current = evaluate_loss(model, evalset)
+    report.final_loss = current
+    report.params_after = count_parameters(model)
+    report.non_embedding_params_after = non_embedding_parameters(model)
+    return report
+

@@ -1,0 +1,65 @@
+import copy
+
+import pytest
+import torch
+import transformers as T
+from tiny_models import VOCAB, plant_fibers, tiny_model
+
+from hf_fibration import FibrationConfig
+from hf_fibration.block_search import allocate, block_search
+from hf_fibration.data import EvalSet, build_eval_set, evaluate_loss, loss_terms, task_of
+from hf_fibration.search import greedy_search
+
+PLAIN = dict(compensate=False, holdout_fraction=0.0, parts=("attention", "mlp"))
+
+
+def _random_evalset(model) -> EvalSet:
+    g = torch.Generator().manual_seed(5)
+    task, batches = task_of(model), []
+    for _ in range(2):
+        ids = torch.randint(3, VOCAB, (4, 10), generator=g)
+        batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+        batch["labels"] = torch.randint(3, VOCAB, (4, 6), generator=g) if model.config.is_encoder_decoder else ids
+        batches.append(batch)
+    return EvalSet(task, batches, [loss_terms(task, b) for b in batches])
+
+
+@pytest.mark.parametrize("family", ["marian", "llama"])
+def test_planted_fibers_are_found_at_epsilon_zero_as_the_greedy_search_finds_them(family):
+    model = tiny_model(family)
+    plant_fibers(model)
+    evalset = _random_evalset(model)
+    config = FibrationConfig(tolerance=1e-4, epsilon_max=0.0, **PLAIN)
+    greedy, fast = copy.deepcopy(model), copy.deepcopy(model)
+    greedy_report = greedy_search(greedy, config, evalset, progress=False)
+    fast_report = block_search(fast, config, evalset, progress=False)
+    units = lambda report: {layer.name: layer.units_after for layer in report.layers}  # noqa: E731
+    assert units(fast_report) and units(fast_report) == units(greedy_report)
+    assert evaluate_loss(fast, evalset) == pytest.approx(evaluate_loss(model, evalset), rel=1e-5)
+
+
+def test_block_search_keeps_the_bound_on_a_trained_model(marian_dir):
+    model = T.MarianMTModel.from_pretrained(marian_dir).eval()
+    tok = T.AutoTokenizer.from_pretrained(marian_dir)
+    full = build_eval_set(model, tok, None, batch_size=32, max_length=32)
+    evalset = EvalSet(full.task, full.batches[:3], full.weights[:3])
+    config = FibrationConfig(tolerance=0.02, calibration_tokens=1024, **{**PLAIN, "parts": ("mlp",)})
+    base = evaluate_loss(model, evalset)
+    report = block_search(model, config, evalset, progress=False)
+    assert report.non_embedding_params_after < report.non_embedding_params_before
+    assert evaluate_loss(model, evalset) == pytest.approx(report.final_loss, rel=1e-6)
+    assert report.final_loss <= base * (1 + config.tolerance)
+
+
+def test_allocation_trades_parameters_for_error():
+    curves = {"a": [{"params_before": 100, "params": 60, "error": 0.01}, {"params_before": 100, "params": 20,
+                                                                             "error": 1.0}],
+              "b": [{"params_before": 100, "params": 50, "error": 0.5}]}
+    assert allocate(curves, 1.0)["a"]["params"] == 20 and allocate(curves, 1.0)["b"]["params"] == 50
+    assert allocate(curves, 50.0)["a"]["params"] == 60 and allocate(curves, 50.0)["b"]["params"] == 50
+    assert allocate(curves, 1e4) == {"a": None, "b": None}
+
+
+def test_block_search_refuses_a_calibrated_collapse():
+    with pytest.raises(ValueError, match="compensate=False"):
+        block_search(tiny_model("gpt2"), FibrationConfig(compensate=True), _random_evalset(tiny_model("gpt2")))
