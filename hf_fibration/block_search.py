@@ -22,12 +22,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .config import FIBER_SOURCES, FibrationConfig
+from .blocks import block_of, stacks_of
+from .config import FIBER_SOURCES, FibrationConfig, loss_bound
 from .core.modules import count_parameters
 from .core.report import CompressionReport
 from .data import EvalSet, batch_loss_sum, evaluate_loss
-from .patch import Site, build_sites, layer_report, non_embedding_parameters
-from .search import _block_of, _bound, _site_params, _stacks
+from .patch import Site, build_sites, layer_report, non_embedding_parameters, site_parameters
 
 GRID = 17  # ε's per site: ε_min + (ε_max − ε_min)·i/16
 
@@ -90,11 +90,11 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
                       progress: bool = True) -> dict[str, list[dict]]:
     """Per site, one entry per distinct cut of its ε grid: ε, partition, parameters after, relative block error,
     measured on the first ``config.calibration_tokens`` tokens of ``evalset``."""
-    stacks, position = _stacks(model)
+    stacks, position = stacks_of(model)
     inputs = _StackInputs(model, stacks, _first_tokens(evalset, config.calibration_tokens))
     by_block: dict[tuple[int, int], list[Site]] = {}
     for site in sites:
-        pos = _block_of(site, position)
+        pos = block_of(site, position)
         if pos is not None:
             by_block.setdefault(pos, []).append(site)
     grid = [config.epsilon_min + (config.epsilon_max - config.epsilon_min) * i / (GRID - 1) for i in range(GRID)]
@@ -122,7 +122,7 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn
                 ) -> list[dict]:
     dendro = site.dendrogram(model, config)
     site.commit()
-    params_before = _site_params(model, site)
+    params_before = site_parameters(model, site)
     curve: dict[int, dict] = {}
     for eps in grid:
         part = dendro.cut(eps)
@@ -131,7 +131,7 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn
         site.apply(model, part)
         error = sum(float((_run(block, call, h) - y).double().pow(2).sum())
                     for call, h, y in zip(calls, hidden, reference, strict=True))
-        curve[part.num_fibers] = {"epsilon": eps, "partition": part, "params": _site_params(model, site),
+        curve[part.num_fibers] = {"epsilon": eps, "partition": part, "params": site_parameters(model, site),
                                   "params_before": params_before, "error": error / max(norm, 1e-30)}
         site.restore(model)
         site.commit()  # forget the originals: a later apply must take the model's modules as they are then
@@ -177,7 +177,7 @@ def block_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
     report = CompressionReport(params_before=count_parameters(model),
                                non_embedding_params_before=non_embedding_parameters(model))
     base = evaluate_loss(model, evalset)
-    bound = _bound(base, config.tolerance, evalset.task)
+    bound = loss_bound(base, config.tolerance, evalset.task)
     report.base_loss = base
     sites = [s for s in build_sites(model, config) if s.kind != "embedding"]
     curves = site_error_curves(model, config, evalset, sites, progress)

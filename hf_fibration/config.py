@@ -12,6 +12,7 @@ from .core.fibers import EPSILON_MAX, LINKAGES, FiberPartition
 
 PARTS = ("attention", "mlp", "embeddings")
 SEARCH_ORDERS = ("forward", "backward")
+SEARCHES = ("greedy", "block")
 BUDGETS = ("uniform", "greedy")
 
 
@@ -41,6 +42,11 @@ class FiberSource:
 
 
 FIBER_SOURCES: dict[str, FiberSource] = {}  # name → source; hf_fibration.fiber_sources registers the built-in ones
+
+# The best fiber source measured for each kind of model (README "Fiber sources"): on a pretrained checkpoint
+# (all-MiniLM-L6-v2, target size 0.5, results/fiber_sources) span; on models trained from scratch the paper's
+# weight fibers, with which the tool's target allocation is best in every column of results/baselines/*-size.
+DEFAULT_FIBERS_FROM = {"pretrained": "span", "from_scratch": "weights"}
 
 
 def register_fiber_source(name: str, help: str, build: Callable[[Any, Any, FibrationConfig, Any], Dendrogram],
@@ -81,6 +87,13 @@ class FibrationConfig:
         metadata={"help": "How the loss headroom τ is shared: 'greedy' (paper: each layer may use all that is "
                           "left) or 'uniform' (after the i-th of N layers the loss may have used i/N of it)."},
     )
+    search: str = field(
+        default="greedy",
+        metadata={"help": "How the τ search decides: 'greedy' (the seed's Alg. 3: site by site, bisection on the full "
+                          "loss; cost grows with sites × depth) or 'block' (block-output errors of every site's cuts "
+                          "on carried block inputs, one allocation bisected on the full loss; linear in depth, plain "
+                          "collapse only)."},
+    )
     search_order: str = field(
         default="forward", metadata={"help": "Order in which layers are searched: 'forward' or 'backward'."}
     )
@@ -100,10 +113,11 @@ class FibrationConfig:
                           "squares) on calibration activations. Used whenever data is given (the ε search)."},
     )
     fibers_from: str = field(
-        default="weights",
+        default=DEFAULT_FIBERS_FROM["from_scratch"],
         metadata={"help": "How MLP units are grouped into fibers: one of FIBER_SOURCES ('weights', the paper's "
-                          "colored in-weights, exact at ε = 0; 'activations'; 'inout'; 'afde'; 'span', the best "
-                          "measured on pretrained weights, needs data); each source's help is "
+                          "colored in-weights, exact at ε = 0, the default and the best measured on models trained "
+                          "from scratch; 'activations'; 'inout'; 'afde'; 'span', the best measured on pretrained "
+                          "checkpoints, needs data: DEFAULT_FIBERS_FROM); each source's help is "
                           "FIBER_SOURCES[name].help."},
     )
     calibration_tokens: int = field(default=8192, metadata={"help": "Tokens of calibration activations per MLP."})
@@ -172,6 +186,7 @@ class FibrationConfig:
         _check(self.holdout_z >= 0, f"holdout_z must be ≥ 0, got {self.holdout_z}.")
         _check(self.holdout_retries >= 0, f"holdout_retries must be ≥ 0, got {self.holdout_retries}.")
         _check(self.budget in BUDGETS, f"Unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}.")
+        _check(self.search in SEARCHES, f"Unknown search {self.search!r}; choose one of {', '.join(SEARCHES)}.")
         _check(self.search_order in SEARCH_ORDERS,
                f"Unknown search_order {self.search_order!r}; choose one of {', '.join(SEARCH_ORDERS)}.")
         _check(self.linkage in LINKAGES, f"Unknown linkage {self.linkage!r}; choose one of {', '.join(LINKAGES)}.")
@@ -215,3 +230,8 @@ def _check(ok: bool, message: str) -> None:
 def _check_epsilon(name: str, value: float) -> None:
     _check(isinstance(value, (int, float)) and 0.0 <= value < EPSILON_MAX,
            f"{name} must lie in [0, 2) (cosine distance threshold), got {value}.")
+
+
+def loss_bound(base: float, tolerance: float, task: str) -> float:
+    """The loss a τ search may reach: base·(1+τ), or τ itself for the fidelity loss (1 − cos, whose base is 0)."""
+    return base * (1 + tolerance) if task != "fidelity" else tolerance

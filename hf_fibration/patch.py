@@ -217,6 +217,13 @@ def _block_sites(arch: Architecture, block_name: str, block: nn.Module, config: 
     return sites
 
 
+def site_parameters(model: nn.Module, site: Site) -> int:
+    """The parameters a site's collapse changes: its modules', or the embedding table's."""
+    if site.kind == "embedding":
+        return model.get_input_embeddings().weight.numel()
+    return site.params(model)
+
+
 def layer_report(model: nn.Module, site: Site, partition: FiberPartition, epsilon: float, before: int,
                  params_before: int) -> LayerReport:
     return LayerReport(site.name, before, partition.num_fibers, float(epsilon), params_before, site.params(model))

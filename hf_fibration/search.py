@@ -12,81 +12,19 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from torch import nn
 from tqdm.auto import tqdm
 
-from .architectures import architecture_for
+from .block_search import block_search
+from .blocks import BlockReplay, block_of, stacks_of
 from .calibration import Calibration, capture_calibration, refitter
-from .config import FibrationConfig
+from .config import FibrationConfig, loss_bound
 from .core.fibers import FiberPartition
 from .core.modules import count_parameters
 from .core.report import CompressionReport, LayerReport
 from .data import DataError, EvalSet, batch_loss_sum, evaluate_loss, example_losses, loss_increase
-from .patch import Site, build_sites, get_module, model_type_of, non_embedding_parameters, set_module
-
-
-@dataclass
-class BlockReplay:
-    """Replays the recorded outputs of the final blocks of each stack (encoder, decoder, ...)."""
-
-    stacks: list[list[nn.Module]]
-    batch: int = 0
-    frozen: dict[int, int] = field(default_factory=dict)  # stack → number of leading blocks replayed
-    outputs: dict[tuple[int, int], object] = field(default_factory=dict)  # (stack, batch) → last frozen output
-    recording: tuple[int, int] | None = None  # (stack, block) whose outputs the next pass records
-    _wrapped: list[nn.Module] = field(default_factory=list)
-
-    def install(self) -> None:
-        for s, blocks in enumerate(self.stacks):
-            for b, block in enumerate(blocks):
-                self._wrapped.append(block)
-                block.forward = self._wrap(s, b, block.forward)
-
-    def remove(self) -> None:
-        for block in self._wrapped:
-            block.__dict__.pop("forward", None)
-        self._wrapped = []
-        self.outputs.clear()
-
-    def _wrap(self, s: int, b: int, forward: Callable) -> Callable:
-        def replay_or_run(*args, **kwargs):
-            if b < self.frozen.get(s, 0):
-                return self.outputs[(s, self.batch)]
-            out = forward(*args, **kwargs)
-            if self.recording == (s, b):
-                self.outputs[(s, self.batch)] = out
-            return out
-
-        return replay_or_run
-
-    def freeze_through(self, s: int, b: int, record_pass: Callable[[], None]) -> None:
-        """Make blocks 0..b of stack s replayed: one pass records block b's outputs."""
-        if self.frozen.get(s, 0) > b:
-            return
-        self.recording = (s, b)
-        record_pass()
-        self.recording = None
-        self.frozen[s] = b + 1
-
-
-def _stacks(model: nn.Module) -> tuple[list[list[nn.Module]], dict[str, tuple[int, int]]]:
-    """Blocks grouped by their parent list, and each block name's (stack, index)."""
-    arch = architecture_for(model_type_of(model))
-    stacks: dict[str, list[tuple[str, nn.Module]]] = {}
-    for name, block in arch.blocks(model):
-        stacks.setdefault(name.rpartition(".")[0], []).append((name, block))
-    position = {name: (s, b) for s, blocks in enumerate(stacks.values()) for b, (name, _) in enumerate(blocks)}
-    return [[m for _, m in blocks] for blocks in stacks.values()], position
-
-
-def _block_of(site: Site, position: dict[str, tuple[int, int]]) -> tuple[int, int] | None:
-    for name, pos in position.items():
-        if site.name.startswith(name + "."):
-            return pos
-    return None
-
+from .patch import Site, build_sites, get_module, non_embedding_parameters, set_module, site_parameters
 
 MIN_HOLDOUT_EXAMPLES = 8  # below this the standard error of the held-out loss means nothing
 
@@ -113,8 +51,9 @@ def greedy_search(
         return _search_once(model, config, evalset, progress)
     if holdout is None and config.holdout_fraction > 0:
         evalset, holdout = evalset.split(config.holdout_fraction, config.seed)
+    search_once = block_search if config.search == "block" else _search_once
     if holdout is None:
-        return _search_once(model, config, evalset, progress)
+        return search_once(model, config, evalset, progress)
     if holdout.num_examples < MIN_HOLDOUT_EXAMPLES:
         raise DataError(f"The held-out check needs at least {MIN_HOLDOUT_EXAMPLES} examples, got "
                         f"{holdout.num_examples}: pass more eval data (--max-samples) or holdout_fraction=0 to "
@@ -122,14 +61,14 @@ def greedy_search(
     pristine = copy.deepcopy(model)
     base_terms = example_losses(model, holdout)
     holdout_base = float(base_terms[0].sum() / base_terms[1].sum())
-    allowed = _bound(holdout_base, config.tolerance, holdout.task) - holdout_base
+    allowed = loss_bound(holdout_base, config.tolerance, holdout.task) - holdout_base
     attempts: list[dict] = []
     tolerance, compensate = config.tolerance, config.compensate
     for attempt in range(config.holdout_retries + 1):
         if attempt == config.holdout_retries and attempt > 0:
             compensate = False
-        report = _search_once(model, dataclasses.replace(config, tolerance=tolerance, compensate=compensate),
-                              evalset, progress)
+        report = search_once(model, dataclasses.replace(config, tolerance=tolerance, compensate=compensate),
+                             evalset, progress)
         increase, se = loss_increase(base_terms, example_losses(model, holdout))
         attempts.append({"tolerance": tolerance, "compensate": compensate, "search_loss": report.final_loss,
                          "holdout_loss": holdout_base + increase, "holdout_se": se,
@@ -152,10 +91,6 @@ def greedy_search(
         "The model was left uncompressed.")
 
 
-def _bound(base: float, tolerance: float, task: str) -> float:
-    return base * (1 + tolerance) if task != "fidelity" else tolerance
-
-
 def _restore(model: nn.Module, pristine: nn.Module) -> None:
     """Put a deep copy of ``pristine``'s modules back into ``model`` (the object the caller holds)."""
     fresh = copy.deepcopy(pristine)
@@ -166,7 +101,7 @@ def _restore(model: nn.Module, pristine: nn.Module) -> None:
 def _search_once(model: nn.Module, config: FibrationConfig, evalset: EvalSet, progress: bool) -> CompressionReport:
     report = CompressionReport(params_before=count_parameters(model),
                                non_embedding_params_before=non_embedding_parameters(model))
-    stacks, position = _stacks(model)
+    stacks, position = stacks_of(model)
     replay = BlockReplay(stacks)
     replay.install()
 
@@ -187,7 +122,7 @@ def _search_once(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
 
     try:
         base = loss()
-        bound = _bound(base, config.tolerance, evalset.task)
+        bound = loss_bound(base, config.tolerance, evalset.task)
         report.base_loss = base
         sites = build_sites(model, config)
         if config.search_order == "backward":
@@ -195,7 +130,7 @@ def _search_once(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
         bar = tqdm(sites, desc="fibration search", disable=not progress, unit="layer")
         current = base
         for i, site in enumerate(bar):
-            pos = _block_of(site, position)
+            pos = block_of(site, position)
             if pos is not None and config.search_order == "forward":
                 s, b = pos
                 if b > 0:
@@ -229,7 +164,7 @@ def _search_site(
     calibration: Calibration | None = None,
     cross_fit: dict | None = None,
 ) -> tuple[LayerReport | None, float]:
-    units, params_before = site.units(model), _site_params(model, site)
+    units, params_before = site.units(model), site_parameters(model, site)
     cross_fit = {} if cross_fit is None else cross_fit
     dendro = site.dendrogram(model, config, calibration)
     tried: dict[int, tuple[FiberPartition, float]] = {}
@@ -286,7 +221,7 @@ def _search_site(
     cross_fit.clear()
     site.commit()
     layer = LayerReport(site.name, units, best_part.num_fibers, float(best_eps), params_before,
-                        _site_params(model, site), loss=best_loss, compensation=notes["compensation"])
+                        site_parameters(model, site), loss=best_loss, compensation=notes["compensation"])
     return layer, best_loss
 
 
@@ -299,12 +234,6 @@ def _calibrate(model: nn.Module, config: FibrationConfig, site: Site, evalset: E
         batch_loss_sum(model, evalset, i)
 
     return capture_calibration(model, site, run, len(evalset.batches), config.calibration_tokens)
-
-
-def _site_params(model: nn.Module, site: Site) -> int:
-    if site.kind == "embedding":
-        return model.get_input_embeddings().weight.numel()
-    return site.params(model)
 
 
 def naive_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet) -> tuple[nn.Module, list[float]]:

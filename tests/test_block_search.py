@@ -13,15 +13,15 @@ from hf_fibration.search import greedy_search
 PLAIN = dict(compensate=False, holdout_fraction=0.0, parts=("attention", "mlp"))
 
 
-def _random_evalset(model) -> EvalSet:
+def _random_evalset(model, batches: int = 2) -> EvalSet:
     g = torch.Generator().manual_seed(5)
-    task, batches = task_of(model), []
-    for _ in range(2):
+    task, out = task_of(model), []
+    for _ in range(batches):
         ids = torch.randint(3, VOCAB, (4, 10), generator=g)
         batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
         batch["labels"] = torch.randint(3, VOCAB, (4, 6), generator=g) if model.config.is_encoder_decoder else ids
-        batches.append(batch)
-    return EvalSet(task, batches, [loss_terms(task, b) for b in batches])
+        out.append(batch)
+    return EvalSet(task, out, [loss_terms(task, b) for b in out])
 
 
 @pytest.mark.parametrize("family", ["marian", "llama"])
@@ -63,3 +63,14 @@ def test_allocation_trades_parameters_for_error():
 def test_block_search_refuses_a_calibrated_collapse():
     with pytest.raises(ValueError, match="compensate=False"):
         block_search(tiny_model("gpt2"), FibrationConfig(compensate=True), _random_evalset(tiny_model("gpt2")))
+
+
+def test_the_tau_search_runs_the_block_search_with_its_held_out_check():
+    model = tiny_model("llama")
+    plant_fibers(model, noise=0.05)
+    config = FibrationConfig(tolerance=0.02, search="block", compensate=False, holdout_fraction=0.5)
+    report = greedy_search(model, config, _random_evalset(model, batches=4), progress=False)
+    assert report.layers and report.holdout_examples == 8
+    assert report.holdout_final_loss <= report.holdout_base_loss * (1 + config.tolerance)
+    with pytest.raises(ValueError, match="Unknown search"):
+        FibrationConfig(search="beam")
