@@ -74,7 +74,7 @@ CONFIG_FLAGS = {"max_eval_samples": "--max-samples", "eval_batch_size": "--batch
                 "tolerance": "--tolerance", "linkage": "--linkage", "parts": "--parts",
                 "target_params": "--target-params", "holdout_fraction": "--holdout-fraction",
                 "calibration_tokens": "--calibration-tokens", "fibers_from": "--fibers-from",
-                "compensate": "--no-compensate"}
+                "compensate": "--no-compensate", "search": "--search"}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -172,6 +172,10 @@ def build_parser() -> argparse.ArgumentParser:
                         f"{config.FibrationConfig.fibers_from}; see FibrationConfig.fibers_from)")
     c.add_argument("--no-compensate", action="store_true",
                    help="collapse MLPs without refitting their consumer (fc2/down) on calibration activations")
+    c.add_argument("--search", choices=config.SEARCHES, default=config.FibrationConfig.search,
+                   help="how the τ search decides: greedy (the seed's Alg. 3, cost ∝ sites × depth) or block "
+                        "(block-output errors, one allocation bisected on the loss; linear in depth; needs "
+                        "--no-compensate)")
     c.add_argument("--output", help="output directory (default: ./<model name>-fibration)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -306,6 +310,7 @@ def _config(args: argparse.Namespace) -> FibrationConfig:
 def _optional_fields(args: argparse.Namespace) -> dict:
     """FibrationConfig fields set only when their flag is given (else the config's own default holds)."""
     fields = {} if args.fibers_from is None else {"fibers_from": args.fibers_from}
+    fields["search"] = args.search
     return {**fields, "compensate": False} if args.no_compensate else fields
 
 

@@ -320,6 +320,9 @@ def test_version_and_compress_flags_for_fiber_source_and_compensation(monkeypatc
     assert default.fibers_from == config.FibrationConfig().fibers_from and default.compensate is True
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compress", "m", "--fibers-from", "nope"])
+    assert default.search == "greedy"
+    assert _config(build_parser().parse_args(["compress", "m", "--search", "block", "--no-compensate"])).search == \
+        "block"
 
 
 def test_no_progress_silences_transformers_bars_too(marian_dir, tmp_path, capsys):
