@@ -2,16 +2,17 @@
 then a bisection of that allocation on the true loss.
 
 1. One forward pass records what enters the first block of each stack (encoder, decoder, ...). The stack's inputs
-   are then carried block by block (as SparseGPT and Wanda do): at block b, every site of the block is cut at each
-   ε of a grid, and the relative error of the block's output, ‖Y' − Y‖² / ‖Y‖², is measured on the carried
-   inputs; then the inputs move on through the uncompressed block. Cost: sites × cuts × one block.
+   are then carried block by block (as SparseGPT and Wanda do): at block b, every site of the block is cut at ε_min
+   and at the ε's that keep 15/16, 14/16, … 1/16 of its units, and the relative error of the block's output,
+   ‖Y' − Y‖² / ‖Y‖², is measured on the carried inputs (the first ``calibration_tokens`` tokens of the eval set);
+   then the inputs move on through the uncompressed block. Cost: sites × cuts × one block.
 2. The allocation: each site takes the cut that minimises (parameters kept) + λ·(error); the larger λ, the less is
    collapsed. The search bisects log λ on the full eval loss (one evaluation per step) for the most compressed
    allocation that keeps loss ≤ base·(1+τ), and applies it. The sites' errors are measured independently (each
    on uncompressed inputs); the bisection on the real loss is what keeps the promise.
 
 Plain collapse only (``compensate=False`` and a fiber source that needs no calibration); sites outside the
-blocks (embeddings) are left for the greedy search.
+blocks (embeddings) are left uncompressed.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from .core.report import CompressionReport
 from .data import EvalSet, batch_loss_sum, evaluate_loss
 from .patch import Site, build_sites, layer_report, non_embedding_parameters, site_parameters
 
-GRID = 17  # ε's per site: ε_min + (ε_max − ε_min)·i/16
+GRID = 16  # cuts per site: the ε's that keep j/16 of its units, j = 15 … 1 (and ε_min)
 
 
 def _first_output(out: object) -> torch.Tensor:
@@ -97,7 +98,6 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
         pos = block_of(site, position)
         if pos is not None:
             by_block.setdefault(pos, []).append(site)
-    grid = [config.epsilon_min + (config.epsilon_max - config.epsilon_min) * i / (GRID - 1) for i in range(GRID)]
     curves: dict[str, list[dict]] = {}
     bar = tqdm(total=len(by_block), desc="block errors", disable=not progress, unit="block")
     with torch.no_grad():
@@ -108,8 +108,7 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
                 reference = [_run(block, call, h) for call, h in zip(calls, hidden, strict=True)]
                 norm = sum(float(y.double().pow(2).sum()) for y in reference)
                 for site in by_block.get((s, b), []):
-                    curves[site.name] = _site_curve(model, config, site, block, calls, hidden, reference, norm,
-                                                    grid)
+                    curves[site.name] = _site_curve(model, config, site, block, calls, hidden, reference, norm)
                 hidden = reference
                 if (s, b) in by_block:
                     bar.update(1)
@@ -117,14 +116,23 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
     return curves
 
 
+def _epsilon_grid(dendro, units: int, config: FibrationConfig) -> list[float]:
+    """ε_min, then the ε's that keep 15/16, 14/16, … 1/16 of the units (evenly spaced sizes), up to ε_max."""
+    grid = [config.epsilon_min]
+    for j in range(GRID - 1, 0, -1):
+        eps = max(dendro.epsilon_for_count(max(1, round(units * j / GRID))), config.epsilon_min)
+        if eps <= config.epsilon_max:
+            grid.append(eps)
+    return grid
+
+
 def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn.Module, calls: list,
-                hidden: list[torch.Tensor], reference: list[torch.Tensor], norm: float, grid: list[float]
-                ) -> list[dict]:
+                hidden: list[torch.Tensor], reference: list[torch.Tensor], norm: float) -> list[dict]:
     dendro = site.dendrogram(model, config)
     site.commit()
     params_before = site_parameters(model, site)
     curve: dict[int, dict] = {}
-    for eps in grid:
+    for eps in _epsilon_grid(dendro, site.units(model), config):
         part = dendro.cut(eps)
         if part.num_fibers in curve or part.is_trivial:
             continue
