@@ -16,6 +16,7 @@ from pathlib import Path
 
 from . import FibrationConfig, compress_pretrained
 from .config import PARTS
+from .loading import TASKS
 from .metrics import quality
 
 EPILOG = """examples:
@@ -176,6 +177,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how the τ search decides: greedy (the seed's Alg. 3, cost ∝ sites × depth) or block "
                         "(block-output errors, one allocation bisected on the loss; linear in depth; needs "
                         "--no-compensate)")
+    c.add_argument("--task", choices=TASKS, default="auto",
+                   help="the head to load the model with, as optimum-cli export names them; auto: config.json's "
+                        "architectures, else inferred from the model type and the weight names (printed first)")
     c.add_argument("--output", help="output directory (default: ./<model name>-fibration)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -372,8 +376,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
         default_model,
         hub_id_of,
         is_hub_id,
+        load_config,
         load_model,
         load_tokenizer,
+        resolve_task,
         save_checkpoint,
     )
     from .publish import base_card
@@ -389,7 +395,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     source = name if is_hub_id(name) else str(Path(name).expanduser().resolve())
     output = args.output or default_output
     with atomic_directory(output, args.overwrite, sources=(name,)) as tmp:
-        model = load_model(name, args.device)
+        task, why = resolve_task(name, load_config(name), args.task)
+        print(f"task: {task} ({why})", flush=True)
+        model = load_model(name, args.device, task=task)
         tokenizer = load_tokenizer(name)
         evalset = _evalset(args, model, tokenizer).to(next(model.parameters()).device)
         search, holdout = _split_holdout(args, config, model, tokenizer, evalset)

@@ -122,7 +122,90 @@ def _check_dtype(config_file: Path) -> None:
                              "\"float16\" or \"bfloat16\" (or delete the line).")
 
 
-def model_class(config: transformers.PretrainedConfig) -> type:
+# --task, as `optimum-cli export` names them: the transformers class that loads each.
+TASK_CLASSES = {"causal-lm": "AutoModelForCausalLM", "seq2seq-lm": "AutoModelForSeq2SeqLM",
+                "masked-lm": "AutoModelForMaskedLM", "feature-extraction": "AutoModel"}
+TASKS = ("auto", *TASK_CLASSES)
+DECODER_TYPES = ("gpt2", "llama", "qwen2", "mistral")
+SEQ2SEQ_TYPES = ("marian", "bart", "mbart")
+# Weights of a head that a bare model would leave unused: never dropped silently.
+HEAD_WEIGHTS = re.compile(r"^(?:lm_head|cls|final_logits_bias|score|classifier|qa_outputs)(?:\.|$)")
+
+
+def weight_names(name_or_path: str) -> list[str] | None:
+    """The tensor names a checkpoint's safetensors headers list (a local directory, or the Hub's metadata); None
+    when they cannot be read (no safetensors, offline)."""
+    from .quantizer import safetensors_header
+
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        files = sorted(path.glob("*.safetensors"))
+        return sorted(k for f in files for k in safetensors_header(f)) if files else None
+    if not is_hub_id(name_or_path):
+        return None
+    try:
+        from huggingface_hub import get_safetensors_metadata
+
+        meta = get_safetensors_metadata(name_or_path)
+    except Exception:  # offline, gated, no safetensors: the task falls back on the model type
+        return None
+    return sorted(k for f in meta.files_metadata.values() for k in f.tensors)
+
+
+def task_of_class(name: str, config: transformers.PretrainedConfig) -> str:
+    """The --task a transformers class name stands for (its own name when it is none of them)."""
+    if getattr(config, "is_encoder_decoder", False) or name.endswith(("MTModel", "ForConditionalGeneration")):
+        return "seq2seq-lm"
+    if name.endswith(("ForCausalLM", "LMHeadModel")):
+        return "causal-lm"
+    if name.endswith("ForMaskedLM"):
+        return "masked-lm"
+    return "feature-extraction" if name.endswith("Model") else name
+
+
+def resolve_task(name_or_path: str, config: transformers.PretrainedConfig, task: str = "auto"
+                 ) -> tuple[str, str]:
+    """(task, why): what ``load_model`` loads ``name_or_path`` as. ``task`` other than 'auto' is taken as given;
+    else config.json's ``architectures``; else, with none named, the head is inferred from the model type and the
+    weight names (``lm_head.*`` or a decoder's prefixed weights: causal LM; seq2seq families: seq2seq LM;
+    ``cls.predictions.*``: masked LM; otherwise the bare model)."""
+    if task not in TASKS:
+        raise ValueError(f"Unknown task {task!r}; pass --task {', '.join(TASKS)}.")
+    if task != "auto":
+        return task, "--task"
+    for name in config.architectures or []:
+        if getattr(transformers, name, None) is not None:
+            return task_of_class(name, config), f"config.json architectures: {name}"
+    model_type = config.model_type
+    names = weight_names(name_or_path) or []
+    source = "config.json names no architectures"
+    if model_type in SEQ2SEQ_TYPES:
+        return "seq2seq-lm", f"{source}; {model_type} is a seq2seq family"
+    if model_type in DECODER_TYPES:
+        prefix = "transformer." if model_type == "gpt2" else "model."
+        if any(n.startswith("lm_head.") for n in names):
+            return "causal-lm", f"{source}; the weights hold lm_head.*"
+        if any(n.startswith(prefix) for n in names):
+            return "causal-lm", f"{source}; the weights are a head model's ({prefix}*, head tied to the embedding)"
+    if any(n.startswith("cls.predictions.") for n in names):
+        return "masked-lm", f"{source}; the weights hold cls.predictions.*"
+    heads = sorted({n.split(".")[0] for n in names if HEAD_WEIGHTS.match(n)})
+    if heads:
+        raise ValueError(f"{name_or_path}: config.json names no architectures and the weights hold a head "
+                         f"({', '.join(h + '.*' for h in heads)}) of no task hf-fibration can infer; pass --task "
+                         f"{', '.join(TASK_CLASSES)} or add \"architectures\" to config.json.")
+    why = "no head weights" if names else "no weight names readable"
+    return "feature-extraction", f"{source}; {why}: the bare model"
+
+
+def model_class(config: transformers.PretrainedConfig, task: str = "auto") -> type:
+    """The class that loads a model for ``task`` ('auto': config.json's architectures, else the bare model)."""
+    if task != "auto":
+        auto = getattr(transformers, TASK_CLASSES[task])
+        if type(config) not in auto._model_mapping:
+            raise ValueError(f"--task {task} does not exist for {config.model_type} models in transformers; pass "
+                             "another --task (or auto).")
+        return auto
     for name in config.architectures or []:
         cls = getattr(transformers, name, None)
         if cls is not None:
@@ -165,22 +248,36 @@ def check_weight_files(name_or_path: str) -> None:
             safetensors_header(file)
 
 
-def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None) -> nn.Module:
-    """The model in eval mode; refuses unsupported families and damaged files before loading any weights."""
+def load_model(name_or_path: str, device: str | None = None, dtype: torch.dtype | None = None,
+               task: str = "auto") -> nn.Module:
+    """The model in eval mode, with the head ``resolve_task`` picks; refuses unsupported families and damaged files
+    before loading any weights, and a load that would leave head weights (an untied LM head) unused."""
     dev = resolve_device(device)
     config = load_config(name_or_path)
     architecture_for(config.model_type)
     check_weight_files(name_or_path)
+    task, _ = resolve_task(name_or_path, config, task)
     kwargs = {} if dtype is None else {"dtype": dtype}
+    named = _named_class(config)
+    cls = model_class(config, "auto" if named and task == task_of_class(named, config) else task)
     try:
-        model = model_class(config).from_pretrained(name_or_path, **kwargs)
+        model, info = cls.from_pretrained(name_or_path, output_loading_info=True, **kwargs)
     except Exception as err:  # safetensors and torch raise their own types for damaged files
         if isinstance(err, ValueError) or type(err).__name__ not in ("SafetensorError", "IndexError"):
             raise
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise ValueError(f"Cannot read the weights of {name_or_path}: {first}; re-download or re-save them.") \
             from None
+    dropped = sorted({k.split(".")[0] for k in info.get("unexpected_keys", ()) if HEAD_WEIGHTS.match(k)})
+    if dropped:
+        raise ValueError(f"Loading {name_or_path} as {task} ({type(model).__name__}) would drop its head weights "
+                         f"({', '.join(d + '.*' for d in dropped)}); pass the --task of that head (e.g. --task "
+                         "causal-lm).")
     return model.to(dev).eval()
+
+
+def _named_class(config: transformers.PretrainedConfig) -> str:
+    return next((n for n in config.architectures or [] if getattr(transformers, n, None) is not None), "")
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",
