@@ -19,10 +19,15 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .api import compress_pretrained
+from .config import FibrationConfig
+from .core.modules import count_parameters
 from .data import EvalSet, evaluate_loss, task_loss
 from .distill import Distillation
+from .patch import non_embedding_parameters
+from .quantizer import mark_compressed
 from .retune_state import EpochPermutation, complete_state, load_state, rng_state, save_state, set_rng_state
-from .search import greedy_search
+from .search import HoldoutError, greedy_search
 
 EPSILON_CEILING = 1.99  # ε×q stays inside the cosine-distance range [0, 2)
 
@@ -187,13 +192,6 @@ def retune(
                         progress_state["history"])
 
 
-def _search_refusals() -> tuple[type[Exception], ...]:
-    from . import search
-
-    refusal = getattr(search, "HoldoutError", None)
-    return (refusal,) if refusal is not None else ()
-
-
 def compress_retune(
     model: nn.Module,
     config,
@@ -227,9 +225,6 @@ def compress_retune(
     ``alg2.json``; called again with the same settings it continues from the last saved round (a round interrupted
     mid-retuning continues its retuning) to the same weights and rows as an uninterrupted run. Settings that differ
     from the saved ones raise ``ValueError``; ``max_rounds`` and ``time_budget_s`` may change between calls."""
-    from .config import FibrationConfig
-    from .core.modules import count_parameters
-    from .patch import compress_with_epsilons, non_embedding_parameters
 
     if rho < 0 or quench < 1 or max_rounds < 0:
         raise ValueError(f"rho must be ≥ 0, quench ≥ 1 and max_rounds ≥ 0, got rho={rho}, quench={quench}, "
@@ -244,7 +239,7 @@ def compress_retune(
         searched = copy.deepcopy(m)
         try:
             report = greedy_search(searched, config, evalset, progress=progress)
-        except _search_refusals():  # the search could not keep τ: nothing more to compress at this tolerance
+        except HoldoutError:  # the search could not keep τ: nothing more to compress at this tolerance
             return m, {}, evaluate_loss(m, evalset)
         return searched, {layer.name: layer.epsilon for layer in report.layers}, evaluate_loss(searched, evalset)
 
@@ -270,7 +265,11 @@ def compress_retune(
             ended = "nothing left to compress" if not epsilons else "time budget" if out_of_time else "max_rounds"
             break
         over = {name: min(eps * quench, EPSILON_CEILING) for name, eps in epsilons.items()}
-        compress_with_epsilons(model, FibrationConfig(**{**config.to_dict(), "epsilon": None, "epsilons": over}))
+        # the over-compression sees the eval data too (refits and calibrated fiber sources such as span need it);
+        # sites the search left alone get ε = 0, where only exact fibers merge
+        fixed = {**dict.fromkeys(config.parts, 0.0), **over}
+        compress_pretrained(model, FibrationConfig(**{**config.to_dict(), "epsilon": None, "epsilons": fixed,
+                                                      "target_params": None}), evalset=evalset, progress=False)
         compressed_loss = evaluate_loss(model, evalset)
         checkpoints = {} if rounds is None else {"output_dir": rounds.folder(r), "resume": True}
         result = retune(model, train, evalset, progress=progress, **checkpoints, **retune_kwargs)
@@ -326,8 +325,6 @@ class Alg2Rounds:
         return self.dir / f"round-{r}"
 
     def save(self, model: nn.Module, r: int) -> None:
-        from .quantizer import mark_compressed
-
         if not hasattr(model, "save_pretrained"):
             raise ValueError("A resumable Alg. 2 run (output_dir) needs a transformers model.")
         mark_compressed(model, {"alg2_round": r}, {"round": self.rows[-1]})

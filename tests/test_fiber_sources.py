@@ -138,10 +138,6 @@ def test_span_at_a_fixed_epsilon_with_data():
     assert report.layers and all(r.epsilon == 0.5 and r.units_after < r.units_before for r in report.layers)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="retune.compress_retune collapses at ε×q with compress_with_epsilons, which has no data: "
-                          "span (and activations, which silently fall back to weight fibers there) need its "
-                          "over-compression step to calibrate on evalset")
 def test_span_in_alg2():
     model = tiny_model("gpt2")
     evalset, train = causal_evalset(model, n_batches=4), causal_evalset(model, n_batches=2)
