@@ -61,6 +61,11 @@ CONFLICTS = [
     ("holdout_dataset", "epsilon", "a fixed ε is not searched, so nothing is held out"),
     ("holdout_dataset", "lossless", "--lossless is not searched, so nothing is held out"),
     ("search_steps", "epsilon", "a fixed ε is not searched"),
+    ("plain", "epsilon", "--plain cuts every MLP to one width for a target size"),
+    ("plain", "lossless", "--lossless keeps a width of its own in every layer"),
+    ("plain", "search", "--plain cuts every MLP to one width, with no search"),
+    ("plain", "retune", "compress with --plain, then fine-tune the plain checkpoint with transformers"),
+    ("plain", "push_to_hub", "push the plain output with `hf upload`"),
     ("epsilon_max", "epsilon", "a fixed ε is not searched"),
 ]
 # Flags that do something only beside another: (flag, the one it needs).
@@ -180,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--task", choices=TASKS, default="auto",
                    help="the head to load the model with, as optimum-cli export names them; auto: config.json's "
                         "architectures, else inferred from the model type and the weight names (printed first)")
+    c.add_argument("--plain", action="store_true",
+                   help="write the family's own architecture, loadable with transformers alone (vLLM, TGI, ONNX, "
+                        "llama.cpp converters): one MLP width for all layers, attention untouched; needs "
+                        "--target-params or --target-ratio")
     c.add_argument("--output", help="output directory (default: ./<model name>-fibration)")
     c.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -216,6 +225,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--revision", help="branch to push to (created if missing)")
     p.add_argument("--token", help="Hub token (default: HF_TOKEN or the cached login)")
     _base_arg(p, "hub id the card names as base_model (default: the recorded one, when it is a hub id)", "ID")
+
+    x = sub.add_parser("export", help="rewrite a compressed checkpoint in the family's own architecture",
+                       formatter_class=HelpFormatter)
+    x.add_argument("model", help="directory written by hf-fibration compress")
+    x.add_argument("--plain", action="store_true", required=True,
+                   help="plain transformers classes and config (no quantization_config): possible when every MLP "
+                        "has one width and attention, residual stream and embeddings are uncompressed")
+    x.add_argument("--output", required=True, help="output directory")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    x.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     e = sub.add_parser("evaluate", help="loss / perplexity / BLEU of a (compressed) checkpoint",
                        formatter_class=HelpFormatter)
@@ -267,6 +286,13 @@ def check_args(args: argparse.Namespace, given: set[str] | None = None) -> None:
         if flag in given and needed not in given and hasattr(args, needed):
             raise ValueError(f"{_flag(flag)} applies only with {_flag(needed)}; add {_flag(needed)} or drop "
                              f"{_flag(flag)}.")
+    if getattr(args, "plain", False) and args.command == "compress":
+        if args.target_params is None and args.target_ratio is None:
+            raise ValueError("--plain compresses to a size with one MLP width for all layers: add --target-params "
+                             "(e.g. 0.7) or --target-ratio.")
+        if {p.strip() for p in args.parts.split(",") if p.strip()} != {"mlp"} and "parts" in given:
+            raise ValueError("--plain compresses the MLPs only (attention stays whole): drop --parts or pass "
+                             "--parts mlp.")
 
 
 def _flags(message: str, only_fields: bool = False) -> str:
@@ -386,6 +412,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     name = args.model or default_model()
     config = _config(args)
+    if args.plain:
+        config.parts = ("mlp",)  # one MLP width for all layers; attention, residual stream, embeddings whole
     if not (args.epsilon is not None or args.lossless or args.holdout_dataset) and args.holdout_fraction > 0:
         check_holdout_size(args.max_samples, args.holdout_fraction, config.target_params is not None)  # and the data
     default_output = "all-MiniLM-L6-v2-fibration" if not args.model else f"{Path(name.rstrip('/')).name}-fibration"
@@ -426,6 +454,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
                                                 max_rounds=args.max_rounds, progress=not args.no_progress, **kwargs)
             report = _final_report(model, before["loss"], measured)
             mark_compressed(model, config.to_dict(), report.to_dict(), base_model=base_id or source)
+        elif args.plain:
+            report = _compress_plain(args, config, model, search, holdout)
         else:
             report = compress_pretrained(model, config, evalset=search, holdout=holdout,
                                          progress=not args.no_progress, layer_losses=args.layer_losses,
@@ -444,7 +474,12 @@ def cmd_compress(args: argparse.Namespace) -> int:
                   "metrics_on": "held-out examples the search never saw" if holdout is not None else "eval set",
                   "base_card": base_card(name if not is_hub_id(name) else base_id or name),
                   "holdout_examples": None if holdout is None else holdout.num_examples}
-        save_checkpoint(model, tokenizer, tmp, record, source=name)
+        if args.plain:
+            from .plain import save_plain, to_plain
+
+            save_plain(to_plain(model), tokenizer, tmp, record, source=name)
+        else:
+            save_checkpoint(model, tokenizer, tmp, record, source=name)
     print(report.table())
     if rounds:
         print("\nround  params       loss compressed  loss retuned  within bound")
@@ -456,6 +491,36 @@ def cmd_compress(args: argparse.Namespace) -> int:
         from .publish import push_to_hub
 
         print(f"pushed: {push_to_hub(output, args.push_to_hub, private=args.private)}")
+    return 0
+
+
+def _compress_plain(args: argparse.Namespace, config: FibrationConfig, model, search, holdout):
+    """--plain: one MLP width for all layers at the target size (``target.compress_uniform``)."""
+    from .plain import refit_expressible
+    from .target import compress_uniform
+
+    if config.compensate and not refit_expressible(model):
+        print(f"note: a {model.config.model_type} config has no MLP bias, which the compensated refit adds: --plain "
+              "collapses without it.", file=sys.stderr)
+        config = copy.copy(config)
+        config.compensate = False
+    return compress_uniform(model, config, search, progress=not args.no_progress, holdout=holdout)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .loading import TOKENIZER_FILES, atomic_directory, check_output, load_model, load_tokenizer
+    from .plain import save_plain, to_plain
+    from .publish import read_record
+
+    check_output(args.output, args.overwrite, sources=(args.model,))  # before the model loads
+    record = read_record(args.model)
+    model = load_model(args.model, "cpu")
+    plain = to_plain(model)  # refused here, in one line, when the compression has no plain form
+    record["exported_from"] = str(Path(args.model).expanduser().resolve())
+    has_tokenizer = any((Path(args.model) / f).exists() for f in TOKENIZER_FILES)
+    with atomic_directory(args.output, args.overwrite, sources=(args.model,)) as tmp:
+        save_plain(plain, load_tokenizer(args.model) if has_tokenizer else None, tmp, record, source=args.model)
+    print(f"wrote {Path(args.output).resolve()} ({type(plain).__name__}, loads with transformers alone)")
     return 0
 
 
@@ -678,7 +743,8 @@ def main(argv: list[str] | None = None) -> int:
     return_big_frees()  # freed calibration and eval buffers go back to the OS (glibc), see hf_fibration.memory
     if getattr(args, "no_progress", False):
         _silence_progress_bars()
-    handlers = {"compress": cmd_compress, "evaluate": cmd_evaluate, "retune": cmd_retune, "push": cmd_push}
+    handlers = {"compress": cmd_compress, "evaluate": cmd_evaluate, "retune": cmd_retune, "push": cmd_push,
+                "export": cmd_export}
     try:
         previous = signal.signal(signal.SIGTERM, _terminate)  # kill, timeout, Slurm, Kubernetes: like Ctrl-C
     except ValueError:  # not the main thread: leave signals to the host program

@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -21,10 +22,11 @@ from tqdm.auto import tqdm
 
 from .calibration import capture_calibration, refitter
 from .config import FibrationConfig
+from .core.fibers import FiberPartition, relabel
 from .core.modules import count_parameters
 from .core.report import CompressionReport, LayerReport
 from .data import EvalSet, batch_loss_sum, evaluate_loss
-from .patch import Site, build_sites, non_embedding_parameters
+from .patch import Site, build_sites, get_module, linear_weight, non_embedding_parameters
 
 LADDER = (0.75, 0.5, 0.35, 0.25, 0.15, 0.08)
 
@@ -174,3 +176,73 @@ def _calibration(model: nn.Module, config: FibrationConfig, site: Site, evalset:
         return None
     run: Callable[[int], object] = lambda i: batch_loss_sum(model, evalset, i)  # noqa: E731
     return capture_calibration(model, site, run, len(evalset.batches), config.calibration_tokens)
+
+
+def compress_uniform(model: nn.Module, config: FibrationConfig, evalset: EvalSet, progress: bool = True,
+                     holdout: EvalSet | None = None) -> CompressionReport:
+    """Compress ``model`` in place to ``config.target_params`` of its non-embedding parameters with ONE MLP width k
+    for every layer (each MLP site's dendrogram cut to k fibers, compensated as the config says) and attention,
+    residual stream and embeddings untouched: what a family's own config expresses (``plain.to_plain``). k is the
+    count whose parameters come nearest the target (every MLP site's parameters are affine in its width)."""
+    if holdout is None and config.holdout_fraction > 0:
+        evalset, holdout = evalset.split(config.holdout_fraction, config.seed)
+    config = copy.copy(config)
+    config.parts = ("mlp",)
+    sites = [s for s in build_sites(model, config) if s.kind == "mlp"]
+    if not sites:
+        raise ValueError("The model has no MLP to compress to one width.")
+    before_total, before = count_parameters(model), non_embedding_parameters(model)
+    per_unit = sum(_unit_cost(model, s) for s in sites)
+    fixed = before - sum(s.units(model) * _unit_cost(model, s) for s in sites)  # all but the MLPs' widths
+    count = min(min(s.units(model) for s in sites), round((config.target_params * before - fixed) / per_unit))
+    if count < 1:
+        floor = (fixed + per_unit) / before
+        raise ValueError(f"One MLP width keeps attention and embeddings whole: the smallest such model keeps "
+                         f"{floor:.3f} of the non-embedding parameters (one MLP unit); pass --target-params "
+                         f"{math.ceil(floor * 1000) / 1000} or more.")
+    base = evaluate_loss(model, evalset)
+    report = CompressionReport(params_before=before_total, non_embedding_params_before=before, base_loss=base,
+                               holdout_base_loss=None if holdout is None else evaluate_loss(model, holdout))
+    for site in tqdm(sites, desc=f"collapse to {count} units", disable=not progress, unit="site"):
+        units, params_before = site.units(model), site.params(model)
+        if count >= units:
+            continue
+        calibration = _calibration(model, config, site, evalset)
+        dendro = site.dendrogram(model, config, calibration)
+        partition = _exact_count(dendro, count)
+        result = site.apply(model, partition, refitter(calibration, config))
+        report.layers.append(LayerReport(site.name, units, count, float(dendro.epsilon_for_count(count)),
+                                         params_before, site.params(model),
+                                         compensation=None if result is None else str(result["note"])))
+        site.commit()
+    report.final_loss = evaluate_loss(model, evalset)
+    if holdout is not None:
+        report.holdout_final_loss = evaluate_loss(model, holdout)
+        report.search_examples, report.holdout_examples = evalset.num_examples, holdout.num_examples
+    report.params_after = count_parameters(model)
+    report.non_embedding_params_after = non_embedding_parameters(model)
+    return report
+
+
+def _unit_cost(model: nn.Module, site: Site) -> int:
+    """Parameters one MLP unit owns: a row (and bias) of each input projection and a column of the output one."""
+    cost = 0
+    for name in site.modules_in():
+        weight, bias = linear_weight(get_module(model, name))
+        cost += weight.shape[1] + (bias is not None)
+    return cost + linear_weight(get_module(model, site.modules[-1]))[0].shape[0]
+
+
+def _exact_count(dendro, count: int) -> FiberPartition:
+    """The cut to exactly ``count`` fibers: ``cut_to_count`` when it gets there, else (tied merge heights) the
+    dendrogram's merges taken in order up to that count."""
+    partition = dendro.cut_to_count(count)
+    if partition.num_fibers != count and getattr(dendro, "linkage", None) is not None:
+        from scipy.cluster.hierarchy import cut_tree
+
+        labels = cut_tree(dendro.linkage, n_clusters=count).ravel()
+        partition = FiberPartition(relabel(labels), dendro._scales(labels))
+    if partition.num_fibers != count:
+        raise ValueError(f"The MLP fibers cannot be cut to exactly {count} units with this fiber source; pass "
+                         "--fibers-from weights.")
+    return partition

@@ -89,7 +89,7 @@ def test_compress_with_retune_then_retune_command(marian_dir, tmp_path, capsys):
     assert "eval loss" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("command", ["compress", "evaluate", "retune", "push"])
+@pytest.mark.parametrize("command", ["compress", "evaluate", "retune", "push", "export"])
 def test_help_prints_each_default_once_and_no_none(command, capsys):
     with pytest.raises(SystemExit):
         main([command, "--help"])
