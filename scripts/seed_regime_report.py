@@ -37,11 +37,16 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
 
 def report(runs: Path, out: Path, args) -> dict:
     sizes, alg2 = load(runs)
-    if len(sizes) < 2:
-        raise SystemExit(f"{runs} holds {len(sizes)} trained size(s); the report needs at least 2.")
+    if not sizes:
+        raise SystemExit(f"{runs} holds no trained size yet; run the train stage first.")
     head = preamble(command_line("seed_regime.py", ["report", "--runs", str(runs), "--out", str(out)]))
     trained = [(s["non_embedding"], s["test_loss"][PRIMARY]) for s in sizes]
-    law = fit_power_law(*zip(*trained, strict=True))
+    law = fit_power_law(*zip(*trained, strict=True)) if len(trained) >= 3 else None
+
+    def advantage(p: float, loss: float) -> dict:
+        if law is None:
+            return {"advantage_law": None, "advantage_sizes": None}
+        return advantage_over_scratch(p, loss, law, trained)
     points, lines = [], []
     for run in alg2:
         base = next((s for s in sizes if s["d_model"] == run["d_model"]), None)
@@ -54,11 +59,11 @@ def report(runs: Path, out: Path, args) -> dict:
             points.append({"d_model": run["d_model"], "variant": run["variant"], "round": row["round"],
                            "non_embedding": p, "test_loss": loss, "val_loss": row["loss_retuned"],
                            "within_bound": row["within_bound"], "steps": row["steps"],
-                           **advantage_over_scratch(p, loss, law, trained)})
+                           **advantage(p, loss)})
         if run["finished"]:
             fin = run["final"]
             steps = sum(r["steps"] for r in run["rows"] if r["round"] != "final")
-            adv = advantage_over_scratch(fin["non_embedding"], fin["test_loss"][PRIMARY], law, trained)
+            adv = advantage(fin["non_embedding"], fin["test_loss"][PRIMARY])
             lines.append({"d_model": run["d_model"], "variant": run["variant"],
                           "ratio": base["non_embedding"] / fin["non_embedding"],
                           "base_test": base["test_loss"][PRIMARY], "test": fin["test_loss"][PRIMARY],
@@ -91,7 +96,8 @@ def plot(sizes: list[dict], points: list[dict], law: dict, compressed_law: dict 
     xs = [s["non_embedding"] for s in sizes]
     ax.plot(xs, [s["test_loss"][PRIMARY] for s in sizes], "ks", ms=7, label="trained from scratch")
     grid = np.geomspace(min(xs + [p["non_embedding"] for p in points]) / 1.3, max(xs) * 1.3, 50)
-    ax.plot(grid, law["L0"] * grid ** -law["alpha"], "k--", lw=1, label=f"scratch law, α = {law['alpha']:.3f}")
+    if law is not None:
+        ax.plot(grid, law["L0"] * grid ** -law["alpha"], "k--", lw=1, label=f"scratch law, α = {law['alpha']:.3f}")
     if compressed_law is not None:
         ax.plot(grid, compressed_law["L0"] * grid ** -compressed_law["alpha"], ":", color="tab:orange", lw=1.5,
                 label=f"compressed frontier, α = {compressed_law['alpha']:.3f}")
@@ -129,8 +135,11 @@ def markdown(head: dict, sizes: list[dict], law: dict, compressed_law: dict | No
                   f"{s['val_loss']:.4f} | {s['test_loss'][PRIMARY]:.4f} | {s['test_loss']['test_2017_flickr']:.4f} | "
                   f"{s['bleu'][PRIMARY]:.2f} | {s['bleu']['test_2017_flickr']:.2f} | "
                   f"{half['best']:.4f} (step {half['best_step']}) |")
-    md += ["", f"Scratch law: L = {law['L0']:.3f}·P^−{law['alpha']:.4f}, α 95% CI [{law['alpha_ci'][0]:.4f}, "
-           f"{law['alpha_ci'][1]:.4f}], R² {law['r2']:.3f} ({law['points']} sizes)."]
+    if law is None:
+        md += ["", f"Scratch law: not fitted yet ({len(sizes)} trained size(s); the fit needs 3)."]
+    else:
+        md += ["", f"Scratch law: L = {law['L0']:.3f}·P^−{law['alpha']:.4f}, α 95% CI [{law['alpha_ci'][0]:.4f}, "
+               f"{law['alpha_ci'][1]:.4f}], R² {law['r2']:.3f} ({law['points']} sizes)."]
     if compressed_law is not None:
         md.append(f"Compressed frontier (smallest Alg. 2 model at each loss, all rounds of all sizes): "
                   f"α = {compressed_law['alpha']:.4f} [{compressed_law['alpha_ci'][0]:.4f}, "
@@ -142,7 +151,7 @@ def markdown(head: dict, sizes: list[dict], law: dict, compressed_law: dict | No
         md.append(f"| {r['d_model']} | {r['variant']} | {r['ratio']:.2f}× | {r['base_test']:.4f} → {r['test']:.4f} | "
                   f"{100 * r['change']:+.1f}% | {r['bleu_before'][PRIMARY]:.2f} → {r['bleu_after'][PRIMARY]:.2f} | "
                   f"{r['bleu_before']['test_2017_flickr']:.2f} → {r['bleu_after']['test_2017_flickr']:.2f} | "
-                  f"{r['retune_steps']} | {r['scratch_steps']} | {r['advantage_law']:.2f}× / "
+                  f"{r['retune_steps']} | {r['scratch_steps']} | {_fmt(r['advantage_law'], '.2f')}× / "
                   f"{_fmt(r['advantage_sizes'], '.2f')}{'' if r['advantage_sizes'] is None else '×'} |")
     running = [a for a in alg2 if not a["finished"]]
     if running:
@@ -153,7 +162,11 @@ def markdown(head: dict, sizes: list[dict], law: dict, compressed_law: dict | No
            "within bound | advantage (law / sizes) |", "|---|---|---|---|---|---|---|---|---|"]
     for p in points:
         md.append(f"| {p['d_model']} | {p['variant']} | {p['round']} | {p['non_embedding']:,} | {p['val_loss']:.4f} | "
-                  f"{p['test_loss']:.4f} | {p['steps']} | {p['within_bound']} | {p['advantage_law']:.2f}× / "
+                  f"{p['test_loss']:.4f} | {p['steps']} | {p['within_bound']} | {_fmt(p['advantage_law'], '.2f')}× / "
                   f"{_fmt(p['advantage_sizes'], '.2f')} |")
-    md += ["", "![trajectories](trajectories.png)", ""]
+    md += ["", "![trajectories](trajectories.png)", "", "## Runs", ""]
+    md += [f"- train d {s['d_model']}: `{s['command']}` — {s['machine']}, {s['date']}" for s in sizes]
+    md += [f"- Alg. 2 d {a['d_model']} {a['variant']}: `{a['command']}` — {a['machine']}, {a['date']}"
+           for a in alg2 if a["finished"]]
+    md.append("")
     return "\n".join(md)
