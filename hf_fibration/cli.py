@@ -579,17 +579,19 @@ def base_model_for(model_dir: str, model, explicit: str | None) -> str | None:
     if explicit:
         return loadable(explicit)
     quant = getattr(model.config, "quantization_config", None)
-    if quant is None:
-        return None  # not compressed: the model is its own base
-    candidates = []
+    candidates, plain = [], False
     report = Path(model_dir) / "fibration_report.json"
     if report.exists():
         try:
             record = json.loads(report.read_text())
             candidates += [record.get("source"), record.get("base_model")]
+            plain = record.get("plain") is True  # --plain: no quantization_config, the record names the base
         except ValueError:
             pass
-    candidates.append(quant.get("base_model") if isinstance(quant, dict) else getattr(quant, "base_model", None))
+    if quant is None and not plain:
+        return None  # not compressed: the model is its own base
+    if quant is not None:
+        candidates.append(quant.get("base_model") if isinstance(quant, dict) else getattr(quant, "base_model", None))
     for candidate in filter(None, candidates):
         path = Path(candidate).expanduser()
         if path.exists() or not looks_like_path(candidate):

