@@ -82,13 +82,7 @@ def compress_to_target(model: nn.Module, config: FibrationConfig, evalset: EvalS
         report.layers.append(LayerReport(site.name, units, count, epsilon, params_before, site.params(model),
                                          compensation=note))
         site.commit()
-    report.final_loss = evaluate_loss(model, evalset)
-    if holdout is not None:
-        report.holdout_final_loss = evaluate_loss(model, holdout)
-        report.search_examples, report.holdout_examples = evalset.num_examples, holdout.num_examples
-    report.params_after = count_parameters(model)
-    report.non_embedding_params_after = non_embedding_parameters(model)
-    return report
+    return _finish(model, report, evalset, holdout)
 
 
 def _target_sites(model: nn.Module, config: FibrationConfig) -> list[Site]:
@@ -161,14 +155,28 @@ def _curve(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalS
     return SiteCurve(site.name, counts, params, increase)
 
 
-def _collapse(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalSet, count: int
-              ) -> tuple[float, str | None]:
-    """Cut the site to ``count`` fibers; returns the ε of that cut (the dendrogram height) and the refit's note."""
+def _collapse(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalSet, count: int,
+              exact: bool = False) -> tuple[float, str | None]:
+    """Cut the site to ``count`` fibers (``exact``: exactly that many, else at most); returns the ε of that cut (the
+    dendrogram height) and the refit's note."""
     calibration = _calibration(model, config, site, evalset)
     dendro = site.dendrogram(model, config, calibration)
-    result = site.apply(model, dendro.cut_to_count(count), refitter(calibration, config))
+    partition = _exact_count(dendro, count) if exact else dendro.cut_to_count(count)
+    result = site.apply(model, partition, refitter(calibration, config))
     note = None if result is None else str(result["note"])
     return float(dendro.epsilon_for_count(count)), note
+
+
+def _finish(model: nn.Module, report: CompressionReport, evalset: EvalSet, holdout: EvalSet | None
+            ) -> CompressionReport:
+    """The report's final losses (search and held-out examples) and parameter counts."""
+    report.final_loss = evaluate_loss(model, evalset)
+    if holdout is not None:
+        report.holdout_final_loss = evaluate_loss(model, holdout)
+        report.search_examples, report.holdout_examples = evalset.num_examples, holdout.num_examples
+    report.params_after = count_parameters(model)
+    report.non_embedding_params_after = non_embedding_parameters(model)
+    return report
 
 
 def _calibration(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalSet):
@@ -207,21 +215,11 @@ def compress_uniform(model: nn.Module, config: FibrationConfig, evalset: EvalSet
         units, params_before = site.units(model), site.params(model)
         if count >= units:
             continue
-        calibration = _calibration(model, config, site, evalset)
-        dendro = site.dendrogram(model, config, calibration)
-        partition = _exact_count(dendro, count)
-        result = site.apply(model, partition, refitter(calibration, config))
-        report.layers.append(LayerReport(site.name, units, count, float(dendro.epsilon_for_count(count)),
-                                         params_before, site.params(model),
-                                         compensation=None if result is None else str(result["note"])))
+        epsilon, note = _collapse(model, config, site, evalset, count, exact=True)
+        report.layers.append(LayerReport(site.name, units, count, epsilon, params_before, site.params(model),
+                                         compensation=note))
         site.commit()
-    report.final_loss = evaluate_loss(model, evalset)
-    if holdout is not None:
-        report.holdout_final_loss = evaluate_loss(model, holdout)
-        report.search_examples, report.holdout_examples = evalset.num_examples, holdout.num_examples
-    report.params_after = count_parameters(model)
-    report.non_embedding_params_after = non_embedding_parameters(model)
-    return report
+    return _finish(model, report, evalset, holdout)
 
 
 def _unit_cost(model: nn.Module, site: Site) -> int:
