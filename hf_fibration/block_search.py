@@ -11,8 +11,9 @@ then a bisection of that allocation on the true loss.
    allocation that keeps loss ≤ base·(1+τ), and applies it. The sites' errors are measured independently (each
    on uncompressed inputs); the bisection on the real loss is what keeps the promise.
 
-Plain collapse only (``compensate=False`` and a fiber source that needs no calibration); sites outside the
-blocks (embeddings) are left uncompressed.
+Compensated collapse and calibrated fiber sources (``span``) take their calibration from the same carried block
+inputs, so they see the uncompressed model's activations (the greedy search sees the model as it stands); sites
+outside the blocks (embeddings) are left uncompressed.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .blocks import block_of, stacks_of
-from .config import FIBER_SOURCES, FibrationConfig, loss_bound
+from .calibration import capture_calibration, refitter
+from .config import FibrationConfig, loss_bound
 from .core.modules import count_parameters
 from .core.report import CompressionReport
 from .data import EvalSet, batch_loss_sum, evaluate_loss
@@ -88,9 +90,11 @@ def _first_tokens(evalset: EvalSet, tokens: int) -> EvalSet:
 
 
 def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSet, sites: list[Site],
-                      progress: bool = True) -> dict[str, list[dict]]:
-    """Per site, one entry per distinct cut of its ε grid: ε, partition, parameters after, relative block error,
-    measured on the first ``config.calibration_tokens`` tokens of ``evalset``."""
+                      progress: bool = True, by_count: bool = False) -> dict[str, list[dict]]:
+    """Per site, one entry per distinct cut of its ε grid (``by_count``: of the counts that keep 15/16 … 1/16 of
+    its units, whatever their ε): ε, partition, parameters after, relative block error, the refit that
+    compensated it, measured on the first ``config.calibration_tokens`` tokens of ``evalset``. MLP sites that
+    calibrate (``config.calibrates_mlps``) take their calibration from the same carried block inputs."""
     stacks, position = stacks_of(model)
     inputs = _StackInputs(model, stacks, _first_tokens(evalset, config.calibration_tokens))
     by_block: dict[tuple[int, int], list[Site]] = {}
@@ -108,7 +112,8 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
                 reference = [_run(block, call, h) for call, h in zip(calls, hidden, strict=True)]
                 norm = sum(float(y.double().pow(2).sum()) for y in reference)
                 for site in by_block.get((s, b), []):
-                    curves[site.name] = _site_curve(model, config, site, block, calls, hidden, reference, norm)
+                    curves[site.name] = _site_curve(model, config, site, block, calls, hidden, reference, norm,
+                                                    by_count)
                 hidden = reference
                 if (s, b) in by_block:
                     bar.update(1)
@@ -126,21 +131,36 @@ def _epsilon_grid(dendro, units: int, config: FibrationConfig) -> list[float]:
     return grid
 
 
+def _count_grid(dendro, units: int) -> list[tuple[float, object]]:
+    """(ε, partition) at the counts that keep 15/16, 14/16, … 1/16 of the units."""
+    counts = sorted({max(1, round(units * j / GRID)) for j in range(GRID - 1, 0, -1)} - {units}, reverse=True)
+    return [(float(dendro.epsilon_for_count(count)), dendro.cut_to_count(count)) for count in counts]
+
+
 def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn.Module, calls: list,
-                hidden: list[torch.Tensor], reference: list[torch.Tensor], norm: float) -> list[dict]:
-    dendro = site.dendrogram(model, config)
+                hidden: list[torch.Tensor], reference: list[torch.Tensor], norm: float,
+                by_count: bool = False) -> list[dict]:
+    calibration = None
+    if site.kind == "mlp" and config.calibrates_mlps:
+        calibration = capture_calibration(model, site, lambda i: _run(block, calls[i], hidden[i]), len(calls),
+                                          config.calibration_tokens)
+    refit = refitter(calibration, config)
+    dendro = site.dendrogram(model, config, calibration)
     site.commit()
     params_before = site_parameters(model, site)
+    units = site.units(model)
+    cuts = _count_grid(dendro, units) if by_count else [(eps, dendro.cut(eps))
+                                                        for eps in _epsilon_grid(dendro, units, config)]
     curve: dict[int, dict] = {}
-    for eps in _epsilon_grid(dendro, site.units(model), config):
-        part = dendro.cut(eps)
+    for eps, part in cuts:
         if part.num_fibers in curve or part.is_trivial:
             continue
-        site.apply(model, part)
+        site.apply(model, part, refit)
         error = sum(float((_run(block, call, h) - y).double().pow(2).sum())
                     for call, h, y in zip(calls, hidden, reference, strict=True))
         curve[part.num_fibers] = {"epsilon": eps, "partition": part, "params": site_parameters(model, site),
-                                  "params_before": params_before, "error": error / max(norm, 1e-30)}
+                                  "params_before": params_before, "error": error / max(norm, 1e-30),
+                                  "refit": refit}
         site.restore(model)
         site.commit()  # forget the originals: a later apply must take the model's modules as they are then
     return sorted(curve.values(), key=lambda c: c["params"], reverse=True)
@@ -164,7 +184,7 @@ def _apply(model: nn.Module, sites: list[Site], chosen: dict[str, dict | None]) 
     for site in sites:
         cut = chosen.get(site.name)
         if cut is not None:
-            site.apply(model, cut["partition"])
+            site.apply(model, cut["partition"], cut["refit"])
             applied.append(site)
     return applied
 
@@ -179,9 +199,6 @@ def block_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
                  steps: int = 12) -> CompressionReport:
     """Compress ``model`` in place: the most compressed λ-allocation of the block-error curves whose eval loss
     stays ≤ base·(1+τ) (``steps`` bisection steps on log λ, each one full evaluation)."""
-    if config.compensate or FIBER_SOURCES[config.fibers_from].calibrated:
-        raise ValueError("The block search collapses without calibration data: pass compensate=False and a fiber "
-                         "source that needs none (e.g. fibers_from='weights'), or use the greedy search.")
     report = CompressionReport(params_before=count_parameters(model),
                                non_embedding_params_before=non_embedding_parameters(model))
     base = evaluate_loss(model, evalset)
@@ -217,9 +234,10 @@ def block_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
             if cut is None:
                 continue
             before = site.units(model)
-            site.apply(model, cut["partition"])
-            report.layers.append(layer_report(model, site, cut["partition"], cut["epsilon"], before,
-                                              cut["params_before"]))
+            result = site.apply(model, cut["partition"], cut["refit"])
+            layer = layer_report(model, site, cut["partition"], cut["epsilon"], before, cut["params_before"])
+            layer.compensation = None if result is None else str(result["note"])
+            report.layers.append(layer)
             site.commit()
         current = evaluate_loss(model, evalset)
     report.final_loss = current

@@ -13,6 +13,7 @@ from .core.fibers import EPSILON_MAX, LINKAGES, FiberPartition
 PARTS = ("attention", "mlp", "embeddings")
 SEARCH_ORDERS = ("forward", "backward")
 SEARCHES = ("greedy", "block")
+SENSITIVITIES = ("block", "loss")
 BUDGETS = ("uniform", "greedy")
 
 
@@ -78,6 +79,12 @@ class FibrationConfig:
         default=None,
         metadata={"help": "Keep this fraction of the non-embedding parameters (e.g. 0.5 for 2×), allocated across "
                           "layers by measured loss per parameter; replaces the τ search."},
+    )
+    sensitivity: str = field(
+        default="loss",
+        metadata={"help": "How the target size prices each site's cuts: 'block' (the block-output error of 16 cuts "
+                          "per site on carried block inputs, one pass linear in depth) or 'loss' (the eval loss "
+                          "with the site collapsed at 6 cuts: sites × full evaluations)."},
     )
     epsilon_min: float = field(default=0.0, metadata={"help": "Lower bound of the ε binary search."})
     epsilon_max: float = field(default=1.0, metadata={"help": "Upper bound of the ε binary search (< 2)."})
@@ -186,6 +193,8 @@ class FibrationConfig:
         _check(self.holdout_z >= 0, f"holdout_z must be ≥ 0, got {self.holdout_z}.")
         _check(self.holdout_retries >= 0, f"holdout_retries must be ≥ 0, got {self.holdout_retries}.")
         _check(self.budget in BUDGETS, f"Unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}.")
+        _check(self.sensitivity in SENSITIVITIES,
+               f"Unknown sensitivity {self.sensitivity!r}; choose one of {', '.join(SENSITIVITIES)}.")
         _check(self.search in SEARCHES, f"Unknown search {self.search!r}; choose one of {', '.join(SEARCHES)}.")
         _check(self.search_order in SEARCH_ORDERS,
                f"Unknown search_order {self.search_order!r}; choose one of {', '.join(SEARCH_ORDERS)}.")

@@ -1,8 +1,10 @@
 """Ask for a size: keep a given fraction of the non-embedding parameters, allocated across sites by one global rule.
 
 1. Sensitivity: each site alone (the others intact) is cut to a ladder of unit counts (its dendrogram, so any fiber
-   mode works), collapsed the way the search would collapse it (compensated where it refits), and the eval loss
-   increase is measured on the search examples.
+   mode works) and collapsed the way the search would collapse it (compensated where it refits). ``sensitivity=
+   "loss"`` measures the eval loss increase on the search examples (sites × ladder full evaluations);
+   ``"block"`` the relative error of the block's output on carried block inputs (``block_search``: one pass,
+   linear in depth).
 2. Allocation: for a price λ per parameter, each site takes the count minimizing ΔL_s(k) + λ·P_s(k); bisecting λ
    finds the allocation that fits the budget. The one site whose count changes at the final λ gets an interpolated
    count, so the total lands on the target (a site's parameters are affine in its unit count).
@@ -20,6 +22,7 @@ from dataclasses import dataclass
 from torch import nn
 from tqdm.auto import tqdm
 
+from .block_search import site_error_curves
 from .calibration import capture_calibration, refitter
 from .config import FibrationConfig
 from .core.fibers import FiberPartition, relabel
@@ -68,8 +71,11 @@ def compress_to_target(model: nn.Module, config: FibrationConfig, evalset: EvalS
     base = evaluate_loss(model, evalset)
     holdout_base = None if holdout is None else evaluate_loss(model, holdout)
     sites = _target_sites(model, config)
-    curves = [_curve(model, config, site, evalset, base) for site in
-              tqdm(sites, desc="site sensitivity", disable=not progress, unit="site")]
+    if config.sensitivity == "block":
+        curves = _block_curves(model, config, evalset, sites, progress)
+    else:
+        curves = [_curve(model, config, site, evalset, base) for site in
+                  tqdm(sites, desc="site sensitivity", disable=not progress, unit="site")]
     counts = allocate(curves, before - round(config.target_params * before))
     report = CompressionReport(params_before=before_total, non_embedding_params_before=before, base_loss=base,
                                holdout_base_loss=holdout_base)
@@ -135,6 +141,23 @@ def allocate(curves: list[SiteCurve], saving: int) -> dict[str, int]:
             counts[c.name] = c.count_for(target)
             short -= now - c.params_at(counts[c.name])
     return counts
+
+
+def _block_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSet, sites: list[Site],
+                  progress: bool) -> list[SiteCurve]:
+    """Each site's curve from the relative block-output error of its cuts (``block_search.site_error_curves``);
+    sites outside the blocks (none here: embeddings are not counted) keep their full width."""
+    measured = site_error_curves(model, config, evalset, sites, progress, by_count=True)
+    curves = []
+    for site in sites:
+        cuts = measured.get(site.name) or []
+        counts, params, increase = [site.units(model)], [site.params(model)], [0.0]
+        for cut in sorted(cuts, key=lambda c: c["partition"].num_fibers, reverse=True):
+            counts.append(cut["partition"].num_fibers)
+            params.append(cut["params"])
+            increase.append(max(cut["error"], increase[-1]))
+        curves.append(SiteCurve(site.name, counts, params, increase))
+    return curves
 
 
 def _curve(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalSet, base: float) -> SiteCurve:

@@ -1,6 +1,7 @@
 """The tool's own target size on all-MiniLM-L6-v2 with each fiber source: which one the default should be.
 
     nice -n 10 python scripts/fiber_sources.py --sources weights span --keep 0.5 --calib 128
+    nice -n 10 python scripts/fiber_sources.py --sources span weights --sensitivities block loss --run sensitivity
 
 Per source: ``compress_pretrained(model, FibrationConfig(target_params=keep, fibers_from=source))`` (attention and
 MLP, compensated collapse on, the default holdout split of the calibration lines) on wikitext-2 *valid* lines, then
@@ -37,11 +38,14 @@ def lines(path: Path) -> list[str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sources", nargs="+", default=["weights", "span"], help="fibers_from values to compare")
+    ap.add_argument("--sensitivities", nargs="+", default=["loss"], choices=["loss", "block"],
+                    help="FibrationConfig.sensitivity values to compare (how the target size prices each site)")
     ap.add_argument("--keep", type=float, default=0.5, help="fraction of non-embedding parameters kept")
     ap.add_argument("--calib", type=int, default=128, help="calibration/search lines (wikitext-2 valid)")
     ap.add_argument("--test", type=int, default=512, help="report lines (wikitext-2 test)")
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--out", default="results/fiber_sources")
+    ap.add_argument("--run", default=None, help="a label for rows measured together (their times compare)")
     args = ap.parse_args()
     head = print_preamble(load=True)
     import datasets
@@ -62,16 +66,18 @@ def main() -> None:
     rows_path = out / "rows.json"
     rows = json.loads(rows_path.read_text())["rows"] if rows_path.exists() else []
     before = non_embedding_parameters(teacher)
-    for source in args.sources:
-        if any(r["fibers_from"] == source and r["keep"] == args.keep and r["calib"] == args.calib for r in rows):
+    for source, sensitivity in [(s, m) for m in args.sensitivities for s in args.sources]:
+        if any(r["fibers_from"] == source and r.get("sensitivity", "loss") == sensitivity and r["keep"] == args.keep
+               and r["calib"] == args.calib and r.get("run") == args.run for r in rows):
             continue
         model = copy.deepcopy(teacher)
         config = FibrationConfig(target_params=args.keep, parts=("attention", "mlp"), fibers_from=source,
-                                 max_length=args.max_length)
+                                 max_length=args.max_length, sensitivity=sensitivity)
         load, start, cpu = load_average(), time.perf_counter(), time.process_time()
         report = compress_pretrained(model, config, evalset=calib, progress=False)
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
-        row = {"fibers_from": source, "keep": args.keep, "calib": args.calib, "test": args.test,
+        row = {"fibers_from": source, "sensitivity": sensitivity, "run": args.run, "keep": args.keep,
+               "calib": args.calib, "test": args.test,
                "compensate": config.compensate, "compress_seconds": seconds, "compress_cpu_seconds": cpu,
                "load": f"{load} at start, {load_average()} at the end",
                "non_embedding_kept": non_embedding_parameters(model) / before,

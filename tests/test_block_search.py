@@ -6,8 +6,9 @@ import transformers as T
 from tiny_models import VOCAB, plant_fibers, tiny_model
 
 from hf_fibration import FibrationConfig
-from hf_fibration.block_search import allocate, block_search
+from hf_fibration.block_search import allocate, block_search, site_error_curves
 from hf_fibration.data import EvalSet, build_eval_set, evaluate_loss, loss_terms, task_of
+from hf_fibration.patch import build_sites
 from hf_fibration.search import greedy_search
 
 PLAIN = dict(compensate=False, holdout_fraction=0.0, parts=("attention", "mlp"))
@@ -60,9 +61,29 @@ def test_allocation_trades_parameters_for_error():
     assert allocate(curves, 1e4) == {"a": None, "b": None}
 
 
-def test_block_search_refuses_a_calibrated_collapse():
-    with pytest.raises(ValueError, match="compensate=False"):
-        block_search(tiny_model("gpt2"), FibrationConfig(compensate=True), _random_evalset(tiny_model("gpt2")))
+def test_compensated_cuts_measure_less_block_error_and_the_search_keeps_the_bound(marian_dir):
+    model = T.MarianMTModel.from_pretrained(marian_dir).eval()
+    tok = T.AutoTokenizer.from_pretrained(marian_dir)
+    full = build_eval_set(model, tok, None, batch_size=32, max_length=32)
+    evalset = EvalSet(full.task, full.batches[:3], full.weights[:3])
+    mlp_sites = lambda config: [s for s in build_sites(model, config) if s.kind == "mlp"]  # noqa: E731
+    errors = {}
+    for compensate in (False, True):
+        config = FibrationConfig(compensate=compensate, calibration_tokens=1024, parts=("mlp",))
+        curves = site_error_curves(model, config, evalset, mlp_sites(config)[:2], progress=False, by_count=True)
+        errors[compensate] = [c["error"] for curve in curves.values() for c in curve]
+    assert len(errors[True]) == len(errors[False]) >= 10
+    assert all(c <= p * (1 + 1e-6) for c, p in zip(errors[True], errors[False], strict=True))
+    assert sum(errors[True]) < sum(errors[False])
+    config = FibrationConfig(tolerance=0.02, calibration_tokens=1024, fibers_from="span", holdout_fraction=0.0,
+                             parts=("mlp",))
+    base = evaluate_loss(model, evalset)
+    mlps = {site.name for site in mlp_sites(config)}
+    report = block_search(model, config, evalset, progress=False)
+    assert any(layer.name in mlps for layer in report.layers)
+    assert all(layer.compensation for layer in report.layers if layer.name in mlps)
+    assert evaluate_loss(model, evalset) == pytest.approx(report.final_loss, rel=1e-6)
+    assert report.final_loss <= base * (1 + config.tolerance)
 
 
 def test_the_tau_search_runs_the_block_search_with_its_held_out_check():

@@ -29,11 +29,12 @@ def _evalset(model, batches: int = 3) -> EvalSet:
     return EvalSet(task, out, weights)
 
 
-@pytest.mark.parametrize("family", sorted(FAMILIES))
-def test_target_lands_within_one_percent(family):
+@pytest.mark.parametrize("family,sensitivity", [(f, "loss") for f in sorted(FAMILIES)] + [
+    ("marian", "block"), ("llama", "block"), ("bert", "block")])
+def test_target_lands_within_one_percent(family, sensitivity):
     model = tiny_model(family)
     before = non_embedding_parameters(model)
-    config = FibrationConfig(target_params=0.5, holdout_fraction=0)
+    config = FibrationConfig(target_params=0.5, holdout_fraction=0, sensitivity=sensitivity)
     report = compress_pretrained(model, config, evalset=_evalset(model), progress=False)
     assert abs(non_embedding_parameters(model) / before - 0.5) <= 0.01 * 0.5
     assert report.non_embedding_params_after == non_embedding_parameters(model)
