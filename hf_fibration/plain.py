@@ -9,7 +9,7 @@ one line what the config cannot express; ``target.compress_uniform`` compresses 
 
 from __future__ import annotations
 
-import json
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -21,6 +21,7 @@ from .architectures import architecture_for
 from .core.embedding import FiberEmbedding, FiberInputLinear
 from .core.modules import FiberLinear
 from .patch import get_module, linear_weight
+from .run_record import RunRecord
 
 # The config key of the MLP width, per family; seq2seq families name one per stack.
 WIDTH_KEYS = {"bert": "intermediate_size", "llama": "intermediate_size", "gpt2": "n_inner"}
@@ -146,7 +147,7 @@ def _check_same_outputs(model: nn.Module, plain: nn.Module) -> None:
     plain.cpu()
 
 
-def save_plain(plain: PreTrainedModel, tokenizer, directory: Path, record: dict | None = None,
+def save_plain(plain: PreTrainedModel, tokenizer, directory: Path, record: RunRecord | None = None,
                source: str | None = None) -> None:
     """Write ``plain`` (``to_plain``'s model) as safetensors with its config, the tokenizer, the source's other
     files (sentence-transformers modules, ...) and the run's record."""
@@ -157,4 +158,4 @@ def save_plain(plain: PreTrainedModel, tokenizer, directory: Path, record: dict 
     if tokenizer is not None:
         tokenizer.save_pretrained(directory)
     if record is not None:
-        (directory / "fibration_report.json").write_text(json.dumps({**record, "plain": True}, indent=2) + "\n")
+        dataclasses.replace(record, plain=True).save(directory)

@@ -17,10 +17,10 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from torch import nn
 
-from .loading import hub_id_of, is_hub_id
+from .checkpoint_io import hub_id_of, is_hub_id
+from .run_record import REPORT_FILE, RunRecord
 
 CARD_TEMPLATE = Path(__file__).parent / "model_cards" / "fibration.md"
-REPORT_FILE = "fibration_report.json"
 PLOT_FILE = "fibration_layers.png"
 TASK_TYPES = {"seq2seq": "translation", "causal": "text-generation", "masked": "fill-mask",
               "fidelity": "feature-extraction"}
@@ -75,16 +75,12 @@ def _metric_label(task: str, name: str) -> str:
     return FIDELITY_LABEL if task == "fidelity" and name == "loss" else name
 
 
-def read_record(directory: str | Path) -> dict[str, Any]:
+def read_record(directory: str | Path) -> RunRecord:
     """The run's record: fibration_report.json, else one rebuilt from config.json's quantization_config."""
     directory = Path(directory)
-    path = directory / REPORT_FILE
-    if path.exists():
-        try:
-            return json.loads(path.read_text())
-        except ValueError:
-            raise ValueError(f"{path} is not valid JSON; restore it or delete it (config.json holds the same "
-                             "record).") from None
+    record = RunRecord.load(directory)
+    if record is not None:
+        return record
     not_ours = (f"{directory} is not a checkpoint compressed by hf-fibration (no {REPORT_FILE} and no fibration "
                 f"quantization_config in config.json); compress it first: hf-fibration compress {directory}")
     if not directory.is_dir():
@@ -98,12 +94,11 @@ def read_record(directory: str | Path) -> dict[str, Any]:
         raise ValueError(not_ours)
     report = dict(quant.get("report") or {})
     report.setdefault("layers", [])
-    return {"base_model": hub_id_of(quant.get("base_model")), "source": quant.get("base_model"),
-            "task": task_of_config(config), "dataset": None, "command": None,
-            "config": quant.get("fibration") or {}, "report": report, "metrics": {}}
+    return RunRecord(base_model=hub_id_of(quant.get("base_model")), source=quant.get("base_model"),
+                     task=task_of_config(config), config=quant.get("fibration") or {}, report=report)
 
 
-def plot_layers(record: dict[str, Any], path: Path) -> bool:
+def plot_layers(record: RunRecord, path: Path) -> bool:
     """Bar plot of the fraction of units kept per layer; False when matplotlib is not installed."""
     try:
         import matplotlib
@@ -112,7 +107,7 @@ def plot_layers(record: dict[str, Any], path: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    layers = record["report"].get("layers") or []
+    layers = record.report.get("layers") or []
     if not layers:
         return False
     fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(layers)), 3.2))
@@ -146,22 +141,20 @@ def short_command(command: str | None) -> str:
     return " ".join(out)
 
 
-def _dataset(record: dict[str, Any], task: str) -> tuple[str, str | None, str | None, str, list[str] | None]:
+def _dataset(record: RunRecord, task: str) -> tuple[str, str | None, str | None, str, list[str] | None]:
     """(type, config, split, name, card datasets) of the eval data: hub ids only, never local paths."""
-    dataset = record.get("dataset")
-    split = record.get("split")
+    dataset, split = record.dataset, record.split
     if dataset and is_hub_id(dataset):
-        return dataset, record.get("dataset_config"), split, dataset, [dataset]
+        return dataset, record.dataset_config, split, dataset, [dataset]
     if dataset:
         return "custom", None, split, f"local data ({Path(str(dataset)).name})", None
     ds_type, ds_config, ds_split, name = PACKAGED_DATA["seq2seq" if task == "seq2seq" else "default"]
     return ds_type, ds_config, ds_split, name, None
 
 
-def _metrics(record: dict[str, Any]) -> dict[str, dict[str, float]]:
+def _metrics(record: RunRecord) -> dict[str, dict[str, float]]:
     """Before/after metrics of the record; the report's losses when the run recorded no metrics (API path)."""
-    metrics = record.get("metrics") or {}
-    report = record.get("report") or {}
+    metrics, report = record.metrics, record.report
     if not metrics.get("after") and report.get("holdout_final_loss") is not None:  # data the search never saw
         metrics = {"before": {"loss": report.get("holdout_base_loss")},
                    "after": {"loss": report["holdout_final_loss"]}}
@@ -170,9 +163,9 @@ def _metrics(record: dict[str, Any]) -> dict[str, dict[str, float]]:
     return metrics
 
 
-def eval_results(record: dict[str, Any]) -> list[EvalResult]:
+def eval_results(record: RunRecord) -> list[EvalResult]:
     """Model-index entries for every task, with and without a recorded dataset (finite values only)."""
-    task = record.get("task") or "fidelity"
+    task = record.task or "fidelity"
     ds_type, ds_config, ds_split, ds_name, _ = _dataset(record, task)
     metrics = _metrics(record)
     results = []
@@ -188,16 +181,16 @@ def eval_results(record: dict[str, Any]) -> list[EvalResult]:
     return results
 
 
-def build_card(record: dict[str, Any], repo_id: str, plot: str | None = None, base_model: str | None = None
+def build_card(record: RunRecord, repo_id: str, plot: str | None = None, base_model: str | None = None
                ) -> ModelCard:
     """The model card: YAML metadata the Hub validates (base_model a hub id or absent), tables, how to load."""
-    report, task = record["report"], record.get("task") or "fidelity"
-    base_id = base_model or hub_id_of(record.get("base_model")) or hub_id_of(record.get("source"))
+    report, task = record.report, record.task or "fidelity"
+    base_id = base_model or hub_id_of(record.base_model) or hub_id_of(record.source)
     metrics = _metrics(record)
     results = eval_results(record)
-    sentence_transformers = bool(record.get("sentence_transformers"))
+    sentence_transformers = record.sentence_transformers
     tags = ["hf-fibration", "fibration", "compression", "structured-compression"]
-    inherited = record.get("base_card") or {}
+    inherited = record.base_card
     ds_type = _dataset(record, task)[0]
     datasets = list(dict.fromkeys([*(inherited.get("datasets") or []), *([ds_type] if ds_type != "custom" else [])]))
     card_data = ModelCardData(
@@ -217,7 +210,7 @@ def build_card(record: dict[str, Any], repo_id: str, plot: str | None = None, ba
              "after": _fmt(value)} for name, value in (metrics.get("after") or {}).items()]
     before, after = report.get("params_before") or 0, report.get("params_after") or 0
     ne_before, ne_after = report.get("non_embedding_params_before"), report.get("non_embedding_params_after")
-    described = base_id or (Path(str(record["source"])).name if record.get("source") else "a model")
+    described = base_id or (Path(record.source).name if record.source else "a model")
     return ModelCard.from_template(
         card_data, template_path=str(CARD_TEMPLATE), model_name=repo_id.split("/")[-1], repo_id=repo_id,
         base_model=described, params_before=f"{before:,}" if before else "—", params_after=f"{after:,}",
@@ -225,8 +218,8 @@ def build_card(record: dict[str, Any], repo_id: str, plot: str | None = None, ba
         non_embedding_before=f"{ne_before:,}" if ne_before else "—",
         non_embedding_after=f"{ne_after:,}" if ne_after else "—",
         non_embedding_ratio=f"{ne_before / max(ne_after, 1):.2f}×" if ne_before and ne_after else "—",
-        metrics=rows, auto_class=AUTO_CLASSES[task], command=short_command(record.get("command")),
-        loss_label=LOSS_LABELS[task], method=_method(record.get("config") or {}), layers=report.get("layers") or [],
+        metrics=rows, auto_class=AUTO_CLASSES[task], command=short_command(record.command),
+        loss_label=LOSS_LABELS[task], method=_method(record.config), layers=report.get("layers") or [],
         plot=plot, losses=_loss_lines(report), sentence_transformers=sentence_transformers,
     )
 
@@ -270,7 +263,7 @@ def write_card(directory: str | Path, repo_id: str, out_dir: str | Path, base_mo
     """Write README.md (and the plot) for the checkpoint in ``directory`` into ``out_dir``."""
     out_dir = Path(out_dir)
     record = read_record(directory)
-    record["sentence_transformers"] = (Path(directory) / "modules.json").is_file()
+    record.sentence_transformers = (Path(directory) / "modules.json").is_file()
     plot = PLOT_FILE if plot_layers(record, out_dir / PLOT_FILE) else None
     card = build_card(record, repo_id, plot, base_model)
     card.save(out_dir / "README.md")

@@ -28,19 +28,15 @@ from transformers.quantizers import HfQuantizer, register_quantization_config, r
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
+from .checkpoint_io import FIX, CheckpointError, hub_id_of, safetensors_header
 from .core.embedding import FiberEmbedding, FiberInputLinear
 from .core.modules import FiberLinear
 from .patch import FIBER_MODULES, build_fiber_modules, fiber_module_specs, restore_fiber_indices
 
 QUANT_METHOD = "fibration"
 LOAD_HINT = "This checkpoint was compressed by hf-fibration: run `import hf_fibration` before from_pretrained."
-FIX = "the checkpoint was altered or cut short; re-download it or compress the base model again"
 SHAPE_FIELDS = {"linear": ("in_features", "out_features"), "embedding": ("num_embeddings", "num_fibers", "full_width"),
                 "input_linear": ("full_width", "out_features", "num_fibers")}
-
-
-class CheckpointError(ValueError):
-    """A compressed checkpoint whose recorded shapes, files or fiber indices do not agree."""
 
 
 class FibrationQuantizationConfig(QuantizationConfigMixin):
@@ -122,8 +118,6 @@ def mark_compressed(model: nn.Module, fibration: dict[str, Any], report: dict[st
 
     ``base_model`` defaults to the one recorded by an earlier compression of the same model, else the hub id of
     what the model was loaded from (``config._name_or_path``), else that path (so ``evaluate`` finds the base)."""
-    from .loading import hub_id_of
-
     previous = getattr(model.config, "quantization_config", None)
     loaded_from = model.config._name_or_path or None
     base_model = base_model or getattr(previous, "base_model", None) or hub_id_of(loaded_from) or loaded_from
@@ -132,31 +126,6 @@ def mark_compressed(model: nn.Module, fibration: dict[str, Any], report: dict[st
     model.hf_quantizer = FibrationQuantizer(quant_config, pre_quantized=True)
     model.is_quantized = True
     model.quantization_method = QUANT_METHOD
-
-
-def safetensors_header(path: str | Path) -> dict[str, dict]:
-    """The tensor table of a .safetensors file; raises CheckpointError naming the first tensor cut off."""
-    path = Path(path)
-    size = path.stat().st_size
-    with path.open("rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path.name} is cut off before its header; {FIX}.")
-        (length,) = struct.unpack("<Q", head)
-        if 8 + length > size:
-            raise CheckpointError(f"{path.name} is cut off inside its header ({size} bytes); {FIX}.")
-        try:
-            header = json.loads(f.read(length))
-        except ValueError:
-            raise CheckpointError(f"{path.name} has an unreadable header; {FIX}.") from None
-    tensors = {k: v for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
-    data = size - 8 - length
-    for name, info in sorted(tensors.items(), key=lambda kv: kv[1].get("data_offsets", [0, 0])[1]):
-        if info.get("data_offsets", [0, 0])[1] > data:
-            module = name.rsplit(".", 1)[0]
-            raise CheckpointError(f"{path.name} is cut off: module {module!r} ({name}) lies past the end of the "
-                                  f"file ({size} bytes); {FIX}.")
-    return tensors
 
 
 def _original_dims(module: nn.Module) -> tuple[int, int]:

@@ -29,7 +29,7 @@ def llama_135m(path: Path) -> Path:
     import torch
     import transformers as T
 
-    from hf_fibration.loading import default_model
+    from hf_fibration.checkpoint_io import default_model
 
     tok = T.AutoTokenizer.from_pretrained(default_model())
     config = T.LlamaConfig(vocab_size=len(tok), hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
@@ -134,7 +134,7 @@ def main() -> None:
                         help="runs per case; the row is the median run (peaks vary by a few tens of MB run to run)")
     parser.add_argument("--render-only", action="store_true", help="rewrite README.md from --out's rows.json")
     args = parser.parse_args()
-    from hf_fibration.loading import default_model
+    from hf_fibration.checkpoint_io import default_model
 
     out = Path(args.out)
     if args.render_only:

@@ -54,6 +54,10 @@ ROWS = [
     ("tolerance-negative", ["compress", "{marian}", "--tolerance", "-1"], "--tolerance must be"),
     ("max-samples-zero", ["compress", "{marian}", "--max-samples", "0"], "--max-samples must be"),
     ("batch-size-zero", ["evaluate", "{marian}", "--batch-size", "0"], "--batch-size must be"),
+    # checked by FibrationConfig alone, in the CLI's words
+    ("search-steps-zero", ["compress", "{marian}", "--search-steps", "0"], "--search-steps must be ≥ 1"),
+    ("target-params-above-one", ["compress", "{marian}", "--target-params", "1.5"], "--target-params must lie in"),
+    ("holdout-fraction-one", ["compress", "{marian}", "--holdout-fraction", "1"], "--holdout-fraction must lie in"),
     ("nan-weights", ["compress", "{nan_marian}"], "NaN"),
     ("cuda-on-cpu-torch", ["compress", "{marian}", "--device", "cuda"], "--device cpu"),
     ("bad-device", ["evaluate", "{marian}", "--device", "tpu9"], "--device cpu"),

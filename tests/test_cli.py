@@ -325,6 +325,22 @@ def test_version_and_compress_flags_for_fiber_source_and_compensation(monkeypatc
         "block"
 
 
+def test_options_that_set_config_fields_default_to_the_fields_defaults():
+    """No drift: an option that sets a FibrationConfig field takes the field's default, in every command."""
+    from hf_fibration import FibrationConfig
+    from hf_fibration.cli import CONFIG_FLAGS, _config, build_parser
+
+    parser = build_parser()
+    assert _config(parser.parse_args(["compress", "m"])) == FibrationConfig()
+    defaults = FibrationConfig()
+    commands = parser._subparsers._group_actions[0].choices
+    assert set(CONFIG_FLAGS.values()) <= set(commands["compress"]._option_string_actions)
+    for command in ("evaluate", "retune"):  # the same eval data as compress by default
+        options = commands[command]._option_string_actions
+        for field in ("max_eval_samples", "eval_batch_size", "max_length"):
+            assert options[CONFIG_FLAGS[field]].default == getattr(defaults, field), (command, field)
+
+
 def test_no_progress_silences_transformers_bars_too(marian_dir, tmp_path, capsys):
     import transformers
 

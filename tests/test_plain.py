@@ -16,6 +16,7 @@ from hf_fibration.data import EvalSet
 from hf_fibration.patch import build_sites
 from hf_fibration.plain import mlp_widths, refit_expressible, save_plain, to_plain
 from hf_fibration.quantizer import mark_compressed
+from hf_fibration.run_record import RunRecord
 from hf_fibration.target import _exact_count, compress_uniform
 
 # Runs in a fresh interpreter: transformers only, the outputs as JSON (no pickle), hf_fibration never imported.
@@ -65,7 +66,7 @@ def test_plain_checkpoint_loads_with_transformers_alone_and_equals_the_compresse
     compress_uniform(model, config, _evalset(model), progress=False)
     widths = {w for per_block in mlp_widths(model).values() for w in per_block.values()}
     assert len(widths) == 1 and widths.pop() < original  # one width for every layer (and stack), narrower
-    save_plain(to_plain(model), None, tmp_path / "plain", {"report": {}})
+    save_plain(to_plain(model), None, tmp_path / "plain", RunRecord(report={}))
     written = json.loads((tmp_path / "plain" / "config.json").read_text())
     assert "quantization_config" not in written
     assert "model.safetensors" in _written(tmp_path / "plain")
