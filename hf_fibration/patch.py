@@ -113,13 +113,25 @@ class Site:
         return None if refit is None else refit(self, model)
 
     def restore(self, model: nn.Module) -> None:
+        self.put(model, self._originals)
+
+    def swapped(self, model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+        """The modules the last ``apply`` swapped out and those now in their place: ``put`` either to undo or redo
+        this site after it is committed (the modules are never changed in place)."""
+        before = dict(self._originals)
         if self.kind != "embedding":
-            for name, module in self._originals.items():
+            return before, {name: get_module(model, name) for name in before}
+        now = {"input": model.get_input_embeddings(), "output": model.get_output_embeddings()}
+        return before, {key: now[key] for key in before}
+
+    def put(self, model: nn.Module, modules: dict[str, nn.Module]) -> None:
+        if self.kind != "embedding":
+            for name, module in modules.items():
                 set_module(model, name, module)
-        elif self._originals:
-            model.set_input_embeddings(self._originals["input"])
-            if "output" in self._originals:
-                model.set_output_embeddings(self._originals["output"])
+        elif modules:
+            model.set_input_embeddings(modules["input"])
+            if "output" in modules:
+                model.set_output_embeddings(modules["output"])
 
     def commit(self) -> None:
         """Forget the originals (and the dendrogram): the applied partition stays."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -27,6 +28,7 @@ from .data import DataError, EvalSet, batch_loss_sum, evaluate_loss, example_los
 from .patch import Site, build_sites, get_module, non_embedding_parameters, set_module, site_parameters
 
 MIN_HOLDOUT_EXAMPLES = 8  # below this the standard error of the held-out loss means nothing
+TRIM_KEEP = 0.5  # a search cut back to a tighter bound is kept when it still saves this share of its parameters
 
 
 class HoldoutError(ValueError):
@@ -43,17 +45,18 @@ def greedy_search(
     """Compress ``model`` in place, site by site, at the largest ε that keeps the eval loss within τ.
 
     The promise is checked on data the search never saw: ``holdout`` (or a ``config.holdout_fraction`` of
-    ``evalset``) takes no part in choosing ε's or fitting refits. When its loss breaks τ, the model is restored and
-    searched again with a tighter internal bound (the last retry without the refit); if it still breaks τ, the
-    model is left uncompressed and ``HoldoutError`` says how much data to pass."""
+    ``evalset``) takes no part in choosing ε's or fitting refits. When its loss breaks τ, the next attempt takes a
+    tighter internal bound: first the greedy search's own sites cut back to those it accepted within that bound
+    (no new search; kept when it still saves ``TRIM_KEEP`` of the parameters), else the model is restored and
+    searched again (the last retry without the refit). Each attempt looks at the held-out examples once. If every
+    attempt breaks τ, the model is left uncompressed and ``HoldoutError`` says how much data to pass."""
     fixed = config.epsilon is not None or all(p in config.epsilons for p in config.parts)
     if fixed:  # no ε to choose, no τ to promise: the losses are reported as they come
         return _search_once(model, config, evalset, progress)
     if holdout is None and config.holdout_fraction > 0:
         evalset, holdout = evalset.split(config.holdout_fraction, config.seed)
-    search_once = block_search if config.search == "block" else _search_once
     if holdout is None:
-        return search_once(model, config, evalset, progress)
+        return (block_search if config.search == "block" else _search_once)(model, config, evalset, progress)
     if holdout.num_examples < MIN_HOLDOUT_EXAMPLES:
         raise DataError(f"The held-out check needs at least {MIN_HOLDOUT_EXAMPLES} examples, got "
                         f"{holdout.num_examples}: pass more eval data (--max-samples) or holdout_fraction=0 to "
@@ -64,15 +67,27 @@ def greedy_search(
     allowed = loss_bound(holdout_base, config.tolerance, holdout.task) - holdout_base
     attempts: list[dict] = []
     tolerance, compensate = config.tolerance, config.compensate
+    trail: list[_Step] = []
+    previous: CompressionReport | None = None
     for attempt in range(config.holdout_retries + 1):
         if attempt == config.holdout_retries and attempt > 0:
             compensate = False
-        report = search_once(model, dataclasses.replace(config, tolerance=tolerance, compensate=compensate),
-                             evalset, progress)
+        attempt_config = dataclasses.replace(config, tolerance=tolerance, compensate=compensate)
+        report = None
+        if previous is not None and compensate == config.compensate:
+            report = _trimmed(model, previous, trail, loss_bound(previous.base_loss, tolerance, evalset.task), evalset)
+        if report is None:
+            if attempt > 0:
+                _restore(model, pristine)
+            trail = []
+            report = (block_search(model, attempt_config, evalset, progress) if config.search == "block" else
+                      _search_once(model, attempt_config, evalset, progress, trail))
         increase, se = loss_increase(base_terms, example_losses(model, holdout))
         attempts.append({"tolerance": tolerance, "compensate": compensate, "search_loss": report.final_loss,
                          "holdout_loss": holdout_base + increase, "holdout_se": se,
                          "non_embedding_params": report.non_embedding_params_after})
+        if previous is not None and report is not previous and len(trail) > len(report.layers):
+            attempts[-1]["trimmed_to_sites"] = len(report.layers)
         if increase + config.holdout_z * se <= allowed or report.non_embedding_params_after == \
                 report.non_embedding_params_before:
             report.holdout_base_loss, report.holdout_final_loss = holdout_base, holdout_base + increase
@@ -80,15 +95,43 @@ def greedy_search(
             report.search_examples, report.holdout_examples = evalset.num_examples, holdout.num_examples
             report.attempts = attempts
             return report
-        _restore(model, pristine)
+        previous = report
         spent = increase + config.holdout_z * se
         tolerance *= min(0.5, 0.8 * allowed / spent) if spent > 0 and allowed > 0 else 0.5
+    _restore(model, pristine)
     raise HoldoutError(
         f"The held-out loss ({attempts[-1]['holdout_loss']:.4g} ± {attempts[-1]['holdout_se']:.2g}) broke the bound "
         f"({holdout_base + allowed:.4g}) in {len(attempts)} searches down to τ={attempts[-1]['tolerance']:.3g}: "
         f"{evalset.num_examples} search and {holdout.num_examples} held-out examples are too few for this model; "
         f"pass at least {4 * (evalset.num_examples + holdout.num_examples)} (--max-samples) or fix ε (--epsilon). "
         "The model was left uncompressed.")
+
+
+def _trimmed(model: nn.Module, searched: CompressionReport, trail: list[_Step], bound: float, evalset: EvalSet
+             ) -> CompressionReport | None:
+    """The last search cut back to the sites it had accepted while its own search loss was still ≤ ``bound`` (the
+    tighter internal bound of the next attempt): what that search would keep of it, without searching again. None
+    (model untouched) when that prefix saves less than ``TRIM_KEEP`` of the parameters the search saved: then a
+    new search at the tighter bound spreads the cuts over every site instead."""
+    if not trail or len(trail) != len(searched.layers):
+        return None
+    kept = 0
+    while kept < len(trail) and searched.layers[kept].loss is not None and searched.layers[kept].loss <= bound:
+        kept += 1
+    saved = searched.non_embedding_params_before - searched.non_embedding_params_after
+    for step in reversed(trail[kept:]):
+        step.site.put(model, step.before)
+    report = CompressionReport(params_before=searched.params_before,
+                               non_embedding_params_before=searched.non_embedding_params_before,
+                               base_loss=searched.base_loss, layers=searched.layers[:kept])
+    report.non_embedding_params_after = non_embedding_parameters(model)
+    if kept == 0 or report.non_embedding_params_before - report.non_embedding_params_after < TRIM_KEEP * saved:
+        for step in trail[kept:]:
+            step.site.put(model, step.after)
+        return None
+    report.final_loss = evaluate_loss(model, evalset)
+    report.params_after = count_parameters(model)
+    return report
 
 
 def _restore(model: nn.Module, pristine: nn.Module) -> None:
@@ -98,7 +141,17 @@ def _restore(model: nn.Module, pristine: nn.Module) -> None:
         setattr(model, name, child)
 
 
-def _search_once(model: nn.Module, config: FibrationConfig, evalset: EvalSet, progress: bool) -> CompressionReport:
+@dataclass
+class _Step:
+    """One accepted site of a search: the modules its collapse swapped out (``before``) and in (``after``)."""
+
+    site: Site
+    before: dict[str, nn.Module]
+    after: dict[str, nn.Module]
+
+
+def _search_once(model: nn.Module, config: FibrationConfig, evalset: EvalSet, progress: bool,
+                 trail: list[_Step] | None = None) -> CompressionReport:
     report = CompressionReport(params_before=count_parameters(model),
                                non_embedding_params_before=non_embedding_parameters(model))
     stacks, position = stacks_of(model)
@@ -141,7 +194,7 @@ def _search_once(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
             if site.kind == "mlp" and config.calibrates_mlps:
                 calibration = _calibrate(model, config, site, evalset, replay)
             layer, current = _search_site(model, config, site, loss, site_bound, current, fixed, calibration,
-                                          cross_fit)
+                                          cross_fit, trail)
             if layer is not None:
                 report.layers.append(layer)
             bar.set_postfix(loss=f"{current:.4f}", bound=f"{site_bound:.4f}")
@@ -163,6 +216,7 @@ def _search_site(
     fixed: float | None,
     calibration: Calibration | None = None,
     cross_fit: dict | None = None,
+    trail: list[_Step] | None = None,
 ) -> tuple[LayerReport | None, float]:
     units, params_before = site.units(model), site_parameters(model, site)
     cross_fit = {} if cross_fit is None else cross_fit
@@ -219,6 +273,8 @@ def _search_site(
         return None, current
     apply(best_part)
     cross_fit.clear()
+    if trail is not None:
+        trail.append(_Step(site, *site.swapped(model)))
     site.commit()
     layer = LayerReport(site.name, units, best_part.num_fibers, float(best_eps), params_before,
                         site_parameters(model, site), loss=best_loss, compensation=notes["compensation"])

@@ -79,6 +79,29 @@ def test_the_held_out_loss_stays_within_tau_on_unseen_text(trained):
     assert evaluate_loss(model, unseen) <= evaluate_loss(trained, unseen) * (1 + 1.5 * tau)
 
 
+def test_a_failed_check_cuts_the_search_back_instead_of_searching_again(trained, monkeypatch):
+    """48 search examples overfit at τ 2%: the next attempt keeps the sites the search took within the tighter bound
+    (no second search) and confirms it on the held-out half once more."""
+    import hf_fibration.search as search
+
+    calls = []
+    once = search._search_once
+    monkeypatch.setattr(search, "_search_once", lambda *a, **k: calls.append(1) or once(*a, **k))
+    model, unseen, tau = copy.deepcopy(trained), _evalset(16, 7), 0.02
+    evalset = _evalset(24, 0)
+    report = greedy_search(model, FibrationConfig(tolerance=tau, parts=("mlp",), search_steps=5), evalset,
+                           progress=False)
+    first, second = report.attempts
+    assert len(calls) == 1 and "trimmed_to_sites" not in first
+    assert second["trimmed_to_sites"] == len(report.layers) >= 1
+    assert second["non_embedding_params"] > first["non_embedding_params"]
+    assert report.holdout_final_loss + report.holdout_se <= report.holdout_base_loss * (1 + tau)
+    search_half, _ = evalset.split(0.5, 0)
+    assert evaluate_loss(model, search_half) == pytest.approx(report.final_loss, rel=1e-6)
+    assert report.non_embedding_params_after == non_embedding_parameters(model) < non_embedding_parameters(trained)
+    assert evaluate_loss(model, unseen) <= evaluate_loss(trained, unseen) * (1 + 1.5 * tau)
+
+
 def test_a_small_eval_set_stops_with_a_message_instead_of_breaking_tau(trained):
     """Sixteen search examples let the ε choice fit noise; the search must notice on its held-out half."""
     model = copy.deepcopy(trained)

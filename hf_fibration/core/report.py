@@ -84,12 +84,16 @@ class CompressionReport:
             lines.append(f"held-out loss on {self.holdout_examples} examples the search never saw: "
                          f"{_change(self.holdout_base_loss, self.holdout_final_loss)}{se}")
         if len(self.attempts) > 1:
-            lines.append("searches: " + "; ".join(
-                f"τ={a['tolerance']:.4g}{'' if a['compensate'] else ' no refit'} → held-out {a['holdout_loss']:.4f}"
-                for a in self.attempts))
+            lines.append("searches: " + "; ".join(_attempt(a) for a in self.attempts))
         return "\n".join(lines)
 
     __str__ = table
+
+
+def _attempt(a: dict) -> str:
+    refit = "" if a["compensate"] else " no refit"
+    trimmed = "" if a.get("trimmed_to_sites") is None else f" trimmed to {a['trimmed_to_sites']} sites"
+    return f"τ={a['tolerance']:.4g}{refit}{trimmed} → held-out {a['holdout_loss']:.4f}"
 
 
 def _change(before: float, after: float) -> str:
