@@ -6,7 +6,7 @@ from test_merging import calibration
 from tiny_models import AUTO_CLASSES, FAMILIES, GENERATES, inputs, tiny_model
 
 import hf_fibration  # noqa: F401  (registers the loader)
-from hf_fibration import baselines, heads
+from hf_fibration import baseline_methods, heads
 from hf_fibration.baselines import METHODS, PRUNING, compress_to_size
 from hf_fibration.calibration import capture_calibration
 from hf_fibration.core.heads import ChannelStats, HeadLayout, flap_allocation, head_scores, uniform_allocation
@@ -190,6 +190,6 @@ def test_flap_compensation_brings_the_model_closer_on_the_calibration_data(monke
     plain = copy.deepcopy(base)
     with monkeypatch.context() as patch:
         patch.setattr(heads, "shift_bias", lambda *a: None)
-        patch.setattr(baselines, "shift_bias", lambda *a: None)
+        patch.setattr(baseline_methods, "shift_bias", lambda *a: None)
         compress_to_size(plain, "flap", 0.5, calib)
     assert hidden_error(compensated) < hidden_error(plain)
