@@ -27,10 +27,10 @@ from tqdm.auto import tqdm
 from .blocks import block_of, stacks_of
 from .calibration import capture_calibration, refitter
 from .config import FibrationConfig, loss_bound
-from .core.modules import count_parameters
 from .core.report import CompressionReport
 from .data import EvalSet, batch_loss_sum, evaluate_loss
-from .patch import Site, build_sites, layer_report, non_embedding_parameters, site_parameters
+from .patch import Site, build_sites, layer_report, site_parameters
+from .pipeline import finish_report, start_report
 
 GRID = 16  # cuts per site: the ε's that keep j/16 of its units, j = 15 … 1 (and ε_min)
 
@@ -199,8 +199,7 @@ def block_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
                  steps: int = 12) -> CompressionReport:
     """Compress ``model`` in place: the most compressed λ-allocation of the block-error curves whose eval loss
     stays ≤ base·(1+τ) (``steps`` bisection steps on log λ, each one full evaluation)."""
-    report = CompressionReport(params_before=count_parameters(model),
-                               non_embedding_params_before=non_embedding_parameters(model))
+    report = start_report(model)
     base = evaluate_loss(model, evalset)
     bound = loss_bound(base, config.tolerance, evalset.task)
     report.base_loss = base
@@ -209,9 +208,8 @@ def block_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
     errors = [c["error"] for curve in curves.values() for c in curve if c["error"] > 0]
     saved = [c["params_before"] - c["params"] for curve in curves.values() for c in curve]
     if not errors:
-        report.final_loss, report.params_after = base, report.params_before
-        report.non_embedding_params_after = report.non_embedding_params_before
-        return report
+        report.final_loss = base
+        return finish_report(model, report)
     # λ from "everything collapses" (λ·max error below the smallest saving) to "nothing does"
     lo = math.log(max(min(saved), 1) / max(errors) / 10)
     hi = math.log(max(saved) / min(errors) * 10)
@@ -241,7 +239,5 @@ def block_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
             site.commit()
         current = evaluate_loss(model, evalset)
     report.final_loss = current
-    report.params_after = count_parameters(model)
-    report.non_embedding_params_after = non_embedding_parameters(model)
-    return report
+    return finish_report(model, report)
 

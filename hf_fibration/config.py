@@ -207,6 +207,11 @@ class FibrationConfig:
         _check(self.max_length >= 2, f"max_length must be ≥ 2, got {self.max_length}.")
 
     @property
+    def is_fixed(self) -> bool:
+        """Whether every part compressed has a fixed ε: nothing to search, no τ to promise."""
+        return self.epsilon is not None or all(p in self.epsilons for p in self.parts)
+
+    @property
     def calibrates_mlps(self) -> bool:
         """Whether MLP sites need the calibration activations entering them: to refit, or to form the fibers."""
         return self.compensate or FIBER_SOURCES[self.fibers_from].calibrated

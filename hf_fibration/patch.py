@@ -21,7 +21,7 @@ from .core.collapse import collapse_weight, mean_rows
 from .core.embedding import FiberEmbedding, FiberInputLinear
 from .core.fibers import FiberDendrogram, FiberPartition, colored_in_weights
 from .core.modules import FiberLinear, count_parameters
-from .core.report import CompressionReport, LayerReport
+from .core.report import LayerReport
 
 if TYPE_CHECKING:
     from .calibration import Calibration
@@ -239,32 +239,6 @@ def site_parameters(model: nn.Module, site: Site) -> int:
 def layer_report(model: nn.Module, site: Site, partition: FiberPartition, epsilon: float, before: int,
                  params_before: int) -> LayerReport:
     return LayerReport(site.name, before, partition.num_fibers, float(epsilon), params_before, site.params(model))
-
-
-def compress_with_epsilons(model: nn.Module, config: FibrationConfig) -> CompressionReport:
-    """Collapse every site at its fixed ε from the config (no search); ε = None sites are left as they are."""
-    report = CompressionReport(params_before=count_parameters(model),
-                               non_embedding_params_before=non_embedding_parameters(model))
-    for site in build_sites(model, config):
-        eps = config.epsilon_for(site.part, site.name)
-        if eps is None:
-            continue
-        before, params_before = site.units(model), site.params(model) if site.modules else 0
-        partition = site.dendrogram(model, config).cut(eps)
-        if site.kind == "embedding":
-            params_before = model.get_input_embeddings().weight.numel()
-        if partition.is_trivial:
-            site.commit()
-            continue
-        site.apply(model, partition)
-        site.commit()
-        layer = layer_report(model, site, partition, eps, before, params_before)
-        if site.kind == "embedding":
-            layer.params_after = model.get_input_embeddings().weight.numel()
-        report.layers.append(layer)
-    report.params_after = count_parameters(model)
-    report.non_embedding_params_after = non_embedding_parameters(model)
-    return report
 
 
 def non_embedding_parameters(model: nn.Module) -> int:

@@ -19,13 +19,14 @@ from tqdm.auto import tqdm
 
 from .block_search import block_search
 from .blocks import BlockReplay, block_of, stacks_of
-from .calibration import Calibration, capture_calibration, refitter
+from .calibration import Calibration, refitter
 from .config import FibrationConfig, loss_bound
 from .core.fibers import FiberPartition
 from .core.modules import count_parameters
 from .core.report import CompressionReport, LayerReport
 from .data import DataError, EvalSet, batch_loss_sum, evaluate_loss, example_losses, loss_increase
 from .patch import Site, build_sites, get_module, non_embedding_parameters, set_module, site_parameters
+from .pipeline import calibrate, finish_report, start_report
 
 MIN_HOLDOUT_EXAMPLES = 8  # below this the standard error of the held-out loss means nothing
 TRIM_KEEP = 0.5  # a search cut back to a tighter bound is kept when it still saves this share of its parameters
@@ -50,8 +51,7 @@ def greedy_search(
     (no new search; kept when it still saves ``TRIM_KEEP`` of the parameters), else the model is restored and
     searched again (the last retry without the refit). Each attempt looks at the held-out examples once. If every
     attempt breaks τ, the model is left uncompressed and ``HoldoutError`` says how much data to pass."""
-    fixed = config.epsilon is not None or all(p in config.epsilons for p in config.parts)
-    if fixed:  # no ε to choose, no τ to promise: the losses are reported as they come
+    if config.is_fixed:  # no ε to choose, no τ to promise: the losses are reported as they come
         return _search_once(model, config, evalset, progress)
     if holdout is None and config.holdout_fraction > 0:
         evalset, holdout = evalset.split(config.holdout_fraction, config.seed)
@@ -152,8 +152,7 @@ class _Step:
 
 def _search_once(model: nn.Module, config: FibrationConfig, evalset: EvalSet, progress: bool,
                  trail: list[_Step] | None = None) -> CompressionReport:
-    report = CompressionReport(params_before=count_parameters(model),
-                               non_embedding_params_before=non_embedding_parameters(model))
+    report = start_report(model)
     stacks, position = stacks_of(model)
     replay = BlockReplay(stacks)
     replay.install()
@@ -190,9 +189,8 @@ def _search_once(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
                     replay.freeze_through(s, b - 1, loss)
             fixed = config.epsilon_for(site.part, site.name)
             site_bound = bound if config.budget == "greedy" else base + (bound - base) * (i + 1) / len(sites)
-            calibration = None
-            if site.kind == "mlp" and config.calibrates_mlps:
-                calibration = _calibrate(model, config, site, evalset, replay)
+            calibration = calibrate(model, config, site, evalset, lambda i: (setattr(replay, "batch", i),
+                                                                             batch_loss_sum(model, evalset, i)))
             layer, current = _search_site(model, config, site, loss, site_bound, current, fixed, calibration,
                                           cross_fit, trail)
             if layer is not None:
@@ -201,9 +199,7 @@ def _search_once(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
         report.final_loss = current
     finally:
         replay.remove()
-    report.params_after = count_parameters(model)
-    report.non_embedding_params_after = non_embedding_parameters(model)
-    return report
+    return finish_report(model, report)
 
 
 def _search_site(
@@ -279,17 +275,6 @@ def _search_site(
     layer = LayerReport(site.name, units, best_part.num_fibers, float(best_eps), params_before,
                         site_parameters(model, site), loss=best_loss, compensation=notes["compensation"])
     return layer, best_loss
-
-
-def _calibrate(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalSet, replay: BlockReplay
-               ) -> Calibration:
-    """Activations entering the MLP site, from the first search batches (never the held-out ones)."""
-
-    def run(i: int) -> None:
-        replay.batch = i
-        batch_loss_sum(model, evalset, i)
-
-    return capture_calibration(model, site, run, len(evalset.batches), config.calibration_tokens)
 
 
 def naive_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet) -> tuple[nn.Module, list[float]]:

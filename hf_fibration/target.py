@@ -16,20 +16,19 @@ from __future__ import annotations
 
 import copy
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 from torch import nn
 from tqdm.auto import tqdm
 
 from .block_search import site_error_curves
-from .calibration import capture_calibration, refitter
+from .calibration import refitter
 from .config import FibrationConfig
 from .core.fibers import FiberPartition, relabel
-from .core.modules import count_parameters
-from .core.report import CompressionReport, LayerReport
-from .data import EvalSet, batch_loss_sum, evaluate_loss
+from .core.report import CompressionReport
+from .data import EvalSet, evaluate_loss
 from .patch import Site, build_sites, get_module, linear_weight, non_embedding_parameters
+from .pipeline import calibrate, collapse_sites, finish_report, start_report
 
 LADDER = (0.75, 0.5, 0.35, 0.25, 0.15, 0.08)
 
@@ -67,7 +66,7 @@ def compress_to_target(model: nn.Module, config: FibrationConfig, evalset: EvalS
     config.parts = tuple(p for p in config.parts if p != "embeddings")  # the target counts non-embedding params
     if not config.parts:
         raise ValueError("target_params counts non-embedding parameters: include 'attention' or 'mlp' in parts.")
-    before_total, before = count_parameters(model), non_embedding_parameters(model)
+    before = non_embedding_parameters(model)
     base = evaluate_loss(model, evalset)
     holdout_base = None if holdout is None else evaluate_loss(model, holdout)
     sites = _target_sites(model, config)
@@ -77,18 +76,17 @@ def compress_to_target(model: nn.Module, config: FibrationConfig, evalset: EvalS
         curves = [_curve(model, config, site, evalset, base) for site in
                   tqdm(sites, desc="site sensitivity", disable=not progress, unit="site")]
     counts = allocate(curves, before - round(config.target_params * before))
-    report = CompressionReport(params_before=before_total, non_embedding_params_before=before, base_loss=base,
-                               holdout_base_loss=holdout_base)
-    for site in tqdm(_target_sites(model, config), desc="collapse", disable=not progress, unit="site"):
+    report = start_report(model, base)
+    report.holdout_base_loss = holdout_base
+
+    def to_count(site: Site, dendrogram) -> tuple[FiberPartition, float] | None:
         count = counts[site.name]
-        units, params_before = site.units(model), site.params(model)
-        if count >= units:
-            continue
-        epsilon, note = _collapse(model, config, site, evalset, count)
-        report.layers.append(LayerReport(site.name, units, count, epsilon, params_before, site.params(model),
-                                         compensation=note))
-        site.commit()
-    return _finish(model, report, evalset, holdout)
+        if count >= site.units(model):
+            return None
+        return dendrogram.cut_to_count(count), float(dendrogram.epsilon_for_count(count))
+
+    report.layers = collapse_sites(model, config, _target_sites(model, config), to_count, evalset, progress)
+    return finish_report(model, report, evalset, holdout)
 
 
 def _target_sites(model: nn.Module, config: FibrationConfig) -> list[Site]:
@@ -164,7 +162,7 @@ def _curve(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalS
     units = site.units(model)
     counts = [units] + sorted({max(1, round(f * units)) for f in LADDER} - {units}, reverse=True)
     params, increase = [site.params(model)], [0.0]
-    calibration = _calibration(model, config, site, evalset)
+    calibration = calibrate(model, config, site, evalset)
     dendro = site.dendrogram(model, config, calibration)
     refit = refitter(calibration, config)
     for count in counts[1:]:
@@ -176,37 +174,6 @@ def _curve(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalS
     for i in range(1, len(increase)):  # fewer units never count as better: a dip below is eval noise
         increase[i] = max(increase[i], increase[i - 1])
     return SiteCurve(site.name, counts, params, increase)
-
-
-def _collapse(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalSet, count: int,
-              exact: bool = False) -> tuple[float, str | None]:
-    """Cut the site to ``count`` fibers (``exact``: exactly that many, else at most); returns the ε of that cut (the
-    dendrogram height) and the refit's note."""
-    calibration = _calibration(model, config, site, evalset)
-    dendro = site.dendrogram(model, config, calibration)
-    partition = _exact_count(dendro, count) if exact else dendro.cut_to_count(count)
-    result = site.apply(model, partition, refitter(calibration, config))
-    note = None if result is None else str(result["note"])
-    return float(dendro.epsilon_for_count(count)), note
-
-
-def _finish(model: nn.Module, report: CompressionReport, evalset: EvalSet, holdout: EvalSet | None
-            ) -> CompressionReport:
-    """The report's final losses (search and held-out examples) and parameter counts."""
-    report.final_loss = evaluate_loss(model, evalset)
-    if holdout is not None:
-        report.holdout_final_loss = evaluate_loss(model, holdout)
-        report.search_examples, report.holdout_examples = evalset.num_examples, holdout.num_examples
-    report.params_after = count_parameters(model)
-    report.non_embedding_params_after = non_embedding_parameters(model)
-    return report
-
-
-def _calibration(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalSet):
-    if site.kind != "mlp" or not config.calibrates_mlps:
-        return None
-    run: Callable[[int], object] = lambda i: batch_loss_sum(model, evalset, i)  # noqa: E731
-    return capture_calibration(model, site, run, len(evalset.batches), config.calibration_tokens)
 
 
 def compress_uniform(model: nn.Module, config: FibrationConfig, evalset: EvalSet, progress: bool = True,
@@ -222,7 +189,7 @@ def compress_uniform(model: nn.Module, config: FibrationConfig, evalset: EvalSet
     sites = [s for s in build_sites(model, config) if s.kind == "mlp"]
     if not sites:
         raise ValueError("The model has no MLP to compress to one width.")
-    before_total, before = count_parameters(model), non_embedding_parameters(model)
+    before = non_embedding_parameters(model)
     per_unit = sum(_unit_cost(model, s) for s in sites)
     fixed = before - sum(s.units(model) * _unit_cost(model, s) for s in sites)  # all but the MLPs' widths
     count = min(min(s.units(model) for s in sites), round((config.target_params * before - fixed) / per_unit))
@@ -231,18 +198,16 @@ def compress_uniform(model: nn.Module, config: FibrationConfig, evalset: EvalSet
         raise ValueError(f"One MLP width keeps attention and embeddings whole: the smallest such model keeps "
                          f"{floor:.3f} of the non-embedding parameters (one MLP unit); pass --target-params "
                          f"{math.ceil(floor * 1000) / 1000} or more.")
-    base = evaluate_loss(model, evalset)
-    report = CompressionReport(params_before=before_total, non_embedding_params_before=before, base_loss=base,
-                               holdout_base_loss=None if holdout is None else evaluate_loss(model, holdout))
-    for site in tqdm(sites, desc=f"collapse to {count} units", disable=not progress, unit="site"):
-        units, params_before = site.units(model), site.params(model)
-        if count >= units:
-            continue
-        epsilon, note = _collapse(model, config, site, evalset, count, exact=True)
-        report.layers.append(LayerReport(site.name, units, count, epsilon, params_before, site.params(model),
-                                         compensation=note))
-        site.commit()
-    return _finish(model, report, evalset, holdout)
+    report = start_report(model, evaluate_loss(model, evalset))
+    report.holdout_base_loss = None if holdout is None else evaluate_loss(model, holdout)
+
+    def to_width(site: Site, dendrogram) -> tuple[FiberPartition, float] | None:
+        if count >= site.units(model):
+            return None
+        return _exact_count(dendrogram, count), float(dendrogram.epsilon_for_count(count))
+
+    report.layers = collapse_sites(model, config, sites, to_width, evalset, progress, f"collapse to {count} units")
+    return finish_report(model, report, evalset, holdout)
 
 
 def _unit_cost(model: nn.Module, site: Site) -> int:
