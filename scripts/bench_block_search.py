@@ -13,22 +13,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from pathlib import Path
 
 import torch
 import transformers as T
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_multi30k  # noqa: E402
-
-import hf_fibration  # noqa: E402,F401
-from hf_fibration import FibrationConfig  # noqa: E402
-from hf_fibration.data import build_eval_set, evaluate_loss, load_split  # noqa: E402
-from hf_fibration.patch import non_embedding_parameters  # noqa: E402
-from hf_fibration.results_io import command_line, preamble_markdown, print_preamble, write_json  # noqa: E402
-from hf_fibration.search import greedy_search  # noqa: E402
+import hf_fibration  # noqa: F401
+from hf_fibration import FibrationConfig
+from hf_fibration.evaluation.evalset import build_eval_set, evaluate_loss, load_split
+from hf_fibration.evaluation.results_io import command_line, preamble_markdown, print_preamble, write_json
+from hf_fibration.models.sites import non_embedding_parameters
+from hf_fibration.policies.search import greedy_search
+from hf_fibration.research.multi30k import DATA, batches, read_split
 
 WIKITEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext2"
 
@@ -46,8 +43,8 @@ def sets(name: str, samples: int):
                                 max_length=128)
         return model, search, unseen, "1 − cos on 256 wikitext-2 test lines"
     model, tok = T.MarianMTModel.from_pretrained(name).eval(), T.AutoTokenizer.from_pretrained(name)
-    search = train_multi30k.batches(tok, *train_multi30k.read_split(train_multi30k.DATA, "val", samples), 64, 64)
-    unseen = train_multi30k.batches(tok, *train_multi30k.read_split(train_multi30k.DATA, "test_2016_flickr"), 128, 64)
+    search = batches(tok, *read_split(DATA, "val", samples), 64, 64)
+    unseen = batches(tok, *read_split(DATA, "test_2016_flickr"), 128, 64)
     return model, search, unseen, "loss on test_2016_flickr (1,000 pairs)"
 
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -32,10 +31,18 @@ import torch
 import transformers as T
 
 from hf_fibration import FibrationConfig, compress_pretrained
-from hf_fibration.baselines import FIBRATION, MERGING, METHODS, compress_mlps, compress_to_size
-from hf_fibration.data import DEFAULT_TEXT, EvalSet, build_eval_set, evaluate_loss
-from hf_fibration.patch import non_embedding_parameters
-from hf_fibration.results_io import command_line, load_average, preamble, preamble_markdown, print_preamble, write_rows
+from hf_fibration.evaluation.evalset import DEFAULT_TEXT, EvalSet, build_eval_set, evaluate_loss
+from hf_fibration.evaluation.results_io import (
+    command_line,
+    load_average,
+    preamble,
+    preamble_markdown,
+    print_preamble,
+    write_rows,
+)
+from hf_fibration.methods.baselines import FIBRATION, MERGING, METHODS, compress_mlps, compress_to_size
+from hf_fibration.models.sites import non_embedding_parameters
+from hf_fibration.research import causal_lm, multi30k
 
 SCRIPTS = Path(__file__).resolve().parent
 TARGET = "fibration-target"
@@ -64,26 +71,21 @@ def load_task(name: str, args) -> tuple[torch.nn.Module, EvalSet, EvalSet, str, 
             f"all-MiniLM-L6-v2; calibration {args.calib} wikitext-2 lines, evaluation {args.eval} other lines "
             f"(≤{args.max_length} tokens); quality: mean cosine of mean-pooled sentence embeddings to the "
             "uncompressed model (higher is better)")
-    sys.path.insert(0, str(SCRIPTS))
     config = T.AutoConfig.from_pretrained(name)
     tok = T.AutoTokenizer.from_pretrained(name)
     if config.is_encoder_decoder:
-        from train_multi30k import DATA, batches, read_split
-
-        data = Path(args.data or DATA)
+        data = Path(args.data or multi30k.DATA)
         base = T.AutoModelForSeq2SeqLM.from_pretrained(name).eval()
-        calib = batches(tok, *[s[: args.calib] for s in read_split(data, "train")], 32, 64)
-        evalset = batches(tok, *[s[: args.eval] for s in read_split(data, "val")], 64, 64)
+        calib = multi30k.batches(tok, *[s[: args.calib] for s in multi30k.read_split(data, "train")], 32, 64)
+        evalset = multi30k.batches(tok, *[s[: args.eval] for s in multi30k.read_split(data, "val")], 64, 64)
         return base, calib, evalset, "val loss", (
             f"{Path(name).name} ({config.model_type}, Multi30k de→en); calibration {args.calib} training pairs, "
             f"evaluation {args.eval} val pairs; quality: teacher-forced cross-entropy (lower is better)")
-    import train_lm
-
     base = T.AutoModelForCausalLM.from_pretrained(name).eval()
-    text = Path(args.data or train_lm.SHAKESPEARE)
-    train_text, val_text = train_lm.split_text(text)
-    calib = train_lm.blocks(tok, train_text, 128, 16, args.calib)
-    evalset = train_lm.blocks(tok, val_text, 128, 32, args.eval)
+    text = Path(args.data or causal_lm.SHAKESPEARE)
+    train_text, val_text = causal_lm.split_text(text)
+    calib = causal_lm.blocks(tok, train_text, 128, 16, args.calib)
+    evalset = causal_lm.blocks(tok, val_text, 128, 32, args.eval)
     return base, calib, evalset, "val loss", (
         f"{Path(name).name} ({config.model_type}, trained on {text.name} by scripts/train_lm.py); calibration "
         f"{args.calib} training blocks of 128 tokens, evaluation {args.eval} validation blocks; quality: "

@@ -13,21 +13,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 
-from hf_fibration.emergence import SymmetryLogger
-from hf_fibration.results_io import preamble, preamble_markdown, write_json
-
-
-def data(seed: int) -> tuple[torch.Tensor, ...]:
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, random_state=seed, stratify=y)
-    return torch.tensor(x_tr), torch.tensor(y_tr), torch.tensor(x_te), torch.tensor(y_te)
+from hf_fibration.evaluation.results_io import preamble, preamble_markdown, write_json
+from hf_fibration.research.digits import accuracy, digits_mlp, digits_split, random_batch_steps
+from hf_fibration.research.emergence import SymmetryLogger
 
 
 def main() -> None:
@@ -45,26 +36,18 @@ def main() -> None:
     args = parser.parse_args()
     eps = tuple(float(e) for e in args.epsilons.split(","))
     torch.manual_seed(args.seed)
-    x_tr, y_tr, x_te, y_te = data(args.seed)
-    act = nn.ReLU if args.activation == "relu" else nn.Tanh
-    model = nn.Sequential(nn.Linear(64, args.hidden), act(), nn.Linear(args.hidden, args.hidden), act(),
-                          nn.Linear(args.hidden, 10))
+    x_tr, y_tr, x_te, y_te = digits_split(args.seed)
+    model = digits_mlp(args.hidden, activation=nn.ReLU if args.activation == "relu" else nn.Tanh)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     logger = SymmetryLogger(eps, args.every)
     acc = []
     gen = torch.Generator().manual_seed(args.seed)
-    for step in range(args.steps + 1):
+    for step in random_batch_steps(model, opt, x_tr, y_tr, args.steps, args.batch, gen):
         if logger(model, step) is not None:
-            with torch.no_grad():
-                acc.append(float((model(x_te).argmax(1) == y_te).float().mean()))
+            acc.append(accuracy(model, x_te, y_te))
             print(f"step {step:5d} test acc {acc[-1]:.3f} "
                   + " ".join(f"ε={e:g}: fib {logger.history[-1][f'symmetry/fibers@{e:g}']:.0f} "
                              f"cov {logger.history[-1][f'symmetry/covers@{e:g}']:.0f}" for e in eps), flush=True)
-        idx = torch.randint(0, len(x_tr), (args.batch,), generator=gen)
-        loss = nn.functional.cross_entropy(model(x_tr[idx]), y_tr[idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
     for h, a in zip(logger.history, acc, strict=True):
         h["test_accuracy"] = a
     out = Path(args.out)
@@ -108,7 +91,8 @@ def write_md(history: list[dict], eps: tuple[float, ...], args: argparse.Namespa
         *preamble_markdown(meta).splitlines(),
         f"- model: 64-{args.hidden}-{args.hidden}-10 {args.activation}, plain SGD lr {args.lr}, weight decay "
         f"{args.weight_decay:g}, batch {args.batch}, "
-        f"{args.steps} steps; measured every {args.every} steps with `hf_fibration.emergence.SymmetryLogger`; "
+        f"{args.steps} steps; measured every {args.every} steps with "
+        "`hf_fibration.research.emergence.SymmetryLogger`; "
         "test accuracy on the 30% split never trained on",
         "- ε: colored in-/out-weights equal within ε in every coordinate (seed §3.2), complete linkage; "
         "ε = 0 is equality up to float32 rounding", "",

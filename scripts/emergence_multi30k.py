@@ -7,7 +7,7 @@
 With ``--train`` the arguments after ``--`` go to scripts/train_multi30k.py (``--out`` is the run folder;
 ``--symmetry-every 100`` is added when absent), whose ``SymmetryLogger`` hook writes symmetry.json: per MLP site
 and ε, the fibers / opfibers / covers of the site's hidden units (each site a one-hidden-layer net between residual
-streams, ε absolute as in hf_fibration.emergence), the cover splits between measurements, the RMS of the sites'
+streams, ε absolute as in research/emergence.py), the cover splits between measurements, the RMS of the sites'
 weights, and BLEU on a slice of test_2016 at each epoch end. This script writes results.md, emergence.png and
 history.json to --out from it and the run's results.json (val loss per epoch, final BLEU). A "## Reading" section
 already in --out/results.md (written by hand) is kept when the file is rendered again.
@@ -17,13 +17,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
-from hf_fibration.emergence import KINDS
-from hf_fibration.results_io import command_line, preamble, preamble_markdown, write_json
-from hf_fibration.retune import STATE_DIR
-from hf_fibration.retune_state import complete_state
+from hf_fibration.evaluation.results_io import command_line, preamble, preamble_markdown, write_json
+from hf_fibration.research.emergence import KINDS
+from hf_fibration.training.retune import STATE_DIR
+from hf_fibration.training.retune_state import complete_state
 
 READING = "## Reading"
 COLORS = {"fibers": "tab:red", "opfibers": "tab:green", "covers": "tab:purple"}
@@ -31,8 +30,7 @@ COLORS = {"fibers": "tab:red", "opfibers": "tab:green", "covers": "tab:purple"}
 
 def train(run: Path, train_args: list[str]) -> dict:
     """Run scripts/train_multi30k.py's main with ``--out run`` and the symmetry logger on."""
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    import train_multi30k
+    import train_multi30k  # a sibling script: scripts/ is on the path when this one runs
 
     extra = [] if "--symmetry-every" in train_args else ["--symmetry-every", "100"]
     return train_multi30k.main(["--out", str(run), *extra, *train_args])
@@ -177,7 +175,8 @@ def write_md(data: dict, head: dict, path: Path) -> None:
     else:
         lines.append(f"- training did not finish (no results.json): last measurement at step {last['step']}")
     lines += [
-        f"- measured with `hf_fibration.emergence.SymmetryLogger` every {sym['every']} steps and at each epoch end: "
+        f"- measured with `hf_fibration.research.emergence.SymmetryLogger` every {sym['every']} steps and at each "
+        "epoch end: "
         f"the {len(units)} MLP sites ({total} hidden units), each a one-hidden-layer net between residual streams "
         "whose units are all distinct colors (a local view); counts are summed over the sites",
         "- ε: colored in-/out-weights equal within ε in every coordinate (seed §3.2), absolute, complete linkage; "

@@ -13,41 +13,19 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
 from torch import nn
 
 from hf_fibration.core import FiberDendrogram, colored_in_weights, compress_sequential, count_parameters
 from hf_fibration.core.selection import selection_partitioner
-from hf_fibration.results_io import preamble_markdown, print_preamble
-
-
-def data(seed: int) -> tuple[torch.Tensor, ...]:
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, random_state=seed, stratify=y)
-    return torch.tensor(x_tr), torch.tensor(y_tr), torch.tensor(x_te), torch.tensor(y_te)
+from hf_fibration.evaluation.results_io import preamble_markdown, print_preamble
+from hf_fibration.research.digits import accuracy, digits_mlp, digits_split, train_epochs
 
 
 def train(hidden: int, epochs: int, seed: int, x: torch.Tensor, y: torch.Tensor) -> nn.Sequential:
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                          nn.Linear(hidden, 10))
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
-    for _ in range(epochs):
-        perm = torch.randperm(len(x))
-        for i in range(0, len(x), 64):
-            idx = perm[i:i + 64]
-            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
-
-
-@torch.no_grad()
-def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((model(x).argmax(1) == y).float().mean())
+    model = digits_mlp(hidden)
+    train_epochs(model, x, y, epochs)
+    return model
 
 
 def main() -> None:
@@ -61,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     head = print_preamble()
 
-    x_tr, y_tr, x_te, y_te = data(args.seed)
+    x_tr, y_tr, x_te, y_te = digits_split(args.seed)
     model = train(args.hidden, args.epochs, args.seed, x_tr, y_tr)
     base_acc, base_params = accuracy(model, x_te, y_te), count_parameters(model)
     print(f"trained MLP 64-{args.hidden}-{args.hidden}-10: test accuracy {base_acc:.4f}, {base_params} parameters")

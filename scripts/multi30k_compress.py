@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import time
 from pathlib import Path
 
@@ -19,15 +18,13 @@ import transformers as T
 
 import hf_fibration  # noqa: F401  (registers the loader)
 from hf_fibration import FibrationConfig
-from hf_fibration.data import evaluate_loss
-from hf_fibration.metrics import bleu
-from hf_fibration.patch import non_embedding_parameters
-from hf_fibration.results_io import preamble_markdown, print_preamble
-from hf_fibration.retune import compress_retune, retune
-from hf_fibration.search import greedy_search
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_multi30k import DATA, batches, read_split  # noqa: E402
+from hf_fibration.evaluation.evalset import evaluate_loss
+from hf_fibration.evaluation.metrics import bleu
+from hf_fibration.evaluation.results_io import preamble_markdown, print_preamble
+from hf_fibration.models.sites import non_embedding_parameters
+from hf_fibration.policies.search import greedy_search
+from hf_fibration.research.multi30k import DATA, batches, read_split
+from hf_fibration.training.retune import compress_retune, retune
 
 
 def main() -> None:

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from hf_fibration.results_io import write_rows  # noqa: E402
-from hf_fibration.scaling import fit_power_law  # noqa: E402
+from hf_fibration.evaluation.results_io import write_rows
+from hf_fibration.research.scaling import fit_power_law
 
 HEADLINE_INCREASE = 0.041  # the seed's +4.1% loss
 

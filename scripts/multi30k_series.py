@@ -26,21 +26,20 @@ import time
 from pathlib import Path
 
 import torch
+import train_multi30k  # a sibling script (scripts/ is on the path when this one runs): its main is the train stage
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_multi30k  # noqa: E402
-
-from hf_fibration import FibrationConfig  # noqa: E402
-from hf_fibration.core.compensate import importance  # noqa: E402
-from hf_fibration.core.fibers import FiberPartition, colored_in_weights  # noqa: E402
-from hf_fibration.core.modules import count_parameters  # noqa: E402
-from hf_fibration.core.selection import keep_top  # noqa: E402
-from hf_fibration.data import evaluate_loss  # noqa: E402
-from hf_fibration.metrics import bleu  # noqa: E402
-from hf_fibration.patch import build_sites, get_module, linear_weight, non_embedding_parameters  # noqa: E402
-from hf_fibration.results_io import command_line, print_preamble  # noqa: E402
-from hf_fibration.retune import compress_retune, retune  # noqa: E402
-from hf_fibration.search import greedy_search  # noqa: E402
+from hf_fibration import FibrationConfig
+from hf_fibration.core.compensate import importance
+from hf_fibration.core.fibers import FiberPartition, colored_in_weights
+from hf_fibration.core.modules import count_parameters
+from hf_fibration.core.selection import keep_top
+from hf_fibration.evaluation.evalset import evaluate_loss
+from hf_fibration.evaluation.metrics import bleu
+from hf_fibration.evaluation.results_io import command_line, print_preamble
+from hf_fibration.models.sites import build_sites, get_module, linear_weight, non_embedding_parameters
+from hf_fibration.policies.search import greedy_search
+from hf_fibration.research.multi30k import DATA, batches, read_split
+from hf_fibration.training.retune import compress_retune, retune
 
 BLEU_SETS = ("test_2016_flickr", "test_2017_flickr")
 # the greedy search as the seed runs it (plain collapse of weight fibers) and the tool's data-aware mode
@@ -97,14 +96,12 @@ class Size:
         self.tok = T.AutoTokenizer.from_pretrained(folder)
         self.base = T.AutoModelForSeq2SeqLM.from_pretrained(folder).to(self.device).eval()
         data = Path(args.data)
-        self.val = train_multi30k.batches(self.tok, *train_multi30k.read_split(data, "val", args.val_limit),
-                                          args.eval_batch_size, 64).to(self.device)
-        self.test = train_multi30k.batches(self.tok, *train_multi30k.read_split(data, BLEU_SETS[0],
-                                                                                args.val_limit),
-                                           args.eval_batch_size, 64).to(self.device)
-        self.train = train_multi30k.batches(self.tok, *train_multi30k.read_split(data, "train", args.train_limit),
-                                            128, 64)
-        self.bleu_sets = {name: train_multi30k.read_split(data, name, args.bleu_limit) for name in BLEU_SETS
+        self.val = batches(self.tok, *read_split(data, "val", args.val_limit), args.eval_batch_size,
+                           64).to(self.device)
+        self.test = batches(self.tok, *read_split(data, BLEU_SETS[0], args.val_limit), args.eval_batch_size,
+                            64).to(self.device)
+        self.train = batches(self.tok, *read_split(data, "train", args.train_limit), 128, 64)
+        self.bleu_sets = {name: read_split(data, name, args.bleu_limit) for name in BLEU_SETS
                           if (data / f"{name}.de.gz").exists()}
         self.bleu_batch = args.bleu_batch_size
 
@@ -289,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 96, 128, 192, 256, 384])
     parser.add_argument("--runs", default="runs/multi30k-series")
     parser.add_argument("--out", default="results/multi30k")
-    parser.add_argument("--data", default=str(train_multi30k.DATA))
+    parser.add_argument("--data", default=str(DATA))
     parser.add_argument("--jobs", type=int, default=1, help="sizes trained/compressed in parallel processes")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     # training (scripts/train_multi30k.py)

@@ -20,16 +20,14 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from hf_fibration.results_io import preamble, preamble_markdown, write_rows  # noqa: E402
+from hf_fibration.evaluation.results_io import preamble, preamble_markdown, write_rows
 
 
 def llama_135m(path: Path) -> Path:
     import torch
     import transformers as T
 
-    from hf_fibration.checkpoint_io import default_model
+    from hf_fibration.integrations.checkpoint_io import default_model
 
     tok = T.AutoTokenizer.from_pretrained(default_model())
     config = T.LlamaConfig(vocab_size=len(tok), hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
@@ -67,7 +65,7 @@ def measure(model: str, out: Path, extra: list[str]) -> dict:
             "ratio": round(peak / size, 2), "seconds": round(seconds, 1)}
 
 
-IMPORTS = "import hf_fibration, hf_fibration.cli, hf_fibration.data, datasets, transformers"
+IMPORTS = "import hf_fibration, hf_fibration.cli, hf_fibration.evaluation.evalset, datasets, transformers"
 FORWARD = ("; import torch; c = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2, "
            "num_attention_heads=4, intermediate_size=64); m = transformers.BertModel(c).eval(); "
            "torch.no_grad()(m)(input_ids=torch.ones(1, 8, dtype=torch.long))")
@@ -116,7 +114,7 @@ def render(rows: list[dict], head: dict, out: Path) -> None:
               "accepted; twice that where the search cross-fits) and the held-out quarter's rows (tokens/4 × "
               "(width + d_model)). `hf-fibration` fixes glibc's "
               "mmap threshold at 4 MB so that "
-              "these buffers go back to the OS when freed (`hf_fibration.memory`)."]
+              "these buffers go back to the OS when freed (`hf_fibration.integrations.memory`)."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
 
@@ -134,7 +132,7 @@ def main() -> None:
                         help="runs per case; the row is the median run (peaks vary by a few tens of MB run to run)")
     parser.add_argument("--render-only", action="store_true", help="rewrite README.md from --out's rows.json")
     args = parser.parse_args()
-    from hf_fibration.checkpoint_io import default_model
+    from hf_fibration.integrations.checkpoint_io import default_model
 
     out = Path(args.out)
     if args.render_only:

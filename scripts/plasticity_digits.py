@@ -18,19 +18,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.datasets import load_digits
-from sklearn.model_selection import train_test_split
-from torch import nn
 
 from hf_fibration.core.breaking import break_symmetry
-from hf_fibration.results_io import preamble, preamble_markdown, write_json
-
-
-def data(seed: int) -> tuple[torch.Tensor, ...]:
-    x, y = load_digits(return_X_y=True)
-    x = (x / 16.0).astype(np.float32)
-    x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.3, random_state=seed, stratify=y)
-    return torch.tensor(x_tr), torch.tensor(y_tr), torch.tensor(x_te), torch.tensor(y_te)
+from hf_fibration.evaluation.results_io import preamble, preamble_markdown, write_json
+from hf_fibration.research.digits import accuracy, digits_mlp, digits_split, random_batch_steps
 
 
 def tasks(n: int, seed: int) -> list[tuple[int, int]]:
@@ -41,8 +32,7 @@ def tasks(n: int, seed: int) -> list[tuple[int, int]]:
 def run(method: str, seed: int, args: argparse.Namespace, splits: tuple[torch.Tensor, ...]) -> dict:
     x_tr, y_tr, x_te, y_te = splits
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, args.hidden), nn.ReLU(), nn.Linear(args.hidden, args.hidden), nn.ReLU(),
-                          nn.Linear(args.hidden, 2))
+    model = digits_mlp(args.hidden, classes=2)
     opt = torch.optim.SGD(model.parameters(), lr=args.lr)
     gen = torch.Generator().manual_seed(seed)
     task_gen = torch.Generator().manual_seed(1000 + seed)  # same task sequence for both methods
@@ -55,23 +45,13 @@ def run(method: str, seed: int, args: argparse.Namespace, splits: tuple[torch.Te
         perm = torch.randperm(64, generator=task_gen) if args.permute else torch.arange(64)
         xt, yt = x_tr[tr][:, perm], (y_tr[tr] == b).long()
         xe, ye = x_te[te][:, perm], (y_te[te] == b).long()
-        for step in range(args.steps):
-            idx = torch.randint(0, len(xt), (args.batch,), generator=gen)
-            loss = nn.functional.cross_entropy(model(xt[idx]), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            if step + 1 == args.early:
-                early.append(evaluate(model, xe, ye))
-        acc.append(evaluate(model, xe, ye))
+        for done in random_batch_steps(model, opt, xt, yt, args.steps, args.batch, gen):
+            if 0 < done == args.early:
+                early.append(accuracy(model, xe, ye))
+        acc.append(accuracy(model, xe, ye))
         if (t + 1) % 25 == 0:
             print(f"{method} seed {seed} task {t + 1}: accuracy {np.mean(acc[-25:]):.4f}", flush=True)
     return {"accuracy": acc, "early_accuracy": early, "freed": freed}
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    return float((model(x).argmax(1) == y).float().mean())
 
 
 def main() -> None:
@@ -97,7 +77,7 @@ def main() -> None:
         args = argparse.Namespace(**{"permute": False, **saved["args"], "out": args.out})
     else:
         torch.set_num_threads(1)  # a 64-h-h-2 MLP: one thread is fastest, and the CPU is shared
-        splits = data(0)
+        splits = digits_split(0)
         results = {m: [run(m, s, args, splits) for s in range(args.seeds)] for m in ("sgd", "break")}
         meta = preamble()
         write_json(out / "results.json", meta, args=vars(args), results=results)

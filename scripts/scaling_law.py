@@ -14,21 +14,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
+import train_lm  # a sibling script (scripts/ is on the path when this one runs): its main trains each size
 import transformers as T
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import train_lm  # noqa: E402
-
-from hf_fibration import FibrationConfig, compress_pretrained  # noqa: E402
-from hf_fibration.data import EvalSet, evaluate_loss  # noqa: E402
-from hf_fibration.patch import non_embedding_parameters  # noqa: E402
-from hf_fibration.results_io import command_line, preamble_markdown, print_preamble, write_json  # noqa: E402
-from hf_fibration.retune import retune  # noqa: E402
-from hf_fibration.scaling import fit_power_law  # noqa: E402
+from hf_fibration import FibrationConfig, compress_pretrained
+from hf_fibration.evaluation.evalset import EvalSet, evaluate_loss
+from hf_fibration.evaluation.results_io import command_line, preamble_markdown, print_preamble, write_json
+from hf_fibration.models.sites import non_embedding_parameters
+from hf_fibration.research.causal_lm import SHAKESPEARE, blocks, split_text
+from hf_fibration.research.scaling import fit_power_law
+from hf_fibration.training.retune import retune
 
 
 def split_blocks(evalset: EvalSet, first: int) -> tuple[EvalSet, EvalSet]:
@@ -57,15 +55,15 @@ def compress_size(model_dir: Path, args) -> dict:
         return json.loads(record.read_text())
     tok = T.AutoTokenizer.from_pretrained(model_dir)
     model = T.AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    train_text, val_text = train_lm.split_text(Path(args.data))
-    val = train_lm.blocks(tok, val_text, args.block, 16)
+    train_text, val_text = split_text(Path(args.data))
+    val = blocks(tok, val_text, args.block, 16)
     search, report_set = split_blocks(val, args.search_blocks // 16)
     before = {"non_embedding": non_embedding_parameters(model), "loss": evaluate_loss(model, report_set)}
     start = time.perf_counter()
     config = FibrationConfig(tolerance=args.tolerance, search_steps=args.search_steps)
     compress_pretrained(model, config, evalset=search, progress=not args.no_progress)
     if args.retune_steps:
-        train = train_lm.blocks(tok, train_text, args.block, args.batch_size)
+        train = blocks(tok, train_text, args.block, args.batch_size)
         retune(model, train, search, epochs=1, max_steps=args.retune_steps, learning_rate=args.retune_lr,
                patience=10**9, eval_every=max(1, args.retune_steps // 4), progress=not args.no_progress)
     result = {"d_model": model.config.n_embd, "before": before,
@@ -77,7 +75,7 @@ def compress_size(model_dir: Path, args) -> dict:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default=str(train_lm.SHAKESPEARE))
+    parser.add_argument("--data", default=str(SHAKESPEARE))
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 48, 64, 96, 128, 192])
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--steps", type=int, default=800)

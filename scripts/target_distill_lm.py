@@ -15,7 +15,6 @@ import argparse
 import copy
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
@@ -24,14 +23,12 @@ import transformers as T
 
 import hf_fibration  # noqa: F401  (registers the compressed-checkpoint loader)
 from hf_fibration import FibrationConfig, compress_pretrained
-from hf_fibration.baselines import compress_to_size
-from hf_fibration.data import EvalSet, evaluate_loss
-from hf_fibration.patch import non_embedding_parameters
-from hf_fibration.results_io import command_line, preamble_markdown, print_preamble, write_rows
-from hf_fibration.retune import retune
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from train_lm import SHAKESPEARE, split_text  # noqa: E402
+from hf_fibration.evaluation.evalset import EvalSet, evaluate_loss
+from hf_fibration.evaluation.results_io import command_line, preamble_markdown, print_preamble, write_rows
+from hf_fibration.methods.baselines import compress_to_size
+from hf_fibration.models.sites import non_embedding_parameters
+from hf_fibration.research.causal_lm import SHAKESPEARE, split_text
+from hf_fibration.training.retune import retune
 
 
 def windows(tokenizer, text: str, block: int) -> torch.Tensor:

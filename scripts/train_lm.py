@@ -12,19 +12,18 @@ kept. results.json records val loss, parameters, wall time, machine and command.
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 
 import torch
 import transformers as T
 
-from hf_fibration.data import EvalSet, evaluate_loss
-from hf_fibration.patch import non_embedding_parameters
-from hf_fibration.results_io import command_line, print_preamble, write_json
-from hf_fibration.retune import retune
+from hf_fibration.evaluation.evalset import evaluate_loss
+from hf_fibration.evaluation.results_io import command_line, print_preamble
+from hf_fibration.research.causal_lm import SHAKESPEARE, blocks, split_text
+from hf_fibration.research.training_runs import parameter_counts, save_results, size_text
+from hf_fibration.training.retune import retune
 
-SHAKESPEARE = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 EOS = "<|endoftext|>"
 
 
@@ -41,26 +40,6 @@ def train_tokenizer(text: str, out: Path, vocab_size: int) -> T.PreTrainedTokeni
                                         pad_token=EOS, model_max_length=1024)
     wrapped.save_pretrained(out)
     return wrapped
-
-
-def split_text(path: Path, val_fraction: float = 0.1) -> tuple[str, str]:
-    text = path.read_text(encoding="utf-8")
-    cut = int(len(text) * (1 - val_fraction))
-    cut = text.rfind("\n", 0, cut) + 1 or cut
-    return text[:cut], text[cut:]
-
-
-def blocks(tokenizer, text: str, block: int, batch_size: int, limit: int | None = None) -> EvalSet:
-    """Contiguous ``block``-token windows of ``text`` batched for next-token loss (every position counts)."""
-    ids = torch.tensor(tokenizer(text)["input_ids"], dtype=torch.long)
-    n = len(ids) // block
-    windows = ids[: n * block].view(n, block)[:limit]
-    out, weights = [], []
-    for i in range(0, len(windows), batch_size):
-        x = windows[i:i + batch_size]
-        out.append({"input_ids": x, "attention_mask": torch.ones_like(x), "labels": x.clone()})
-        weights.append(x.shape[0] * (block - 1))
-    return EvalSet("causal", out, weights)
 
 
 def build_model(arch: str, vocab: int, d_model: int, layers: int, heads: int, ffn: int | None, block: int):
@@ -114,9 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
     train = blocks(tokenizer, train_text, args.block, args.batch_size)
     val = blocks(tokenizer, val_text, args.block, 64, args.val_blocks)
     epochs = -(-args.steps // len(train.batches))
-    print(f"{len(train.batches)} train batches/epoch, {epochs} epoch(s); parameters "
-          f"{sum(p.numel() for p in model.parameters()):,} (non-embedding {non_embedding_parameters(model):,})",
-          flush=True)
+    print(f"{len(train.batches)} train batches/epoch, {epochs} epoch(s); {size_text(model)}", flush=True)
     start = time.perf_counter()
     result = retune(model, train, val, epochs=epochs, max_steps=args.steps, learning_rate=args.lr,
                     patience=10**9, eval_every=args.eval_every, output_dir=out, resume=args.resume,
@@ -125,16 +102,12 @@ def main(argv: list[str] | None = None) -> dict:
     model.eval()
     model.save_pretrained(out)
     record = {
-        "arch": args.arch, "d_model": args.d_model, "layers": args.layers,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "non_embedding_parameters": non_embedding_parameters(model), "steps": result.steps,
+        "arch": args.arch, "d_model": args.d_model, "layers": args.layers, **parameter_counts(model),
+        "steps": result.steps,
         "val_loss": evaluate_loss(model, val), "train_seconds_this_run": round(seconds, 1),
         "history": result.history,
     }
-    write_json(out / "results.json", head, **record)
-    summary = {**head, **record}
-    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2), flush=True)
-    return summary
+    return save_results(out, head, record)
 
 
 if __name__ == "__main__":

@@ -10,18 +10,16 @@ fewer epochs (pass --lr 1e-4 --warmup 0 --patience 20 for the seed's exact sched
 directory (MarianMTModel + MarianTokenizer) that `hf-fibration compress DIR` takes like a hub id; results.json
 beside it records val loss, test_2016 BLEU, parameters, wall time, machine and command.
 
-With ``--symmetry-every N`` a ``hf_fibration.emergence.SymmetryLogger`` measures the fibers / opfibers / covers of
-every MLP site at each ``--symmetry-eps`` before training, every N optimizer steps and at every epoch end (where
-the val loss is taken), and BLEU on the first ``--symmetry-bleu`` test_2016 sentences at every epoch end; all of it
-goes to symmetry.json in --out, rewritten at each measurement. ``--resume`` keeps the measurements up to the
-checkpoint's step and continues the log; the first interval after a resume has no cover-split count.
-"""
+With ``--symmetry-every N`` a ``hf_fibration.research.emergence.SymmetryLogger`` measures the fibers / opfibers /
+covers of every MLP site at each ``--symmetry-eps`` before training, every N optimizer steps and at every epoch end
+(where the val loss is taken), and BLEU on the first ``--symmetry-bleu`` test_2016 sentences at every epoch end; all
+of it goes to symmetry.json in --out, rewritten at each measurement. ``--resume`` keeps the measurements up to the
+checkpoint's step and continues the log; the first interval after a resume has no cover-split count. """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import gzip
 import json
 import time
 from pathlib import Path
@@ -31,49 +29,15 @@ import transformers as T
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from hf_fibration.data import EvalSet, evaluate_loss
-from hf_fibration.emergence import SymmetryLogger
-from hf_fibration.marian_tokenizer import train_marian_tokenizer
-from hf_fibration.metrics import bleu
-from hf_fibration.patch import non_embedding_parameters
-from hf_fibration.results_io import command_line, print_preamble, write_json
-from hf_fibration.retune import STATE_DIR, retune
-from hf_fibration.retune_state import complete_state
-
-DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "multi30k"
-
-
-def read_split(data: Path, split: str, limit: int | None = None) -> tuple[list[str], list[str]]:
-    def lines(lang: str) -> list[str]:
-        with gzip.open(data / f"{split}.{lang}.gz", "rt", encoding="utf-8") as f:
-            return [line.strip() for line in f]
-
-    de, en = lines("de"), lines("en")
-    pairs = [(d, e) for d, e in zip(de, en, strict=True) if d and e][:limit]
-    return [d for d, _ in pairs], [e for _, e in pairs]
-
-
-def batches(tokenizer, sources: list[str], targets: list[str], batch_size: int, max_length: int) -> EvalSet:
-    out, weights = [], []
-    for i in range(0, len(sources), batch_size):
-        enc = tokenizer(sources[i:i + batch_size], text_target=targets[i:i + batch_size], padding=True,
-                        truncation=True, max_length=max_length, return_tensors="pt")
-        enc["labels"] = enc["labels"].masked_fill(enc["labels"] == tokenizer.pad_token_id, -100)
-        out.append(dict(enc))
-        weights.append(int((enc["labels"] != -100).sum()))
-    return EvalSet("seq2seq", out, weights)
-
-
-def build_model(tokenizer, d_model: int, layers: int, heads: int, ffn: int | None) -> T.MarianMTModel:
-    config = T.MarianConfig(
-        vocab_size=len(tokenizer), d_model=d_model, encoder_layers=layers, decoder_layers=layers,
-        encoder_attention_heads=heads, decoder_attention_heads=heads, encoder_ffn_dim=ffn or d_model,
-        decoder_ffn_dim=ffn or d_model, max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=tokenizer.pad_token_id,
-        forced_eos_token_id=tokenizer.eos_token_id, activation_function="relu", dropout=0.1, num_beams=1,
-        max_length=64, share_encoder_decoder_embeddings=True, scale_embedding=True,
-    )
-    return T.MarianMTModel(config)
+from hf_fibration.evaluation.evalset import evaluate_loss
+from hf_fibration.evaluation.metrics import bleu
+from hf_fibration.evaluation.results_io import command_line, print_preamble, write_json
+from hf_fibration.integrations.marian_tokenizer import train_marian_tokenizer
+from hf_fibration.research.emergence import SymmetryLogger
+from hf_fibration.research.multi30k import DATA, batches, build_model, read_split
+from hf_fibration.research.training_runs import parameter_counts, save_results, size_text
+from hf_fibration.training.retune import STATE_DIR, retune
+from hf_fibration.training.retune_state import complete_state
 
 
 def weight_rms(model: nn.Module) -> dict[str, float]:
@@ -171,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--symmetry-every", type=int, default=0,
                         help="measure fibers/opfibers/covers every N steps and at epoch ends (0: off)")
     parser.add_argument("--symmetry-eps", type=float, nargs="+", default=[0.0, 0.1, 0.15, 0.2, 0.3],
-                        help="absolute ε's of the measurements (hf_fibration.emergence)")
+                        help="absolute ε's of the measurements (hf_fibration.research.emergence)")
     parser.add_argument("--symmetry-bleu", type=int, default=200,
                         help="BLEU on this many test_2016 sentences at each epoch end while measuring (0: none)")
     args = parser.parse_args(argv)
@@ -194,9 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     model = build_model(tokenizer, args.d_model, args.layers, args.heads, args.ffn)
     train = batches(tokenizer, train_src, train_tgt, args.batch_size, args.max_length)
     val = batches(tokenizer, val_src, val_tgt, args.batch_size, args.max_length)
-    print(f"{len(train_src)} train pairs, {len(train.batches)} batches/epoch; parameters "
-          f"{sum(p.numel() for p in model.parameters()):,} (non-embedding {non_embedding_parameters(model):,})",
-          flush=True)
+    print(f"{len(train_src)} train pairs, {len(train.batches)} batches/epoch; {size_text(model)}", flush=True)
     watch = contextlib.nullcontext()
     if args.symmetry_every:
         saved = complete_state(out / STATE_DIR) if args.resume else None
@@ -215,18 +177,13 @@ def main(argv: list[str] | None = None) -> dict:
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     record = {
-        "d_model": args.d_model, "ffn": args.ffn or args.d_model,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "non_embedding_parameters": non_embedding_parameters(model), "steps": result.steps,
+        "d_model": args.d_model, "ffn": args.ffn or args.d_model, **parameter_counts(model), "steps": result.steps,
         "epochs": result.epochs, "early_stopped": result.stopped_early, "patience": args.patience,
         "val_loss": evaluate_loss(model, val),
         "test2016_bleu": bleu(model, tokenizer, test_src, test_tgt), "train_seconds_this_run": round(seconds, 1),
         "history": result.history,
     }
-    write_json(out / "results.json", head, **record)
-    summary = {**head, **record}
-    print(json.dumps({k: v for k, v in summary.items() if k != "history"}, indent=2), flush=True)
-    return summary
+    return save_results(out, head, record)
 
 
 if __name__ == "__main__":
