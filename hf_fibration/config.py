@@ -8,7 +8,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from .core.fibers import EPSILON_MAX, LINKAGES, FiberPartition
+from hf_fibration.core.fibers import EPSILON_MAX, LINKAGES, FiberPartition
 
 PARTS = ("attention", "mlp", "embeddings")
 SEARCH_ORDERS = ("forward", "backward")
@@ -42,7 +42,7 @@ class FiberSource:
     calibrated: bool = False
 
 
-FIBER_SOURCES: dict[str, FiberSource] = {}  # name → source; hf_fibration.fiber_sources registers the built-in ones
+FIBER_SOURCES: dict[str, FiberSource] = {}  # name → source; methods/fiber_sources.py registers the built-ins
 
 # The best fiber source measured for each kind of model (README "Fiber sources"): on a pretrained checkpoint
 # (all-MiniLM-L6-v2, target size 0.5, results/fiber_sources) span; on models trained from scratch the paper's

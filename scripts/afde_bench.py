@@ -33,7 +33,7 @@ from hf_fibration.core.compensate import importance
 from hf_fibration.core.fibers import FiberDendrogram, FiberPartition, colored_in_weights
 from hf_fibration.core.merging import inout_rows
 from hf_fibration.core.selection import keep_top
-from hf_fibration.results_io import command_line, preamble_markdown, print_preamble, write_json
+from hf_fibration.evaluation.results_io import command_line, preamble_markdown, print_preamble, write_json
 
 METHODS = ("afde", "afde-nodata", "fibration", "inout", "magnitude", "wanda", "flap")
 COUNTS = (64, 48, 32, 24, 16, 12, 8, 4)

@@ -11,7 +11,7 @@ import time
 import torch
 
 from hf_fibration.core import FiberDendrogram, colored_in_weights
-from hf_fibration.results_io import print_preamble
+from hf_fibration.evaluation.results_io import print_preamble
 
 
 def main() -> None:

@@ -17,10 +17,10 @@ import time
 import transformers as T
 
 from hf_fibration import FibrationConfig
-from hf_fibration.data import build_eval_set
-from hf_fibration.patch import build_sites
-from hf_fibration.results_io import print_preamble
-from hf_fibration.search import greedy_search, naive_search
+from hf_fibration.evaluation.evalset import build_eval_set
+from hf_fibration.evaluation.results_io import print_preamble
+from hf_fibration.models.sites import build_sites
+from hf_fibration.policies.search import greedy_search, naive_search
 
 
 def compare(name: str, path: str, config: FibrationConfig, samples: int, max_length: int) -> str:

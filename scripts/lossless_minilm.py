@@ -17,9 +17,9 @@ from pathlib import Path
 import torch
 
 from hf_fibration.core.lossless import default_rtol
-from hf_fibration.lossless_glue import activation_of, compress_lossless_pretrained, mlp_sites, rank
-from hf_fibration.patch import get_module, linear_weight
-from hf_fibration.results_io import preamble, preamble_markdown, write_json
+from hf_fibration.evaluation.results_io import preamble, preamble_markdown, write_json
+from hf_fibration.models.sites import get_module, linear_weight
+from hf_fibration.policies.lossless import activation_of, compress_lossless_pretrained, mlp_sites, rank
 
 DATA = Path("/work/shared/data")
 TRAINED = ("runs/multi30k-d128", "runs/lm-llama-d128", "runs/scaling/gpt2-d128")
@@ -79,7 +79,7 @@ def label(name: str) -> str:
 
 
 def run(name: str, n: int) -> tuple[list[str], dict]:
-    from hf_fibration.loading import load_model, load_tokenizer
+    from hf_fibration.integrations.loading import load_model, load_tokenizer
 
     model, tok = load_model(name, device="cpu"), load_tokenizer(name)
     batches, what = eval_batches(model, tok, n)

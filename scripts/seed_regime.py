@@ -14,7 +14,7 @@ construction). The search and every early stopping see only those val pairs; eve
 (sacrebleu, greedy decoding) is on test_2016_flickr and test_2017_flickr.
 
 Resumable at every stage: a trained size (results.json) is skipped and an interrupted one resumes from its
-checkpoint; Alg. 2 resumes round by round (hf_fibration.retune.compress_retune's ``output_dir``).
+checkpoint; Alg. 2 resumes round by round (hf_fibration.training.retune.compress_retune's ``output_dir``).
 """
 
 from __future__ import annotations
@@ -34,13 +34,13 @@ import train_multi30k  # noqa: E402
 import hf_fibration  # noqa: E402,F401  (registers the loader of compressed checkpoints)
 from hf_fibration import FibrationConfig  # noqa: E402
 from hf_fibration.config import FIBER_SOURCES  # noqa: E402
-from hf_fibration.data import evaluate_loss  # noqa: E402
-from hf_fibration.marian_tokenizer import train_marian_tokenizer  # noqa: E402
-from hf_fibration.metrics import bleu  # noqa: E402
-from hf_fibration.patch import non_embedding_parameters  # noqa: E402
-from hf_fibration.results_io import command_line, print_preamble, write_json  # noqa: E402
-from hf_fibration.retune import compress_retune, retune  # noqa: E402
-from hf_fibration.retune_state import complete_state  # noqa: E402
+from hf_fibration.evaluation.evalset import evaluate_loss  # noqa: E402
+from hf_fibration.evaluation.metrics import bleu  # noqa: E402
+from hf_fibration.evaluation.results_io import command_line, print_preamble, write_json  # noqa: E402
+from hf_fibration.integrations.marian_tokenizer import train_marian_tokenizer  # noqa: E402
+from hf_fibration.models.sites import non_embedding_parameters  # noqa: E402
+from hf_fibration.training.retune import compress_retune, retune  # noqa: E402
+from hf_fibration.training.retune_state import complete_state  # noqa: E402
 
 TEST_SETS = ("test_2016_flickr", "test_2017_flickr")
 # Alg. 2 variants, each one change from "seed" (paper collapse of weight fibers, average linkage as in the

@@ -2,7 +2,7 @@
 
 Test loss = test_2016_flickr's token-weighted loss (test_2017_flickr beside it in the tables). The scratch law is
 fitted to the trained sizes; every Alg. 2 point (each retuned round and each answer) is read against it and against
-the trained sizes themselves (hf_fibration.scaling.advantage_over_scratch).
+the trained sizes themselves (hf_fibration.research.scaling.advantage_over_scratch).
 """
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from hf_fibration.results_io import command_line, preamble, preamble_markdown, write_json
-from hf_fibration.scaling import advantage_over_scratch, fit_power_law, frontier
+from hf_fibration.evaluation.results_io import command_line, preamble, preamble_markdown, write_json
+from hf_fibration.research.scaling import advantage_over_scratch, fit_power_law, frontier
 
 PRIMARY = "test_2016_flickr"
 

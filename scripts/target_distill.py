@@ -27,10 +27,10 @@ import transformers as T
 
 import hf_fibration  # noqa: F401  (registers the compressed-checkpoint loader)
 from hf_fibration import FibrationConfig, compress_pretrained
-from hf_fibration.data import build_eval_set, evaluate_loss
-from hf_fibration.patch import build_sites, non_embedding_parameters
-from hf_fibration.results_io import preamble, preamble_markdown, write_rows
-from hf_fibration.retune import retune
+from hf_fibration.evaluation.evalset import build_eval_set, evaluate_loss
+from hf_fibration.evaluation.results_io import preamble, preamble_markdown, write_rows
+from hf_fibration.models.sites import build_sites, non_embedding_parameters
+from hf_fibration.training.retune import retune
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext2"
 CACHE = Path("runs/target_distill")
@@ -79,7 +79,7 @@ def compress(method: str, teacher, calib, keep: float, args) -> tuple[torch.nn.M
                                  max_length=args.max_length)
         compress_pretrained(model, config, evalset=calib, progress=True)
     else:
-        from hf_fibration.baselines import compress_mlps, compress_to_size
+        from hf_fibration.methods.baselines import compress_mlps, compress_to_size
 
         if to_size:
             compress_to_size(model, method, keep, calib, compensate=args.compensate)

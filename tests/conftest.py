@@ -44,7 +44,7 @@ def marian_dir(tmp_path_factory):
     import transformers as T
     from tiny_models import plant_fibers
 
-    from hf_fibration.marian_tokenizer import train_marian_tokenizer
+    from hf_fibration.integrations.marian_tokenizer import train_marian_tokenizer
 
     path = tmp_path_factory.mktemp("tiny-marian")
     rows = [json.loads(line) for line in PAIRS.read_text().splitlines()]

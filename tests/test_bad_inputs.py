@@ -280,7 +280,7 @@ def test_bad_input(places, tmp_path, monkeypatch, capsys, argv, message):
                                               ("huge_width", "wider than the base model")])
 def test_plain_from_pretrained_refuses_damaged_checkpoints_in_one_line(places, variant, message):
     """The quantizer itself checks (the Python path): a one-line error naming the module, before any forward."""
-    from hf_fibration.quantizer import CheckpointError
+    from hf_fibration.integrations.quantizer import CheckpointError
 
     with pytest.raises(CheckpointError) as info:
         T.AutoModel.from_pretrained(places[variant])

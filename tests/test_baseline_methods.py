@@ -6,11 +6,19 @@ from test_compensate import causal_evalset
 from test_head_pruning import attention_params, wide_model
 from test_merging import calibration
 
-from hf_fibration.baseline_methods import BASELINE_METHODS, register_baseline_method
-from hf_fibration.baselines import ABLATIONS, FIBRATION, MERGING, METHODS, PRUNING, compress_mlps, compress_to_size
 from hf_fibration.core.fibers import FiberPartition
 from hf_fibration.core.selection import keep_top
-from hf_fibration.patch import get_module, linear_weight, non_embedding_parameters
+from hf_fibration.methods.baseline_methods import BASELINE_METHODS, register_baseline_method
+from hf_fibration.methods.baselines import (
+    ABLATIONS,
+    FIBRATION,
+    MERGING,
+    METHODS,
+    PRUNING,
+    compress_mlps,
+    compress_to_size,
+)
+from hf_fibration.models.sites import get_module, linear_weight, non_embedding_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

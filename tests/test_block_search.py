@@ -6,10 +6,10 @@ import transformers as T
 from tiny_models import VOCAB, plant_fibers, tiny_model
 
 from hf_fibration import FibrationConfig
-from hf_fibration.block_search import allocate, block_search, site_error_curves
-from hf_fibration.data import EvalSet, build_eval_set, evaluate_loss, loss_terms, task_of
-from hf_fibration.patch import build_sites
-from hf_fibration.search import greedy_search
+from hf_fibration.evaluation.evalset import EvalSet, build_eval_set, evaluate_loss, loss_terms, task_of
+from hf_fibration.models.sites import build_sites
+from hf_fibration.policies.block_search import allocate, block_search, site_error_curves
+from hf_fibration.policies.search import greedy_search
 
 PLAIN = dict(compensate=False, holdout_fraction=0.0, parts=("attention", "mlp"))
 

@@ -13,7 +13,7 @@ import transformers as T
 from tiny_checkpoints import save_tiny
 
 from hf_fibration.cli import main
-from hf_fibration.loading import atomic_directory
+from hf_fibration.integrations.loading import atomic_directory
 
 CLI = [sys.executable, "-m", "hf_fibration.cli"]
 
@@ -122,18 +122,18 @@ def test_evaluate_bare_encoder_compares_with_its_base_and_matches_compress(tmp_p
 
 
 def _count_evaluations(monkeypatch) -> list[int]:
-    import hf_fibration.data
-    import hf_fibration.metrics
-    import hf_fibration.search
+    import hf_fibration.evaluation.evalset
+    import hf_fibration.evaluation.metrics
+    import hf_fibration.policies.search
 
     calls: list[int] = []
-    original = hf_fibration.data.evaluate_loss
+    original = hf_fibration.evaluation.evalset.evaluate_loss
 
     def counted(*args, **kwargs):
         calls.append(1)
         return original(*args, **kwargs)
 
-    for module in (hf_fibration.data, hf_fibration.metrics, hf_fibration.search):
+    for module in (hf_fibration.evaluation.evalset, hf_fibration.evaluation.metrics, hf_fibration.policies.search):
         monkeypatch.setattr(module, "evaluate_loss", counted)
     return calls
 
@@ -211,7 +211,7 @@ def test_target_ratio_with_distillation(marian_dir, tmp_path, capsys):
     """--target-ratio 2 lands on half the non-embedding parameters; --retune --distill trains from the teacher."""
     from conftest import PAIRS
 
-    from hf_fibration.patch import non_embedding_parameters
+    from hf_fibration.models.sites import non_embedding_parameters
 
     rows = PAIRS.read_text().splitlines()
     (tmp_path / "train.jsonl").write_text("\n".join(rows[:96]))
@@ -356,3 +356,21 @@ def test_no_progress_silences_transformers_bars_too(marian_dir, tmp_path, capsys
 
         huggingface_hub.utils.enable_progress_bars()
         datasets.enable_progress_bars()
+
+
+def test_dtype_bfloat16_compresses_saves_and_reloads_in_bfloat16(marian_dir, tmp_path):
+    out = tmp_path / "bf16"
+    assert main(["compress", str(marian_dir), "--tolerance", "0.05", "--max-samples", "16", "--search-steps", "2",
+                 "--parts", "mlp", "--dtype", "bfloat16", "--output", str(out), "--no-progress"]) == 0
+    record = json.loads((out / "fibration_report.json").read_text())
+    assert record["report"]["params_after"] < record["report"]["params_before"]
+    loaded = T.AutoModelForSeq2SeqLM.from_pretrained(out)
+    assert {p.dtype for p in loaded.parameters()} == {torch.bfloat16}
+    assert sum(p.numel() for p in loaded.parameters()) == record["report"]["params_after"]
+    tok = T.AutoTokenizer.from_pretrained(out)
+    enc = tok(["Ein Hund läuft."], return_tensors="pt")
+    again = T.AutoModelForSeq2SeqLM.from_pretrained(out)
+    with torch.no_grad():
+        labels = torch.tensor([[5, 6, 7]])
+        assert torch.equal(loaded(**enc, labels=labels).logits, again(**enc, labels=labels).logits)
+    assert torch.isfinite(loaded(**enc, labels=labels).loss)

@@ -5,13 +5,13 @@ import torch
 from tiny_models import inputs, plant_fibers, tiny_model
 
 from hf_fibration import FibrationConfig
-from hf_fibration.baselines import METHODS, compress_mlps
-from hf_fibration.calibration import capture_inputs, compensate_mlp
 from hf_fibration.core.compensate import activation_fibers, ridge_refit, span_representatives
 from hf_fibration.core.fibers import FiberDendrogram
-from hf_fibration.data import EvalSet, batch_loss_sum
-from hf_fibration.patch import build_sites
-from hf_fibration.search import greedy_search
+from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum
+from hf_fibration.methods.baselines import METHODS, compress_mlps
+from hf_fibration.models.sites import build_sites
+from hf_fibration.policies.search import greedy_search
+from hf_fibration.repair.calibration import capture_inputs, compensate_mlp
 
 
 def causal_evalset(model, n_batches=3):
@@ -114,7 +114,7 @@ def test_weight_dendrogram_is_exact_at_zero_for_planted_rows():
 
 
 def test_refit_read_in_chunks_equals_one_pass_and_apply_returns_it(monkeypatch):
-    from hf_fibration import calibration
+    from hf_fibration.repair import calibration
 
     model = tiny_model("llama")
     evalset = causal_evalset(model, n_batches=12)

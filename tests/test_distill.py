@@ -6,9 +6,9 @@ import torch
 import transformers as T
 
 from hf_fibration import FibrationConfig, compress_pretrained
-from hf_fibration.data import EvalSet, embed, encoder_inputs
-from hf_fibration.distill import _hidden_mse
-from hf_fibration.retune import retune
+from hf_fibration.evaluation.evalset import EvalSet, embed, encoder_inputs
+from hf_fibration.training.distill import _hidden_mse
+from hf_fibration.training.retune import retune
 
 
 def _encoder_pair():

@@ -10,15 +10,15 @@ from test_target import _evalset
 from tiny_models import tiny_model
 
 from hf_fibration import FibrationConfig, compress_pretrained
-from hf_fibration.baselines import compress_mlps
 from hf_fibration.config import FIBER_SOURCES, register_fiber_source
 from hf_fibration.core.compensate import SpanDendrogram, span_representatives
 from hf_fibration.core.fibers import FiberDendrogram
 from hf_fibration.core.report import CompressionReport
-from hf_fibration.data import evaluate_loss
-from hf_fibration.patch import non_embedding_parameters
-from hf_fibration.retune import compress_retune
-from hf_fibration.search import greedy_search
+from hf_fibration.evaluation.evalset import evaluate_loss
+from hf_fibration.methods.baselines import compress_mlps
+from hf_fibration.models.sites import non_embedding_parameters
+from hf_fibration.policies.search import greedy_search
+from hf_fibration.training.retune import compress_retune
 
 # Measured with the code before the registry (commit 0d73fa0's fiber paths) on these tiny models: the units kept per
 # site by the target size, its ε's, and the search and held-out losses.

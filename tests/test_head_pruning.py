@@ -6,13 +6,14 @@ from test_merging import calibration
 from tiny_models import AUTO_CLASSES, FAMILIES, GENERATES, inputs, tiny_model
 
 import hf_fibration  # noqa: F401  (registers the loader)
-from hf_fibration import baseline_methods, heads
-from hf_fibration.baselines import METHODS, PRUNING, compress_to_size
-from hf_fibration.calibration import capture_calibration
 from hf_fibration.core.heads import ChannelStats, HeadLayout, flap_allocation, head_scores, uniform_allocation
-from hf_fibration.data import batch_loss_sum
-from hf_fibration.heads import HeadSite, build_head_sites, prune_heads
-from hf_fibration.patch import Site, get_module, linear_weight, non_embedding_parameters
+from hf_fibration.evaluation.evalset import batch_loss_sum
+from hf_fibration.methods import baseline_methods
+from hf_fibration.methods.baselines import METHODS, PRUNING, compress_to_size
+from hf_fibration.models import heads
+from hf_fibration.models.heads import HeadSite, build_head_sites, prune_heads
+from hf_fibration.models.sites import Site, get_module, linear_weight, non_embedding_parameters
+from hf_fibration.repair.calibration import capture_calibration
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

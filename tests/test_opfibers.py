@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from hf_fibration.core.opfibers import is_coarsening, splits, symmetries
-from hf_fibration.emergence import FibrationCallback, SymmetryLogger
+from hf_fibration.research.emergence import FibrationCallback, SymmetryLogger
 
 F64 = torch.float64
 

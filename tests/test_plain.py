@@ -12,12 +12,12 @@ from tiny_models import inputs, tiny_model
 
 from hf_fibration import FibrationConfig
 from hf_fibration.cli import main
-from hf_fibration.data import EvalSet
-from hf_fibration.patch import build_sites
-from hf_fibration.plain import mlp_widths, refit_expressible, save_plain, to_plain
-from hf_fibration.quantizer import mark_compressed
-from hf_fibration.run_record import RunRecord
-from hf_fibration.target import _exact_count, compress_uniform
+from hf_fibration.evaluation.evalset import EvalSet
+from hf_fibration.integrations.plain import mlp_widths, refit_expressible, save_plain, to_plain
+from hf_fibration.integrations.quantizer import mark_compressed
+from hf_fibration.integrations.run_record import RunRecord
+from hf_fibration.models.sites import build_sites
+from hf_fibration.policies.target import _exact_count, compress_uniform
 
 # Runs in a fresh interpreter: transformers only, the outputs as JSON (no pickle), hf_fibration never imported.
 LOAD_ALONE = """
@@ -98,7 +98,7 @@ def test_compress_plain_cli(tmp_path, capsys):
     assert {"tokenizer.json", "tokenizer_config.json", "model.safetensors"} <= _written(out)
     ids = {"input_ids": torch.tensor([[101, 2023, 2003, 1037, 3231, 102]])}
     import hf_fibration  # noqa: F401  (here only: the fresh process never imports it)
-    from hf_fibration.loading import load_model
+    from hf_fibration.integrations.loading import load_model
 
     torch.testing.assert_close(load_alone(out, ids), load_model(str(out))(**ids).logits, rtol=1e-4, atol=1e-5)
 

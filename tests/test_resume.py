@@ -8,11 +8,11 @@ import torch
 import transformers as T
 from conftest import PAIRS
 
-import hf_fibration.retune as retune_module
+import hf_fibration.training.retune as retune_module
 from hf_fibration.cli import main
-from hf_fibration.data import build_eval_set, load_split
-from hf_fibration.retune import STATE_DIR, retune
-from hf_fibration.retune_state import complete_state
+from hf_fibration.evaluation.evalset import build_eval_set, load_split
+from hf_fibration.training.retune import STATE_DIR, retune
+from hf_fibration.training.retune_state import complete_state
 
 
 @pytest.fixture(scope="module")

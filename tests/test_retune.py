@@ -7,10 +7,10 @@ import transformers as T
 from conftest import PAIRS
 
 from hf_fibration import FibrationConfig, compress_pretrained
-from hf_fibration.data import EvalSet, build_eval_set, evaluate_loss, load_split
-from hf_fibration.distill import kl_divergence
-from hf_fibration.retune import compress_retune, retune
-from hf_fibration.search import greedy_search
+from hf_fibration.evaluation.evalset import EvalSet, build_eval_set, evaluate_loss, load_split
+from hf_fibration.policies.search import greedy_search
+from hf_fibration.training.distill import kl_divergence
+from hf_fibration.training.retune import compress_retune, retune
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +67,7 @@ ALG2 = FibrationConfig(tolerance=0.02, search_steps=3, epsilon_max=0.8, parts=("
 
 def test_alg2_searches_the_retuned_model_every_round(setup, trained, monkeypatch):
     _, train, evalset = setup
-    import hf_fibration.retune as module
+    import hf_fibration.training.retune as module
 
     searched_states, retuned_states = [], []
 

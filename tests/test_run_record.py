@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from hf_fibration.publish import read_record
-from hf_fibration.run_record import REPORT_FILE, RunRecord
+from hf_fibration.integrations.publish import read_record
+from hf_fibration.integrations.run_record import REPORT_FILE, RunRecord
 
 # The keys `hf-fibration compress` writes, in its order.
 COMPRESS_KEYS = ["base_model", "source", "command", "task", "dataset", "dataset_config", "split", "seconds", "config",

@@ -3,7 +3,13 @@ import math
 import numpy as np
 import pytest
 
-from hf_fibration.scaling import advantage_over_scratch, fit_power_law, frontier, interpolate_params, params_for_loss
+from hf_fibration.research.scaling import (
+    advantage_over_scratch,
+    fit_power_law,
+    frontier,
+    interpolate_params,
+    params_for_loss,
+)
 
 L0, ALPHA = 6.0, 0.08
 

@@ -58,7 +58,7 @@ def test_power_law_fit_recovers_exponent_and_interval_brackets_it():
 
 
 def test_scaling_law_and_baseline_bench_few_steps(tmp_path):
-    from hf_fibration.data import DEFAULT_TEXT
+    from hf_fibration.evaluation.evalset import DEFAULT_TEXT
 
     sys.path.insert(0, str(ROOT / "scripts"))
     import bench_pretrained

@@ -4,8 +4,8 @@ import pytest
 import transformers as T
 
 from hf_fibration import FibrationConfig, compress_pretrained
-from hf_fibration.data import DataError, build_eval_set, evaluate_loss, load_split
-from hf_fibration.search import greedy_search, naive_search
+from hf_fibration.evaluation.evalset import DataError, build_eval_set, evaluate_loss, load_split
+from hf_fibration.policies.search import greedy_search, naive_search
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +47,7 @@ def test_fast_search_makes_the_naive_decisions(marian):
 
 
 def _site_names(model, config):
-    from hf_fibration.patch import build_sites
+    from hf_fibration.models.sites import build_sites
 
     return [s.name for s in build_sites(model, config)]
 

@@ -6,7 +6,7 @@ import torch
 import transformers as T
 
 from hf_fibration.cli import main
-from hf_fibration.data import pool
+from hf_fibration.evaluation.evalset import pool
 
 SHORT = ["hi", "The cat sat on the mat.", "A man is playing a guitar on stage."]
 LONG = [" ".join(f"word{i} of a long text about rivers, cities and mountains" for i in range(80))]  # > 256 tokens
@@ -63,7 +63,7 @@ def test_sentence_transformer_encode_matches_the_original_pipeline(minilm_compre
 
 
 def test_model_card_shows_sentence_transformers_usage(minilm_compressed, tmp_path):
-    from hf_fibration.publish import write_card
+    from hf_fibration.integrations.publish import write_card
 
     card = write_card(minilm_compressed[1], "user/minilm-fib", tmp_path)
     assert "from sentence_transformers import SentenceTransformer" in card.content

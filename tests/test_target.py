@@ -4,12 +4,13 @@ import copy
 
 import pytest
 import torch
+import transformers as T
 from tiny_models import FAMILIES, tiny_model
 
 from hf_fibration import FibrationConfig, compress_pretrained
-from hf_fibration.data import EvalSet, evaluate_loss
-from hf_fibration.patch import non_embedding_parameters
-from hf_fibration.target import SiteCurve, allocate
+from hf_fibration.evaluation.evalset import EvalSet, embed, evaluate_loss
+from hf_fibration.models.sites import non_embedding_parameters
+from hf_fibration.policies.target import SiteCurve, allocate
 
 
 def _evalset(model, batches: int = 3) -> EvalSet:
@@ -82,3 +83,20 @@ def test_inout_fiber_mode_reaches_the_target_and_reloads(tmp_path):
     ids = torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(T.AutoModelForCausalLM.from_pretrained(tmp_path)(ids).logits, model(ids).logits)
+
+
+def test_block_sensitivity_sizes_a_bare_encoder_on_the_fidelity_task():
+    """The fidelity task carries the uncompressed embeddings with its batches: the block pass must keep them."""
+    torch.manual_seed(0)
+    model = T.BertModel(T.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                     intermediate_size=64, max_position_embeddings=64)).eval()
+    ids = torch.randint(3, 64, (3, 8, 10), generator=torch.Generator().manual_seed(0))
+    batches = [{"input_ids": b, "attention_mask": torch.ones_like(b)} for b in ids]
+    with torch.no_grad():
+        reference = [embed(model, b) for b in batches]
+    evalset = EvalSet("fidelity", batches, [len(b) for b in ids], reference=reference)
+    before = non_embedding_parameters(model)
+    config = FibrationConfig(target_params=0.6, holdout_fraction=0, sensitivity="block", calibration_tokens=80)
+    report = compress_pretrained(model, config, evalset=evalset, progress=False)
+    assert abs(non_embedding_parameters(model) / before - 0.6) <= 0.01 * 0.6
+    assert 0 < report.final_loss == pytest.approx(evaluate_loss(model, evalset), rel=1e-6)

@@ -8,7 +8,7 @@ from tiny_checkpoints import save_tiny
 from tiny_models import tiny_model
 
 from hf_fibration.cli import main
-from hf_fibration.loading import load_config, load_model, resolve_task
+from hf_fibration.integrations.loading import load_config, load_model, resolve_task
 
 
 def _strip_architectures(path):

@@ -6,7 +6,7 @@ import torch
 import transformers as T
 
 from hf_fibration import FibrationConfig
-from hf_fibration.patch import build_sites, get_module
+from hf_fibration.models.sites import build_sites, get_module
 
 VOCAB = 64
 

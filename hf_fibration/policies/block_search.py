@@ -24,13 +24,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .blocks import block_of, stacks_of
-from .calibration import capture_calibration, refitter
-from .config import FibrationConfig, loss_bound
-from .core.report import CompressionReport
-from .data import EvalSet, batch_loss_sum, evaluate_loss
-from .patch import Site, build_sites, layer_report, site_parameters
-from .pipeline import finish_report, start_report
+from hf_fibration.config import FibrationConfig, loss_bound
+from hf_fibration.core.report import CompressionReport
+from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum, evaluate_loss
+from hf_fibration.models.sites import Site, build_sites, layer_report, site_parameters
+from hf_fibration.pipeline.blocks import block_of, stacks_of
+from hf_fibration.pipeline.loop import finish_report, start_report
+from hf_fibration.repair.calibration import capture_calibration, refitter
 
 GRID = 16  # cuts per site: the ε's that keep j/16 of its units, j = 15 … 1 (and ε_min)
 
@@ -86,7 +86,7 @@ def _first_tokens(evalset: EvalSet, tokens: int) -> EvalSet:
             break
         count += int(batch["attention_mask"].sum()) if "attention_mask" in batch else batch["input_ids"].numel()
         taken += 1
-    return EvalSet(evalset.task, evalset.batches[:taken], evalset.weights[:taken])
+    return evalset.head(taken)
 
 
 def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSet, sites: list[Site],

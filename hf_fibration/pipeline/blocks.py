@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
-from .architectures import architecture_for
-from .patch import Site, model_type_of
+from hf_fibration.models.architectures import architecture_for
+from hf_fibration.models.sites import Site, model_type_of
 
 
 @dataclass

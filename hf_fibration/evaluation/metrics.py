@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from .data import EvalSet, evaluate_loss
+from hf_fibration.evaluation.evalset import EvalSet, evaluate_loss
 
 
 @torch.no_grad()

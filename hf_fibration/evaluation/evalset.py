@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-PACKAGE_DATA = Path(__file__).parent / "data"
+PACKAGE_DATA = Path(__file__).parent.parent / "data"
 DEFAULT_TEXT = PACKAGE_DATA / "wikitext2_valid.txt"
 DEFAULT_PAIRS = PACKAGE_DATA / "multi30k_val_de_en.jsonl"
 FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -134,6 +134,10 @@ class EvalSet:
     @property
     def num_examples(self) -> int:
         return sum(len(b["input_ids"]) for b in self.batches)
+
+    def head(self, batches: int) -> EvalSet:
+        """The first ``batches`` batches (with their reference embeddings, for the fidelity task)."""
+        return EvalSet(self.task, self.batches[:batches], self.weights[:batches], self.reference[:batches])
 
     def split(self, fraction: float, seed: int = 0) -> tuple[EvalSet, EvalSet]:
         """(search, held-out): a seeded ``fraction`` of the examples, at least one on each side, held out.

@@ -19,15 +19,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .api import compress_pretrained
-from .config import FibrationConfig
-from .core.modules import count_parameters
-from .data import EvalSet, evaluate_loss, task_loss
-from .distill import Distillation
-from .patch import non_embedding_parameters
-from .quantizer import mark_compressed
-from .retune_state import EpochPermutation, complete_state, load_state, rng_state, save_state, set_rng_state
-from .search import HoldoutError, greedy_search
+from hf_fibration.api import compress_pretrained
+from hf_fibration.config import FibrationConfig
+from hf_fibration.core.modules import count_parameters
+from hf_fibration.evaluation.evalset import EvalSet, evaluate_loss, task_loss
+from hf_fibration.integrations.quantizer import mark_compressed
+from hf_fibration.models.sites import non_embedding_parameters
+from hf_fibration.policies.search import HoldoutError, greedy_search
+from hf_fibration.training.distill import Distillation
+from hf_fibration.training.retune_state import (
+    EpochPermutation,
+    complete_state,
+    load_state,
+    rng_state,
+    save_state,
+    set_rng_state,
+)
 
 EPSILON_CEILING = 1.99  # ε×q stays inside the cosine-distance range [0, 2)
 
@@ -79,12 +86,12 @@ def retune(
 
     With ``output_dir`` a checkpoint is written at every evaluation; ``resume=True`` continues from it to the same
     weights and history as an uninterrupted run (in one process, with evaluations on optimizer steps when
-    accumulating gradients; see hf_fibration.retune_state).
+    accumulating gradients; see hf_fibration.training.retune_state).
     With ``teacher`` (the uncompressed model) the training loss is (1−distill_weight)·task +
     distill_weight·KL(teacher ‖ student)·T² (+ distill_hidden_weight·relative MSE of the hidden states of
     ``distill_hidden_layers``, "last" or "all"; for a bare encoder only this term is added); the eval
-    loss, and so early stopping, stays the task loss. Memory: see hf_fibration.distill. With ``max_seconds`` training
-    also ends at the first evaluation after that much wall time (``stopped_early`` stays False then).
+    loss, and so early stopping, stays the task loss. Memory: see training/distill.py. With ``max_seconds``
+    training also ends at the first evaluation after that much wall time (``stopped_early`` stays False then).
     ``schedule="cosine"`` decays the learning rate after warmup to 0 at the last step (epochs or ``max_steps``)."""
     from accelerate import Accelerator
     from accelerate.utils import gather_object

@@ -14,13 +14,13 @@ from collections.abc import Callable
 from torch import nn
 from tqdm.auto import tqdm
 
-from .calibration import Calibration, capture_calibration, refitter
-from .config import Dendrogram, FibrationConfig
-from .core.fibers import FiberPartition
-from .core.modules import count_parameters
-from .core.report import CompressionReport, LayerReport
-from .data import EvalSet, batch_loss_sum, evaluate_loss
-from .patch import Site, build_sites, non_embedding_parameters, site_parameters
+from hf_fibration.config import Dendrogram, FibrationConfig
+from hf_fibration.core.fibers import FiberPartition
+from hf_fibration.core.modules import count_parameters
+from hf_fibration.core.report import CompressionReport, LayerReport
+from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum, evaluate_loss
+from hf_fibration.models.sites import Site, build_sites, non_embedding_parameters, site_parameters
+from hf_fibration.repair.calibration import Calibration, capture_calibration, refitter
 
 Cut = Callable[[Site, Dendrogram], "tuple[FiberPartition, float] | None"]
 

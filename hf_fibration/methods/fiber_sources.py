@@ -10,14 +10,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from .afde_glue import afde_dendrogram
-from .calibration import Calibration, original_hidden
-from .config import FibrationConfig, register_fiber_source
-from .core.afde import AFDEDendrogram
-from .core.compensate import SpanDendrogram, activation_rows
-from .core.fibers import FiberDendrogram
-from .core.merging import inout_rows
-from .patch import Site, get_module, linear_weight
+from hf_fibration.config import FibrationConfig, register_fiber_source
+from hf_fibration.core.afde import AFDEDendrogram
+from hf_fibration.core.compensate import SpanDendrogram, activation_rows
+from hf_fibration.core.fibers import FiberDendrogram
+from hf_fibration.core.merging import inout_rows
+from hf_fibration.methods.afde_glue import afde_dendrogram
+from hf_fibration.models.sites import Site, get_module, linear_weight
+from hf_fibration.repair.calibration import Calibration, original_hidden
 
 
 def weights_dendrogram(site: Site, model: nn.Module, config: FibrationConfig,

@@ -14,12 +14,19 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .config import FibrationConfig
-from .core.lossless import ACTIVATIONS, RULES, LosslessLayer, LosslessPartition, LosslessReport, lossless_partition
-from .core.lossless import rank as _core_rank
-from .core.modules import count_parameters
-from .core.report import CompressionReport, LayerReport
-from .patch import Site, build_sites, get_module, linear_weight, non_embedding_parameters
+from hf_fibration.config import FibrationConfig
+from hf_fibration.core.lossless import (
+    ACTIVATIONS,
+    RULES,
+    LosslessLayer,
+    LosslessPartition,
+    LosslessReport,
+    lossless_partition,
+)
+from hf_fibration.core.lossless import rank as _core_rank
+from hf_fibration.core.modules import count_parameters
+from hf_fibration.core.report import CompressionReport, LayerReport
+from hf_fibration.models.sites import Site, build_sites, get_module, linear_weight, non_embedding_parameters
 
 
 def activation_of(model: nn.Module) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:

@@ -41,10 +41,9 @@ from functools import partial
 import torch
 from torch import nn
 
-from .afde_glue import afde_dendrogram
-from .core.compensate import SpanDendrogram, activation_fibers, importance
-from .core.fibers import FiberDendrogram, FiberPartition
-from .core.merging import (
+from hf_fibration.core.compensate import SpanDendrogram, activation_fibers, importance
+from hf_fibration.core.fibers import FiberDendrogram, FiberPartition
+from hf_fibration.core.merging import (
     activation_correlation,
     fold_repair_scales,
     folding_features,
@@ -52,10 +51,11 @@ from .core.merging import (
     kmeans,
     zipit_labels,
 )
-from .core.selection import keep_top
-from .data import EvalSet
-from .heads import HeadSite, flap_scores, shift_bias
-from .patch import Site, get_module, linear_weight
+from hf_fibration.core.selection import keep_top
+from hf_fibration.evaluation.evalset import EvalSet
+from hf_fibration.methods.afde_glue import afde_dendrogram
+from hf_fibration.models.heads import HeadSite, flap_scores, shift_bias
+from hf_fibration.models.sites import Site, get_module, linear_weight
 
 KINDS = ("pruning", "merging", "fibration", "ablation")
 

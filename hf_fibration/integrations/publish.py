@@ -17,8 +17,8 @@ from typing import Any
 from huggingface_hub import CommitOperationAdd, EvalResult, HfApi, ModelCard, ModelCardData
 from torch import nn
 
-from .checkpoint_io import hub_id_of, is_hub_id
-from .run_record import REPORT_FILE, RunRecord
+from hf_fibration.integrations.checkpoint_io import hub_id_of, is_hub_id
+from hf_fibration.integrations.run_record import REPORT_FILE, RunRecord
 
 CARD_TEMPLATE = Path(__file__).parent / "model_cards" / "fibration.md"
 PLOT_FILE = "fibration_layers.png"

@@ -21,14 +21,14 @@ from dataclasses import dataclass
 from torch import nn
 from tqdm.auto import tqdm
 
-from .block_search import site_error_curves
-from .calibration import refitter
-from .config import FibrationConfig
-from .core.fibers import FiberPartition, relabel
-from .core.report import CompressionReport
-from .data import EvalSet, evaluate_loss
-from .patch import Site, build_sites, get_module, linear_weight, non_embedding_parameters
-from .pipeline import calibrate, collapse_sites, finish_report, start_report
+from hf_fibration.config import FibrationConfig
+from hf_fibration.core.fibers import FiberPartition, relabel
+from hf_fibration.core.report import CompressionReport
+from hf_fibration.evaluation.evalset import EvalSet, evaluate_loss
+from hf_fibration.models.sites import Site, build_sites, get_module, linear_weight, non_embedding_parameters
+from hf_fibration.pipeline.loop import calibrate, collapse_sites, finish_report, start_report
+from hf_fibration.policies.block_search import site_error_curves
+from hf_fibration.repair.calibration import refitter
 
 LADDER = (0.75, 0.5, 0.35, 0.25, 0.15, 0.08)
 

@@ -15,16 +15,16 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from .architectures import SUPPORTED_MODEL_TYPES, Architecture, architecture_for
-from .config import FIBER_SOURCES, Dendrogram, FibrationConfig
-from .core.collapse import collapse_weight, mean_rows
-from .core.embedding import FiberEmbedding, FiberInputLinear
-from .core.fibers import FiberDendrogram, FiberPartition, colored_in_weights
-from .core.modules import FiberLinear, count_parameters
-from .core.report import LayerReport
+from hf_fibration.config import FIBER_SOURCES, Dendrogram, FibrationConfig
+from hf_fibration.core.collapse import collapse_weight, mean_rows
+from hf_fibration.core.embedding import FiberEmbedding, FiberInputLinear
+from hf_fibration.core.fibers import FiberDendrogram, FiberPartition, colored_in_weights
+from hf_fibration.core.modules import FiberLinear, count_parameters
+from hf_fibration.core.report import LayerReport
+from hf_fibration.models.architectures import SUPPORTED_MODEL_TYPES, Architecture, architecture_for
 
 if TYPE_CHECKING:
-    from .calibration import Calibration
+    from hf_fibration.repair.calibration import Calibration
 
 FIBER_MODULES = (FiberLinear, FiberEmbedding, FiberInputLinear)
 HOMOGENEOUS_ACTIVATIONS = ("relu", "leaky_relu")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .calibration import activation_of
-from .core.afde import AFDEDendrogram
-from .patch import Site, linear_weight
+from hf_fibration.core.afde import AFDEDendrogram
+from hf_fibration.models.sites import Site, linear_weight
+from hf_fibration.repair.calibration import activation_of
 
 
 def afde_dendrogram(site: Site, model: nn.Module, inputs: torch.Tensor | None = None,

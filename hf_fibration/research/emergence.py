@@ -15,14 +15,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core.opfibers import DenseLayer, LayerSymmetry, dense_layers, layer_symmetries, splits
+from hf_fibration.core.opfibers import DenseLayer, LayerSymmetry, dense_layers, layer_symmetries, splits
 
 KINDS = ("fibers", "opfibers", "covers")
 
 
 def _site_layers(model: nn.Module) -> list[list[DenseLayer]]:
-    from .lossless_glue import mlp_sites
-    from .patch import get_module, linear_weight
+    from hf_fibration.models.sites import get_module, linear_weight
+    from hf_fibration.policies.lossless import mlp_sites
 
     nets = []
     for site in mlp_sites(model):

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .data import EvalSet, cosine_gap, encoder_inputs, pool, task_loss
+from hf_fibration.evaluation.evalset import EvalSet, cosine_gap, encoder_inputs, pool, task_loss
 
 DISTILL_TASKS = ("causal", "seq2seq", "masked")
 HIDDEN_LAYERS = ("last", "all")

@@ -14,9 +14,9 @@ import torch
 import transformers
 from torch import nn
 
-from .architectures import architecture_for
-from .checkpoint_io import is_hub_id, looks_like_path, safetensors_header
-from .run_record import REPORT_FILE, RunRecord
+from hf_fibration.integrations.checkpoint_io import is_hub_id, looks_like_path, safetensors_header
+from hf_fibration.integrations.run_record import REPORT_FILE, RunRecord
+from hf_fibration.models.architectures import architecture_for
 
 TMP_MARK = ".tmp-"
 

@@ -14,17 +14,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .baseline_methods import BASELINE_METHODS, KINDS, BaselineMethod, SiteContext
-from .calibration import capture_inputs, compensate_mlp, original_hidden
-from .config import FibrationConfig
-from .core.fibers import colored_in_weights
-from .core.heads import flap_allocation, uniform_allocation
-from .core.modules import count_parameters
-from .core.report import CompressionReport, LayerReport
-from .data import EvalSet, batch_loss_sum
-from .heads import HeadSite, consumer_of, prunable_sites, prune_heads, unit_cost
-from .patch import Site, build_sites, get_module, linear_weight, non_embedding_parameters
-from .quantizer import mark_compressed
+from hf_fibration.config import FibrationConfig
+from hf_fibration.core.fibers import colored_in_weights
+from hf_fibration.core.heads import flap_allocation, uniform_allocation
+from hf_fibration.core.modules import count_parameters
+from hf_fibration.core.report import CompressionReport, LayerReport
+from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum
+from hf_fibration.integrations.quantizer import mark_compressed
+from hf_fibration.methods.baseline_methods import BASELINE_METHODS, KINDS, BaselineMethod, SiteContext
+from hf_fibration.models.heads import HeadSite, consumer_of, prunable_sites, prune_heads, unit_cost
+from hf_fibration.models.sites import Site, build_sites, get_module, linear_weight, non_embedding_parameters
+from hf_fibration.repair.calibration import capture_inputs, compensate_mlp, original_hidden
 
 METHODS = tuple(BASELINE_METHODS)  # the built-in methods; BASELINE_METHODS also holds those registered later
 PRUNING, MERGING, FIBRATION, ABLATIONS = (tuple(m.name for m in BASELINE_METHODS.values() if m.kind == kind)

@@ -17,16 +17,30 @@ from dataclasses import dataclass
 from torch import nn
 from tqdm.auto import tqdm
 
-from .block_search import block_search
-from .blocks import BlockReplay, block_of, stacks_of
-from .calibration import Calibration, refitter
-from .config import FibrationConfig, loss_bound
-from .core.fibers import FiberPartition
-from .core.modules import count_parameters
-from .core.report import CompressionReport, LayerReport
-from .data import DataError, EvalSet, batch_loss_sum, evaluate_loss, example_losses, loss_increase
-from .patch import Site, build_sites, get_module, non_embedding_parameters, set_module, site_parameters
-from .pipeline import calibrate, finish_report, start_report
+from hf_fibration.config import FibrationConfig, loss_bound
+from hf_fibration.core.fibers import FiberPartition
+from hf_fibration.core.modules import count_parameters
+from hf_fibration.core.report import CompressionReport, LayerReport
+from hf_fibration.evaluation.evalset import (
+    DataError,
+    EvalSet,
+    batch_loss_sum,
+    evaluate_loss,
+    example_losses,
+    loss_increase,
+)
+from hf_fibration.models.sites import (
+    Site,
+    build_sites,
+    get_module,
+    non_embedding_parameters,
+    set_module,
+    site_parameters,
+)
+from hf_fibration.pipeline.blocks import BlockReplay, block_of, stacks_of
+from hf_fibration.pipeline.loop import calibrate, finish_report, start_report
+from hf_fibration.policies.block_search import block_search
+from hf_fibration.repair.calibration import Calibration, refitter
 
 MIN_HOLDOUT_EXAMPLES = 8  # below this the standard error of the held-out loss means nothing
 TRIM_KEEP = 0.5  # a search cut back to a tighter bound is kept when it still saves this share of its parameters

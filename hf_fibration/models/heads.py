@@ -15,15 +15,30 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .architectures import AttentionSpec, architecture_for
-from .calibration import capture_calibration, refit_consumer
-from .config import FibrationConfig
-from .core.fibers import colored_in_weights
-from .core.heads import ChannelStats, HeadLayout, flap_channel_metric, flap_head_scores, head_scores, standardized
-from .core.modules import FiberLinear, count_parameters
-from .core.report import LayerReport
-from .data import EvalSet, batch_loss_sum
-from .patch import Site, build_sites, get_module, linear_weight, model_type_of, set_module, sync_fused_widths
+from hf_fibration.config import FibrationConfig
+from hf_fibration.core.fibers import colored_in_weights
+from hf_fibration.core.heads import (
+    ChannelStats,
+    HeadLayout,
+    flap_channel_metric,
+    flap_head_scores,
+    head_scores,
+    standardized,
+)
+from hf_fibration.core.modules import FiberLinear, count_parameters
+from hf_fibration.core.report import LayerReport
+from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum
+from hf_fibration.models.architectures import AttentionSpec, architecture_for
+from hf_fibration.models.sites import (
+    Site,
+    build_sites,
+    get_module,
+    linear_weight,
+    model_type_of,
+    set_module,
+    sync_fused_widths,
+)
+from hf_fibration.repair.calibration import capture_calibration, refit_consumer
 
 
 @dataclass
@@ -111,7 +126,7 @@ def _head_site(model: nn.Module, block_name: str, attn: AttentionSpec) -> HeadSi
     head_dim = getattr(owner, "head_dim", None) or getattr(owner, "attention_head_size", None)
     if not head_dim:
         raise ValueError(f"Cannot read the head width of {owner_name} ({type(owner).__name__}); head pruning "
-                         "supports the families of hf_fibration.architectures.")
+                         "supports the families of hf_fibration.models.architectures.")
     for name in (*projections, f"{block_name}.{attn.out}"):
         if getattr(get_module(model, name), "fiber_index", None) is not None:
             raise ValueError(f"{name} is already fibration-compressed; prune heads of an uncompressed model.")
