@@ -18,11 +18,33 @@ from typing import Any
 
 import torch
 
-from hf_fibration import FibrationConfig, compress_pretrained
+from hf_fibration import FibrationConfig, __version__, compress_pretrained, config
+from hf_fibration.core.modules import count_parameters
+from hf_fibration.core.report import CompressionReport
+from hf_fibration.evaluation.evalset import DEFAULT_PAIRS, build_eval_set, evaluate_loss, load_split, task_of
 from hf_fibration.evaluation.metrics import quality
 from hf_fibration.integrations.checkpoint_io import default_model, hub_id_of, is_hub_id, loadable, looks_like_path
-from hf_fibration.integrations.loading import TASKS
+from hf_fibration.integrations.loading import (
+    TASKS,
+    TOKENIZER_FILES,
+    atomic_directory,
+    check_output,
+    load_config,
+    load_model,
+    load_tokenizer,
+    resolve_task,
+    save_checkpoint,
+)
+from hf_fibration.integrations.memory import return_big_frees
+from hf_fibration.integrations.plain import refit_expressible, save_plain, to_plain
+from hf_fibration.integrations.publish import base_card, push_to_hub, read_record
+from hf_fibration.integrations.quantizer import mark_compressed
 from hf_fibration.integrations.run_record import RunRecord
+from hf_fibration.models.surgery import non_embedding_parameters
+from hf_fibration.policies.search import MIN_HOLDOUT_EXAMPLES
+from hf_fibration.policies.target import compress_uniform
+from hf_fibration.training.retune import STATE_DIR, compress_retune, retune
+from hf_fibration.training.retune_state import complete_state
 
 EPILOG = """examples:
   hf-fibration compress                                   # all-MiniLM-L6-v2 (from PyPI), packaged eval text
@@ -158,7 +180,6 @@ def _base_arg(p: argparse.ArgumentParser, help_text: str, metavar: str = "ID_OR_
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from hf_fibration import __version__, config
 
     parser = argparse.ArgumentParser(prog="hf-fibration", description=__doc__, epilog=EPILOG,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -338,7 +359,6 @@ def _check_length(args: argparse.Namespace, model) -> None:
 
 
 def _evalset(args: argparse.Namespace, model, tokenizer, dataset: str | None = None):
-    from hf_fibration.evaluation.evalset import build_eval_set, load_split
 
     _check_length(args, model)
     ds = None
@@ -387,7 +407,6 @@ def _split_holdout(args: argparse.Namespace, config: FibrationConfig, model, tok
 def check_holdout_size(examples: int, fraction: float, target: bool = False) -> None:
     """The examples held out must be enough to confirm on: MIN_HOLDOUT_EXAMPLES for the τ search (below that the
     standard error of their loss means nothing), one for a target size (measured only). One message, in flags."""
-    from hf_fibration.policies.search import MIN_HOLDOUT_EXAMPLES
 
     minimum = 1 if target else MIN_HOLDOUT_EXAMPLES
 
@@ -418,15 +437,6 @@ def _warn_if_small(config: FibrationConfig, model, search) -> None:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
-    from hf_fibration.integrations.loading import (
-        atomic_directory,
-        load_config,
-        load_model,
-        load_tokenizer,
-        resolve_task,
-        save_checkpoint,
-    )
-    from hf_fibration.integrations.publish import base_card
 
     config = _config(args)
     name = args.model or default_model()
@@ -452,14 +462,11 @@ def cmd_compress(args: argparse.Namespace) -> int:
         before = _finite(quality(model, measured, tokenizer), "the uncompressed model")
         rounds = None
         if args.retune:
-            from hf_fibration.integrations.quantizer import mark_compressed
-            from hf_fibration.training.retune import compress_retune
 
             train = _trainset(args, model, tokenizer, evalset.task)
             teacher = copy.deepcopy(model).eval() if args.distill else None
             kwargs = _retune_kwargs(args, teacher, evalset.task)
             if config.target_params is not None:  # the asked-for size, then one retuning (no Alg. 2 rounds)
-                from hf_fibration.training.retune import retune
 
                 report = compress_pretrained(model, config, evalset=search, holdout=holdout,
                                              progress=not args.no_progress, base_model=base_id or source)
@@ -493,7 +500,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
             base_card=base_card(name if not is_hub_id(name) else base_id or name),
             holdout_examples=None if holdout is None else holdout.num_examples)
         if args.plain:
-            from hf_fibration.integrations.plain import save_plain, to_plain
 
             save_plain(to_plain(model), tokenizer, tmp, record, source=name)
         else:
@@ -506,7 +512,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
                   f"{row['loss_retuned']:>12.4f}  {row['within_bound']}")
     print(f"time: {seconds:.1f} s; wrote {Path(output).resolve()}")
     if args.push_to_hub:
-        from hf_fibration.integrations.publish import push_to_hub
 
         print(f"pushed: {push_to_hub(output, args.push_to_hub, private=args.private)}")
     return 0
@@ -514,8 +519,6 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
 def _compress_plain(args: argparse.Namespace, config: FibrationConfig, model, search, holdout):
     """--plain: one MLP width for all layers at the target size (``target.compress_uniform``)."""
-    from hf_fibration.integrations.plain import refit_expressible
-    from hf_fibration.policies.target import compress_uniform
 
     if config.compensate and not refit_expressible(model):
         print(f"note: a {model.config.model_type} config has no MLP bias, which the compensated refit adds: --plain "
@@ -526,15 +529,6 @@ def _compress_plain(args: argparse.Namespace, config: FibrationConfig, model, se
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from hf_fibration.integrations.loading import (
-        TOKENIZER_FILES,
-        atomic_directory,
-        check_output,
-        load_model,
-        load_tokenizer,
-    )
-    from hf_fibration.integrations.plain import save_plain, to_plain
-    from hf_fibration.integrations.publish import read_record
 
     check_output(args.output, args.overwrite, sources=(args.model,))  # before the model loads
     record = read_record(args.model)
@@ -549,10 +543,6 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _final_report(model, base_loss: float, evalset):
-    from hf_fibration.core.modules import count_parameters
-    from hf_fibration.core.report import CompressionReport
-    from hf_fibration.evaluation.evalset import evaluate_loss
-    from hf_fibration.models.sites import non_embedding_parameters
 
     return CompressionReport(params_before=0, params_after=count_parameters(model),
                              non_embedding_params_after=non_embedding_parameters(model), base_loss=base_loss,
@@ -560,7 +550,6 @@ def _final_report(model, base_loss: float, evalset):
 
 
 def _trainset(args: argparse.Namespace, model, tokenizer, task: str):
-    from hf_fibration.evaluation.evalset import build_eval_set, load_split
 
     if not args.train_dataset:
         raise ValueError("Retuning needs train data disjoint from the eval data: pass --train-dataset "
@@ -651,16 +640,6 @@ def check_resume(args: argparse.Namespace, state_dir: Path) -> None:
 
 
 def cmd_retune(args: argparse.Namespace) -> int:
-    from hf_fibration.integrations.loading import (
-        atomic_directory,
-        check_output,
-        load_model,
-        load_tokenizer,
-        save_checkpoint,
-    )
-    from hf_fibration.integrations.publish import read_record
-    from hf_fibration.training.retune import STATE_DIR, retune
-    from hf_fibration.training.retune_state import complete_state
 
     record = read_record(args.model)
     output = Path(args.output or f"{args.model.rstrip('/')}-retuned")
@@ -698,7 +677,6 @@ def cmd_retune(args: argparse.Namespace) -> int:
 
 
 def cmd_push(args: argparse.Namespace) -> int:
-    from hf_fibration.integrations.publish import push_to_hub
 
     print(push_to_hub(args.model, args.repo_id, token=args.token, private=args.private, revision=args.revision,
                       base_model=args.base_model))
@@ -706,8 +684,6 @@ def cmd_push(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from hf_fibration.evaluation.evalset import DEFAULT_PAIRS, load_split, task_of
-    from hf_fibration.integrations.loading import load_model, load_tokenizer
 
     model = load_model(args.model, args.device, DTYPES.get(args.dtype))
     tokenizer = load_tokenizer(args.model)
@@ -762,7 +738,6 @@ def _terminate(signum: int, frame) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from hf_fibration.integrations.memory import return_big_frees
 
     parser = build_parser()
     args = parser.parse_args(argv)

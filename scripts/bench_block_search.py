@@ -23,7 +23,7 @@ import hf_fibration  # noqa: F401
 from hf_fibration import FibrationConfig
 from hf_fibration.evaluation.evalset import build_eval_set, evaluate_loss, load_split
 from hf_fibration.evaluation.results_io import command_line, preamble_markdown, print_preamble, write_json
-from hf_fibration.models.sites import non_embedding_parameters
+from hf_fibration.models.surgery import non_embedding_parameters
 from hf_fibration.policies.search import greedy_search
 from hf_fibration.research.multi30k import DATA, batches, read_split
 

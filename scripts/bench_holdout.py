@@ -28,7 +28,7 @@ import transformers as T
 from hf_fibration import FibrationConfig, compress_pretrained
 from hf_fibration.evaluation.evalset import build_eval_set, evaluate_loss
 from hf_fibration.evaluation.results_io import preamble_markdown, print_preamble, write_json
-from hf_fibration.models.sites import non_embedding_parameters
+from hf_fibration.models.surgery import non_embedding_parameters
 from hf_fibration.policies.search import HoldoutError
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data"

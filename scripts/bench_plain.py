@@ -25,7 +25,7 @@ from hf_fibration import FibrationConfig, compress_pretrained
 from hf_fibration.evaluation.evalset import build_eval_set, evaluate_loss
 from hf_fibration.evaluation.results_io import preamble, preamble_markdown, write_rows
 from hf_fibration.integrations.plain import to_plain
-from hf_fibration.models.sites import non_embedding_parameters
+from hf_fibration.models.surgery import non_embedding_parameters
 from hf_fibration.policies.target import compress_uniform
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext2"

@@ -41,7 +41,7 @@ from hf_fibration.evaluation.results_io import (
     write_rows,
 )
 from hf_fibration.methods.baselines import FIBRATION, MERGING, METHODS, compress_mlps, compress_to_size
-from hf_fibration.models.sites import non_embedding_parameters
+from hf_fibration.models.surgery import non_embedding_parameters
 from hf_fibration.research import causal_lm, multi30k
 
 SCRIPTS = Path(__file__).resolve().parent

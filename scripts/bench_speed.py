@@ -19,7 +19,8 @@ from torch import nn
 from hf_fibration import FibrationConfig
 from hf_fibration.core import count_flops
 from hf_fibration.evaluation.results_io import print_preamble
-from hf_fibration.models.sites import build_sites, get_module
+from hf_fibration.models.sites import build_sites
+from hf_fibration.models.surgery import get_module
 
 
 class MlpStack(nn.Module):

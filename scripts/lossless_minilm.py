@@ -18,7 +18,7 @@ import torch
 
 from hf_fibration.core.lossless import default_rtol
 from hf_fibration.evaluation.results_io import preamble, preamble_markdown, write_json
-from hf_fibration.models.sites import get_module, linear_weight
+from hf_fibration.models.surgery import get_module, linear_weight
 from hf_fibration.policies.lossless import activation_of, compress_lossless_pretrained, mlp_sites, rank
 
 DATA = Path("/work/shared/data")

@@ -21,7 +21,7 @@ from hf_fibration import FibrationConfig
 from hf_fibration.evaluation.evalset import evaluate_loss
 from hf_fibration.evaluation.metrics import bleu
 from hf_fibration.evaluation.results_io import preamble_markdown, print_preamble
-from hf_fibration.models.sites import non_embedding_parameters
+from hf_fibration.models.surgery import non_embedding_parameters
 from hf_fibration.policies.search import greedy_search
 from hf_fibration.research.multi30k import DATA, batches, read_split
 from hf_fibration.training.retune import compress_retune, retune

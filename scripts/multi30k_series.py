@@ -36,7 +36,8 @@ from hf_fibration.core.selection import keep_top
 from hf_fibration.evaluation.evalset import evaluate_loss
 from hf_fibration.evaluation.metrics import bleu
 from hf_fibration.evaluation.results_io import command_line, print_preamble
-from hf_fibration.models.sites import build_sites, get_module, linear_weight, non_embedding_parameters
+from hf_fibration.models.sites import build_sites
+from hf_fibration.models.surgery import get_module, linear_weight, non_embedding_parameters
 from hf_fibration.policies.search import greedy_search
 from hf_fibration.research.multi30k import DATA, batches, read_split
 from hf_fibration.training.retune import compress_retune, retune

@@ -23,7 +23,7 @@ import transformers as T
 from hf_fibration import FibrationConfig, compress_pretrained
 from hf_fibration.evaluation.evalset import EvalSet, evaluate_loss
 from hf_fibration.evaluation.results_io import command_line, preamble_markdown, print_preamble, write_json
-from hf_fibration.models.sites import non_embedding_parameters
+from hf_fibration.models.surgery import non_embedding_parameters
 from hf_fibration.research.causal_lm import SHAKESPEARE, blocks, split_text
 from hf_fibration.research.scaling import fit_power_law
 from hf_fibration.training.retune import retune

@@ -38,7 +38,7 @@ from hf_fibration.evaluation.evalset import evaluate_loss  # noqa: E402
 from hf_fibration.evaluation.metrics import bleu  # noqa: E402
 from hf_fibration.evaluation.results_io import command_line, print_preamble, write_json  # noqa: E402
 from hf_fibration.integrations.marian_tokenizer import train_marian_tokenizer  # noqa: E402
-from hf_fibration.models.sites import non_embedding_parameters  # noqa: E402
+from hf_fibration.models.surgery import non_embedding_parameters  # noqa: E402
 from hf_fibration.training.retune import compress_retune, retune  # noqa: E402
 from hf_fibration.training.retune_state import complete_state  # noqa: E402
 

@@ -29,7 +29,8 @@ import hf_fibration  # noqa: F401  (registers the compressed-checkpoint loader)
 from hf_fibration import FibrationConfig, compress_pretrained
 from hf_fibration.evaluation.evalset import build_eval_set, evaluate_loss
 from hf_fibration.evaluation.results_io import preamble, preamble_markdown, write_rows
-from hf_fibration.models.sites import build_sites, non_embedding_parameters
+from hf_fibration.models.sites import build_sites
+from hf_fibration.models.surgery import non_embedding_parameters
 from hf_fibration.training.retune import retune
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext2"

@@ -26,7 +26,7 @@ from hf_fibration import FibrationConfig, compress_pretrained
 from hf_fibration.evaluation.evalset import EvalSet, evaluate_loss
 from hf_fibration.evaluation.results_io import command_line, preamble_markdown, print_preamble, write_rows
 from hf_fibration.methods.baselines import compress_to_size
-from hf_fibration.models.sites import non_embedding_parameters
+from hf_fibration.models.surgery import non_embedding_parameters
 from hf_fibration.research.causal_lm import SHAKESPEARE, split_text
 from hf_fibration.training.retune import retune
 

@@ -15,7 +15,7 @@ from hf_fibration.core.afde import (
     trajectory_mismatch,
 )
 from hf_fibration.core.fibers import FiberPartition
-from hf_fibration.models.sites import non_embedding_parameters
+from hf_fibration.models.surgery import non_embedding_parameters
 
 
 def _tanh_net(seed: int = 0, n_in: int = 5, hidden: int = 12, n_out: int = 3):

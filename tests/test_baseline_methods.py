@@ -18,7 +18,7 @@ from hf_fibration.methods.baselines import (
     compress_mlps,
     compress_to_size,
 )
-from hf_fibration.models.sites import get_module, linear_weight, non_embedding_parameters
+from hf_fibration.models.surgery import get_module, linear_weight, non_embedding_parameters
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

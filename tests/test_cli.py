@@ -211,7 +211,7 @@ def test_target_ratio_with_distillation(marian_dir, tmp_path, capsys):
     """--target-ratio 2 lands on half the non-embedding parameters; --retune --distill trains from the teacher."""
     from conftest import PAIRS
 
-    from hf_fibration.models.sites import non_embedding_parameters
+    from hf_fibration.models.surgery import non_embedding_parameters
 
     rows = PAIRS.read_text().splitlines()
     (tmp_path / "train.jsonl").write_text("\n".join(rows[:96]))

@@ -16,7 +16,7 @@ from hf_fibration.core.fibers import FiberDendrogram
 from hf_fibration.core.report import CompressionReport
 from hf_fibration.evaluation.evalset import evaluate_loss
 from hf_fibration.methods.baselines import compress_mlps
-from hf_fibration.models.sites import non_embedding_parameters
+from hf_fibration.models.surgery import non_embedding_parameters
 from hf_fibration.policies.search import greedy_search
 from hf_fibration.training.retune import compress_retune
 

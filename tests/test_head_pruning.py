@@ -12,7 +12,8 @@ from hf_fibration.methods import baseline_methods
 from hf_fibration.methods.baselines import METHODS, PRUNING, compress_to_size
 from hf_fibration.models import heads
 from hf_fibration.models.heads import HeadSite, build_head_sites, prune_heads
-from hf_fibration.models.sites import Site, get_module, linear_weight, non_embedding_parameters
+from hf_fibration.models.sites import Site
+from hf_fibration.models.surgery import get_module, linear_weight, non_embedding_parameters
 from hf_fibration.repair.calibration import capture_calibration
 
 pytestmark = pytest.mark.usefixtures("one_thread")

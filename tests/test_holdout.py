@@ -9,7 +9,8 @@ import transformers as T
 from hf_fibration import FibrationConfig
 from hf_fibration.core.compensate import RidgeStats, ridge_refit
 from hf_fibration.evaluation.evalset import DataError, EvalSet, evaluate_loss, example_losses, loss_increase
-from hf_fibration.models.sites import build_sites, non_embedding_parameters
+from hf_fibration.models.sites import build_sites
+from hf_fibration.models.surgery import non_embedding_parameters
 from hf_fibration.policies.search import HoldoutError, greedy_search
 from hf_fibration.repair.calibration import Calibration, compensate_mlp
 

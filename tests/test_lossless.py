@@ -11,7 +11,7 @@ from torch import nn
 
 from hf_fibration.core.collapse import collapse_weight
 from hf_fibration.core.lossless import collapse_layer, compress_lossless, lossless_partition, rank
-from hf_fibration.models.sites import get_module
+from hf_fibration.models.surgery import get_module
 from hf_fibration.policies.lossless import compress_lossless_pretrained, mlp_sites
 from hf_fibration.policies.lossless import rank as hf_rank
 

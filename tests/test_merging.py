@@ -16,7 +16,8 @@ from hf_fibration.core.merging import (
 )
 from hf_fibration.evaluation.evalset import EvalSet
 from hf_fibration.methods.baselines import ABLATIONS, MERGING, compress_mlps
-from hf_fibration.models.sites import build_sites, get_module
+from hf_fibration.models.sites import build_sites
+from hf_fibration.models.surgery import get_module
 
 NEW = MERGING + ABLATIONS
 

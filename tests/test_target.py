@@ -9,7 +9,7 @@ from tiny_models import FAMILIES, tiny_model
 
 from hf_fibration import FibrationConfig, compress_pretrained
 from hf_fibration.evaluation.evalset import EvalSet, embed, evaluate_loss
-from hf_fibration.models.sites import non_embedding_parameters
+from hf_fibration.models.surgery import non_embedding_parameters
 from hf_fibration.policies.target import SiteCurve, allocate
 
 

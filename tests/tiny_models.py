@@ -6,7 +6,8 @@ import torch
 import transformers as T
 
 from hf_fibration import FibrationConfig
-from hf_fibration.models.sites import build_sites, get_module
+from hf_fibration.models.sites import build_sites
+from hf_fibration.models.surgery import get_module
 
 VOCAB = 64
 

@@ -19,9 +19,10 @@ from transformers.pytorch_utils import Conv1D
 
 from hf_fibration.core.embedding import FiberEmbedding, FiberInputLinear
 from hf_fibration.core.modules import FiberLinear
+from hf_fibration.integrations.loading import carry_files
 from hf_fibration.integrations.run_record import RunRecord
 from hf_fibration.models.architectures import architecture_for
-from hf_fibration.models.sites import get_module, linear_weight
+from hf_fibration.models.surgery import get_module, linear_weight
 
 # The config key of the MLP width, per family; seq2seq families name one per stack.
 WIDTH_KEYS = {"bert": "intermediate_size", "llama": "intermediate_size", "gpt2": "n_inner"}
@@ -151,7 +152,6 @@ def save_plain(plain: PreTrainedModel, tokenizer, directory: Path, record: RunRe
                source: str | None = None) -> None:
     """Write ``plain`` (``to_plain``'s model) as safetensors with its config, the tokenizer, the source's other
     files (sentence-transformers modules, ...) and the run's record."""
-    from hf_fibration.integrations.loading import carry_files
 
     carry_files(source, directory)
     plain.save_pretrained(directory, safe_serialization=True)

@@ -31,7 +31,8 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from hf_fibration.core.embedding import FiberEmbedding, FiberInputLinear
 from hf_fibration.core.modules import FiberLinear
 from hf_fibration.integrations.checkpoint_io import FIX, CheckpointError, hub_id_of, safetensors_header
-from hf_fibration.models.sites import FIBER_MODULES, build_fiber_modules, fiber_module_specs, restore_fiber_indices
+from hf_fibration.integrations.shapes import build_fiber_modules, fiber_module_specs, restore_fiber_indices
+from hf_fibration.models.surgery import FIBER_MODULES
 
 QUANT_METHOD = "fibration"
 LOAD_HINT = "This checkpoint was compressed by hf-fibration: run `import hf_fibration` before from_pretrained."

@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from hf_fibration.core.afde import AFDEDendrogram
-from hf_fibration.models.sites import Site, linear_weight
+from hf_fibration.models.sites import Site
+from hf_fibration.models.surgery import linear_weight
 from hf_fibration.repair.calibration import activation_of
 
 

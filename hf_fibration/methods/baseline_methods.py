@@ -55,7 +55,8 @@ from hf_fibration.core.selection import keep_top
 from hf_fibration.evaluation.evalset import EvalSet
 from hf_fibration.methods.afde_glue import afde_dendrogram
 from hf_fibration.models.heads import HeadSite, flap_scores, shift_bias
-from hf_fibration.models.sites import Site, get_module, linear_weight
+from hf_fibration.models.sites import Site
+from hf_fibration.models.surgery import get_module, linear_weight
 
 KINDS = ("pruning", "merging", "fibration", "ablation")
 

@@ -23,7 +23,8 @@ from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum
 from hf_fibration.integrations.quantizer import mark_compressed
 from hf_fibration.methods.baseline_methods import BASELINE_METHODS, KINDS, BaselineMethod, SiteContext
 from hf_fibration.models.heads import HeadSite, consumer_of, prunable_sites, prune_heads, unit_cost
-from hf_fibration.models.sites import Site, build_sites, get_module, linear_weight, non_embedding_parameters
+from hf_fibration.models.sites import Site, build_sites
+from hf_fibration.models.surgery import get_module, linear_weight, non_embedding_parameters
 from hf_fibration.repair.calibration import capture_inputs, compensate_mlp, original_hidden
 
 METHODS = tuple(BASELINE_METHODS)  # the built-in methods; BASELINE_METHODS also holds those registered later

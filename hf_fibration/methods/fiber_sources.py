@@ -16,7 +16,8 @@ from hf_fibration.core.compensate import SpanDendrogram, activation_rows
 from hf_fibration.core.fibers import FiberDendrogram
 from hf_fibration.core.merging import inout_rows
 from hf_fibration.methods.afde_glue import afde_dendrogram
-from hf_fibration.models.sites import Site, get_module, linear_weight
+from hf_fibration.models.sites import Site
+from hf_fibration.models.surgery import get_module, linear_weight
 from hf_fibration.repair.calibration import Calibration, original_hidden
 
 

@@ -28,16 +28,10 @@ from hf_fibration.core.heads import (
 from hf_fibration.core.modules import FiberLinear, count_parameters
 from hf_fibration.core.report import LayerReport
 from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum
+from hf_fibration.integrations.shapes import sync_fused_widths
 from hf_fibration.models.architectures import AttentionSpec, architecture_for
-from hf_fibration.models.sites import (
-    Site,
-    build_sites,
-    get_module,
-    linear_weight,
-    model_type_of,
-    set_module,
-    sync_fused_widths,
-)
+from hf_fibration.models.sites import Site, build_sites
+from hf_fibration.models.surgery import get_module, linear_weight, model_type_of, set_module
 from hf_fibration.repair.calibration import capture_calibration, refit_consumer
 
 

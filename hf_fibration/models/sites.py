@@ -21,34 +21,13 @@ from hf_fibration.core.embedding import FiberEmbedding, FiberInputLinear
 from hf_fibration.core.fibers import FiberDendrogram, FiberPartition, colored_in_weights
 from hf_fibration.core.modules import FiberLinear, count_parameters
 from hf_fibration.core.report import LayerReport
-from hf_fibration.models.architectures import SUPPORTED_MODEL_TYPES, Architecture, architecture_for
+from hf_fibration.models.architectures import Architecture, architecture_for
+from hf_fibration.models.surgery import get_module, linear_weight, model_type_of, set_module
 
 if TYPE_CHECKING:
     from hf_fibration.repair.calibration import Calibration
 
-FIBER_MODULES = (FiberLinear, FiberEmbedding, FiberInputLinear)
 HOMOGENEOUS_ACTIVATIONS = ("relu", "leaky_relu")
-
-
-def get_module(model: nn.Module, name: str) -> nn.Module:
-    return model.get_submodule(name)
-
-
-def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
-def linear_weight(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(out, in) weight and bias of an nn.Linear or a GPT-2 style Conv1D, detached."""
-    if isinstance(module, nn.Linear):
-        weight = module.weight.detach()
-    elif hasattr(module, "nf") and module.weight.dim() == 2:  # transformers.pytorch_utils.Conv1D
-        weight = module.weight.detach().T
-    else:
-        raise TypeError(f"Cannot read a linear weight from {type(module).__name__}.")
-    bias = None if module.bias is None else module.bias.detach()
-    return weight, bias
 
 
 @dataclass
@@ -185,14 +164,6 @@ class Site:
             model.set_output_embeddings(new_head)
 
 
-def model_type_of(model: nn.Module) -> str:
-    config = getattr(model, "config", None)
-    if config is None:
-        raise TypeError("compress_pretrained takes a transformers PreTrainedModel; use compress_sequential for "
-                        "plain torch models.")
-    return config.model_type
-
-
 def build_sites(model: nn.Module, config: FibrationConfig) -> list[Site]:
     """Every site of ``model`` that ``config.parts`` selects, in forward order."""
     arch = architecture_for(model_type_of(model))
@@ -239,88 +210,3 @@ def site_parameters(model: nn.Module, site: Site) -> int:
 def layer_report(model: nn.Module, site: Site, partition: FiberPartition, epsilon: float, before: int,
                  params_before: int) -> LayerReport:
     return LayerReport(site.name, before, partition.num_fibers, float(epsilon), params_before, site.params(model))
-
-
-def non_embedding_parameters(model: nn.Module) -> int:
-    """Parameters outside the embedding tables (token, position, type) and the tied/untied LM head."""
-    skip = set()
-    for m in model.modules():
-        if isinstance(m, nn.Embedding):
-            skip.update(id(p) for p in m.parameters())
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is not None:
-        skip.update(id(p) for p in head.parameters())
-    return sum(p.numel() for p in model.parameters() if id(p) not in skip)
-
-
-def fiber_module_specs(model: nn.Module) -> dict[str, dict]:
-    """Shapes of every compressed module, by every name it is reachable under (tied modules share one spec)."""
-    specs: dict[str, dict] = {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, FiberEmbedding):
-            specs[name] = {"kind": "embedding", "num_embeddings": m.num_embeddings, "num_fibers": m.embedding_dim,
-                           "full_width": m.full_width, "padding_idx": m.padding_idx, "embed_scale": m.embed_scale,
-                           "fiber_index": m.fiber_index.tolist()}
-        elif isinstance(m, FiberInputLinear):
-            specs[name] = {"kind": "input_linear", "full_width": m.full_width, "out_features": m.out_features,
-                           "num_fibers": m.in_features, "bias": m.bias is not None,
-                           "fiber_index": m.fiber_index.tolist()}
-        elif isinstance(m, FiberLinear):
-            specs[name] = {"kind": "linear", "in_features": m.in_features, "out_features": m.out_features,
-                           "bias": m.bias is not None, "full_width": m.full_width}
-    return specs
-
-
-def build_fiber_modules(model: nn.Module, specs: dict[str, dict]) -> None:
-    """Swap in empty modules of the saved shapes (before the weights load); aliases get one shared object."""
-    built: dict[str, nn.Module] = {}
-    for name, spec in specs.items():
-        old = get_module(model, name)
-        param = next(old.parameters(), None)
-        device = param.device if param is not None else None
-        dtype = param.dtype if param is not None else None
-        key = repr(sorted(spec.items())) + str(id(old))
-        if key not in built:
-            built[key] = _empty_module(spec, device, dtype)
-        set_module(model, name, built[key])
-    sync_fused_widths(model)
-
-
-def sync_fused_widths(model: nn.Module) -> None:
-    """Tell each attention with a fused q/k/v projection the width of each part, which head pruning narrows
-    (GPT-2 splits ``c_attn``'s output at ``split_size``); run after compression and when a checkpoint loads."""
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        return
-    arch = architecture_for(model_type)
-    for block_name, _ in arch.blocks(model):
-        for attn in arch.attentions:
-            if attn.fused_width is None:
-                continue
-            (proj,) = attn.projections
-            fused = get_module(model, f"{block_name}.{proj}")
-            if isinstance(fused, FiberLinear):
-                owner = get_module(model, f"{block_name}.{proj.rpartition('.')[0]}")
-                setattr(owner, attn.fused_width, fused.output_width // 3)
-
-
-def restore_fiber_indices(model: nn.Module, specs: dict[str, dict]) -> None:
-    """Set the (non-persistent) fiber indices of embeddings and tied heads from the saved specs."""
-    for name, spec in specs.items():
-        if "fiber_index" in spec:
-            module = get_module(model, name)
-            module.fiber_index = torch.tensor(spec["fiber_index"], dtype=torch.long, device=module.weight.device)
-
-
-def _empty_module(spec: dict, device: torch.device | None, dtype: torch.dtype | None) -> nn.Module:
-    kind = spec["kind"]
-    if kind == "linear":
-        return FiberLinear(spec["in_features"], spec["out_features"], spec["bias"], spec["full_width"], device, dtype)
-    if kind == "embedding":
-        return FiberEmbedding(spec["num_embeddings"], spec["num_fibers"], spec["full_width"], spec["padding_idx"],
-                              spec["embed_scale"], device, dtype)
-    if kind == "input_linear":
-        return FiberInputLinear(spec["full_width"], spec["out_features"], spec["num_fibers"], spec["bias"], device,
-                                dtype)
-    raise ValueError(f"Unknown compressed module kind {kind!r} in the checkpoint's quantization_config; "
-                     "upgrade hf-fibration.")

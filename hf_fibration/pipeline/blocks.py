@@ -9,7 +9,8 @@ from dataclasses import dataclass, field
 from torch import nn
 
 from hf_fibration.models.architectures import architecture_for
-from hf_fibration.models.sites import Site, model_type_of
+from hf_fibration.models.sites import Site
+from hf_fibration.models.surgery import model_type_of
 
 
 @dataclass

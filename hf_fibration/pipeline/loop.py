@@ -19,7 +19,8 @@ from hf_fibration.core.fibers import FiberPartition
 from hf_fibration.core.modules import count_parameters
 from hf_fibration.core.report import CompressionReport, LayerReport
 from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum, evaluate_loss
-from hf_fibration.models.sites import Site, build_sites, non_embedding_parameters, site_parameters
+from hf_fibration.models.sites import Site, build_sites, site_parameters
+from hf_fibration.models.surgery import non_embedding_parameters
 from hf_fibration.repair.calibration import Calibration, capture_calibration, refitter
 
 Cut = Callable[[Site, Dendrogram], "tuple[FiberPartition, float] | None"]

@@ -26,7 +26,8 @@ from hf_fibration.core.lossless import (
 from hf_fibration.core.lossless import rank as _core_rank
 from hf_fibration.core.modules import count_parameters
 from hf_fibration.core.report import CompressionReport, LayerReport
-from hf_fibration.models.sites import Site, build_sites, get_module, linear_weight, non_embedding_parameters
+from hf_fibration.models.sites import Site, build_sites
+from hf_fibration.models.surgery import get_module, linear_weight, non_embedding_parameters
 
 
 def activation_of(model: nn.Module) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:

@@ -29,14 +29,8 @@ from hf_fibration.evaluation.evalset import (
     example_losses,
     loss_increase,
 )
-from hf_fibration.models.sites import (
-    Site,
-    build_sites,
-    get_module,
-    non_embedding_parameters,
-    set_module,
-    site_parameters,
-)
+from hf_fibration.models.sites import Site, build_sites, site_parameters
+from hf_fibration.models.surgery import get_module, non_embedding_parameters, set_module
 from hf_fibration.pipeline.blocks import BlockReplay, block_of, stacks_of
 from hf_fibration.pipeline.loop import calibrate, finish_report, start_report
 from hf_fibration.policies.block_search import block_search

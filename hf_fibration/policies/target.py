@@ -25,7 +25,8 @@ from hf_fibration.config import FibrationConfig
 from hf_fibration.core.fibers import FiberPartition, relabel
 from hf_fibration.core.report import CompressionReport
 from hf_fibration.evaluation.evalset import EvalSet, evaluate_loss
-from hf_fibration.models.sites import Site, build_sites, get_module, linear_weight, non_embedding_parameters
+from hf_fibration.models.sites import Site, build_sites
+from hf_fibration.models.surgery import get_module, linear_weight, non_embedding_parameters
 from hf_fibration.pipeline.loop import calibrate, collapse_sites, finish_report, start_report
 from hf_fibration.policies.block_search import site_error_curves
 from hf_fibration.repair.calibration import refitter

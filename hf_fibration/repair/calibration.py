@@ -11,7 +11,8 @@ from transformers.activations import ACT2FN
 
 from hf_fibration.core.compensate import RIDGE_CANDIDATES, RidgeStats, mlp_hidden, reconstruction_error
 from hf_fibration.core.modules import FiberLinear
-from hf_fibration.models.sites import Site, get_module, linear_weight, set_module
+from hf_fibration.models.sites import Site
+from hf_fibration.models.surgery import get_module, linear_weight, set_module
 
 REFIT_CHUNK_TOKENS = 1024  # the refit reads its tokens this many at a time: memory ∝ chunk × width, not tokens
 

@@ -16,13 +16,13 @@ import torch
 from torch import nn
 
 from hf_fibration.core.opfibers import DenseLayer, LayerSymmetry, dense_layers, layer_symmetries, splits
+from hf_fibration.models.surgery import get_module, linear_weight
+from hf_fibration.policies.lossless import mlp_sites
 
 KINDS = ("fibers", "opfibers", "covers")
 
 
 def _site_layers(model: nn.Module) -> list[list[DenseLayer]]:
-    from hf_fibration.models.sites import get_module, linear_weight
-    from hf_fibration.policies.lossless import mlp_sites
 
     nets = []
     for site in mlp_sites(model):

@@ -9,7 +9,7 @@ from typing import Any
 from torch import nn
 
 from hf_fibration.evaluation.results_io import write_json
-from hf_fibration.models.sites import non_embedding_parameters
+from hf_fibration.models.surgery import non_embedding_parameters
 
 
 def parameter_counts(model: nn.Module) -> dict[str, int]:

@@ -24,7 +24,7 @@ from hf_fibration.config import FibrationConfig
 from hf_fibration.core.modules import count_parameters
 from hf_fibration.evaluation.evalset import EvalSet, evaluate_loss, task_loss
 from hf_fibration.integrations.quantizer import mark_compressed
-from hf_fibration.models.sites import non_embedding_parameters
+from hf_fibration.models.surgery import non_embedding_parameters
 from hf_fibration.policies.search import HoldoutError, greedy_search
 from hf_fibration.training.distill import Distillation
 from hf_fibration.training.retune_state import (
