@@ -8,7 +8,7 @@ from tiny_models import VOCAB, plant_fibers, tiny_model
 from hf_fibration import FibrationConfig
 from hf_fibration.evaluation.evalset import EvalSet, build_eval_set, evaluate_loss, loss_terms, task_of
 from hf_fibration.models.sites import build_sites
-from hf_fibration.policies.block_search import allocate, block_search, site_error_curves
+from hf_fibration.policies.block_search import allocate, allocation_ladder, block_search, site_error_curves
 from hf_fibration.policies.search import greedy_search
 
 PLAIN = dict(compensate=False, holdout_fraction=0.0, parts=("attention", "mlp"))
@@ -59,6 +59,15 @@ def test_allocation_trades_parameters_for_error():
     assert allocate(curves, 1.0)["a"]["params"] == 20 and allocate(curves, 1.0)["b"]["params"] == 50
     assert allocate(curves, 50.0)["a"]["params"] == 60 and allocate(curves, 50.0)["b"]["params"] == 50
     assert allocate(curves, 1e4) == {"a": None, "b": None}
+
+
+def test_the_ladder_holds_each_distinct_allocation_once_from_most_compressed_to_whole():
+    curves = {"a": [{"params_before": 100, "params": p, "error": e} for p, e in ((80, 0.01), (40, 0.2), (10, 3.0))],
+              "b": [{"params_before": 50, "params": p, "error": e} for p, e in ((30, 0.05), (5, 1.0))]}
+    ladder = allocation_ladder(curves, -5.0, 10.0, samples=200)
+    kept = [sum(c["params"] if c else c_before for c, c_before in ((ch["a"], 100), (ch["b"], 50))) for ch in ladder]
+    assert kept == sorted(kept) and len(set(kept)) == len(kept) >= 4
+    assert ladder[0] == {"a": curves["a"][2], "b": curves["b"][1]} and ladder[-1] == {"a": None, "b": None}
 
 
 def test_compensated_cuts_measure_less_block_error_and_the_search_keeps_the_bound(marian_dir):

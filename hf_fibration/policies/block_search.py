@@ -3,12 +3,14 @@ then a bisection of that allocation on the true loss.
 
 1. One forward pass records what enters the first block of each stack (encoder, decoder, ...). The stack's inputs
    are then carried block by block (as SparseGPT and Wanda do): at block b, every site of the block is cut at ε_min
-   and at the ε's that keep 15/16, 14/16, … 1/16 of its units, and the relative error of the block's output,
-   ‖Y' − Y‖² / ‖Y‖², is measured on the carried inputs (the first ``calibration_tokens`` tokens of the eval set);
-   then the inputs move on through the uncompressed block. Cost: sites × cuts × one block.
+   and at the ε's that keep 15/16, 14/16, … 1/16 of its units (``grid``), and the relative error of the block's
+   output, ‖Y' − Y‖² / ‖Y‖², is measured on the carried inputs (the first ``ERROR_TOKENS`` tokens of the eval set;
+   refits calibrate on the first ``calibration_tokens``); then the inputs move on through the uncompressed block.
+   Cost: sites × cuts × one block.
 2. The allocation: each site takes the cut that minimises (parameters kept) + λ·(error); the larger λ, the less is
-   collapsed. The search bisects log λ on the full eval loss (one evaluation per step) for the most compressed
-   allocation that keeps loss ≤ base·(1+τ), and applies it. The sites' errors are measured independently (each
+   collapsed. The distinct allocations over a log-spaced ladder of λ's are bisected on the full eval loss (one
+   evaluation per step, ⌈log2 #allocations⌉ ≤ 9 steps) for the most compressed one that keeps loss ≤ base·(1+τ),
+   and it is applied. The sites' errors are measured independently (each
    on uncompressed inputs); the bisection on the real loss is what keeps the promise.
 
 Compensated collapse and calibrated fiber sources (``span``) take their calibration from the same carried block
@@ -33,6 +35,9 @@ from hf_fibration.pipeline.loop import finish_report, start_report
 from hf_fibration.repair.calibration import capture_calibration, refitter
 
 GRID = 16  # cuts per site: the ε's that keep j/16 of its units, j = 15 … 1 (and ε_min)
+# Block errors are measured on the first ERROR_TOKENS carried tokens: a relative error is a mean over tokens, which
+# 2k tokens estimate well enough to rank cuts, at a quarter of the cost of the 8k calibration tokens.
+ERROR_TOKENS = 2048
 
 
 def _first_output(out: object) -> torch.Tensor:
@@ -90,13 +95,16 @@ def _first_tokens(evalset: EvalSet, tokens: int) -> EvalSet:
 
 
 def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSet, sites: list[Site],
-                      progress: bool = True, by_count: bool = False) -> dict[str, list[dict]]:
-    """Per site, one entry per distinct cut of its ε grid (``by_count``: of the counts that keep 15/16 … 1/16 of
-    its units, whatever their ε): ε, partition, parameters after, relative block error, the refit that
-    compensated it, measured on the first ``config.calibration_tokens`` tokens of ``evalset``. MLP sites that
-    calibrate (``config.calibrates_mlps``) take their calibration from the same carried block inputs."""
+                      progress: bool = True, by_count: bool = False, grid: int = GRID) -> dict[str, list[dict]]:
+    """Per site, one entry per distinct cut of its ε grid (``by_count``: of the counts that keep (grid−1)/grid …
+    1/grid of its units, whatever their ε): ε, partition, parameters after, relative block error (on the first
+    ``ERROR_TOKENS`` tokens of ``evalset``), the refit that compensated it. MLP sites that calibrate
+    (``config.calibrates_mlps``) take their calibration from the carried block inputs of the first
+    ``config.calibration_tokens`` tokens."""
     stacks, position = stacks_of(model)
-    inputs = _StackInputs(model, stacks, _first_tokens(evalset, config.calibration_tokens))
+    carried = _first_tokens(evalset, max(config.calibration_tokens, ERROR_TOKENS))
+    inputs = _StackInputs(model, stacks, carried)
+    measured = len(_first_tokens(carried, ERROR_TOKENS).batches)
     by_block: dict[tuple[int, int], list[Site]] = {}
     for site in sites:
         pos = block_of(site, position)
@@ -110,10 +118,10 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
             for b, block in enumerate(blocks):
                 calls = inputs.calls[s]
                 reference = [_run(block, call, h) for call, h in zip(calls, hidden, strict=True)]
-                norm = sum(float(y.double().pow(2).sum()) for y in reference)
+                norm = sum(float(y.double().pow(2).sum()) for y in reference[:measured])
                 for site in by_block.get((s, b), []):
                     curves[site.name] = _site_curve(model, config, site, block, calls, hidden, reference, norm,
-                                                    by_count)
+                                                    by_count, grid, measured)
                 hidden = reference
                 if (s, b) in by_block:
                     bar.update(1)
@@ -121,25 +129,25 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
     return curves
 
 
-def _epsilon_grid(dendro, units: int, config: FibrationConfig) -> list[float]:
-    """ε_min, then the ε's that keep 15/16, 14/16, … 1/16 of the units (evenly spaced sizes), up to ε_max."""
-    grid = [config.epsilon_min]
-    for j in range(GRID - 1, 0, -1):
-        eps = max(dendro.epsilon_for_count(max(1, round(units * j / GRID))), config.epsilon_min)
+def _epsilon_grid(dendro, units: int, config: FibrationConfig, grid: int = GRID) -> list[float]:
+    """ε_min, then the ε's that keep (grid−1)/grid, … 1/grid of the units (evenly spaced sizes), up to ε_max."""
+    epsilons = [config.epsilon_min]
+    for j in range(grid - 1, 0, -1):
+        eps = max(dendro.epsilon_for_count(max(1, round(units * j / grid))), config.epsilon_min)
         if eps <= config.epsilon_max:
-            grid.append(eps)
-    return grid
+            epsilons.append(eps)
+    return epsilons
 
 
-def _count_grid(dendro, units: int) -> list[tuple[float, object]]:
-    """(ε, partition) at the counts that keep 15/16, 14/16, … 1/16 of the units."""
-    counts = sorted({max(1, round(units * j / GRID)) for j in range(GRID - 1, 0, -1)} - {units}, reverse=True)
+def _count_grid(dendro, units: int, grid: int = GRID) -> list[tuple[float, object]]:
+    """(ε, partition) at the counts that keep (grid−1)/grid, … 1/grid of the units."""
+    counts = sorted({max(1, round(units * j / grid)) for j in range(grid - 1, 0, -1)} - {units}, reverse=True)
     return [(float(dendro.epsilon_for_count(count)), dendro.cut_to_count(count)) for count in counts]
 
 
 def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn.Module, calls: list,
                 hidden: list[torch.Tensor], reference: list[torch.Tensor], norm: float,
-                by_count: bool = False) -> list[dict]:
+                by_count: bool = False, grid: int = GRID, measured: int | None = None) -> list[dict]:
     calibration = None
     if site.kind == "mlp" and config.calibrates_mlps:
         calibration = capture_calibration(model, site, lambda i: _run(block, calls[i], hidden[i]), len(calls),
@@ -149,15 +157,16 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn
     site.commit()
     params_before = site_parameters(model, site)
     units = site.units(model)
-    cuts = _count_grid(dendro, units) if by_count else [(eps, dendro.cut(eps))
-                                                        for eps in _epsilon_grid(dendro, units, config)]
+    cuts = _count_grid(dendro, units, grid) if by_count else [(eps, dendro.cut(eps))
+                                                              for eps in _epsilon_grid(dendro, units, config, grid)]
+    measured = len(calls) if measured is None else measured
     curve: dict[int, dict] = {}
     for eps, part in cuts:
         if part.num_fibers in curve or part.is_trivial:
             continue
         site.apply(model, part, refit)
         error = sum(float((_run(block, call, h) - y).double().pow(2).sum())
-                    for call, h, y in zip(calls, hidden, reference, strict=True))
+                    for call, h, y in zip(calls[:measured], hidden, reference, strict=False))
         curve[part.num_fibers] = {"epsilon": eps, "partition": part, "params": site_parameters(model, site),
                                   "params_before": params_before, "error": error / max(norm, 1e-30),
                                   "refit": refit}
@@ -195,16 +204,30 @@ def _undo(model: nn.Module, applied: list[Site]) -> None:
         site.commit()
 
 
+def allocation_ladder(curves: dict[str, list[dict]], lo: float, hi: float, samples: int = 256) -> list[dict]:
+    """The distinct λ-allocations for log λ from ``lo`` to ``hi`` (``samples`` + 1 log-spaced λ's), most compressed
+    first: a larger λ prices error higher, so every site keeps at least as many parameters."""
+    ladder, seen = [], set()
+    for i in range(samples + 1):
+        chosen = allocate(curves, math.exp(lo + (hi - lo) * i / samples))
+        key = tuple(sorted((name, None if cut is None else cut["params"]) for name, cut in chosen.items()))
+        if key not in seen:
+            seen.add(key)
+            ladder.append(chosen)
+    return ladder
+
+
 def block_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet, progress: bool = True,
-                 steps: int = 12) -> CompressionReport:
+                 grid: int = GRID, ladder: int = 256) -> CompressionReport:
     """Compress ``model`` in place: the most compressed λ-allocation of the block-error curves whose eval loss
-    stays ≤ base·(1+τ) (``steps`` bisection steps on log λ, each one full evaluation)."""
+    stays ≤ base·(1+τ) — a bisection over the distinct allocations of ``ladder`` log-spaced λ's, so at most
+    ⌈log2(ladder + 1)⌉ full evaluations; ``grid`` cuts per site."""
     report = start_report(model)
     base = evaluate_loss(model, evalset)
     bound = loss_bound(base, config.tolerance, evalset.task)
     report.base_loss = base
     sites = [s for s in build_sites(model, config) if s.kind != "embedding"]
-    curves = site_error_curves(model, config, evalset, sites, progress)
+    curves = site_error_curves(model, config, evalset, sites, progress, grid=grid)
     errors = [c["error"] for curve in curves.values() for c in curve if c["error"] > 0]
     saved = [c["params_before"] - c["params"] for curve in curves.values() for c in curve]
     if not errors:
@@ -213,17 +236,22 @@ def block_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
     # λ from "everything collapses" (λ·max error below the smallest saving) to "nothing does"
     lo = math.log(max(min(saved), 1) / max(errors) / 10)
     hi = math.log(max(saved) / min(errors) * 10)
+    candidates = allocation_ladder(curves, lo, hi, ladder)
     best: tuple[dict, float] | None = None
-    for _ in tqdm(range(steps), desc="allocation", disable=not progress, unit="eval"):
-        mid = (lo + hi) / 2
-        chosen = allocate(curves, math.exp(mid))
-        applied = _apply(model, sites, chosen)
+    first, last = 0, len(candidates) - 1  # the answer lies in [first, last]; the last keeps every site whole
+    bar = tqdm(total=max(1, math.ceil(math.log2(len(candidates)))), desc="allocation", disable=not progress,
+               unit="eval")
+    while first < last:
+        mid = (first + last) // 2
+        applied = _apply(model, sites, candidates[mid])
         value = evaluate_loss(model, evalset, bound)
         _undo(model, applied)
+        bar.update(1)
         if value <= bound:
-            best, hi = (chosen, value), mid
+            best, last = (candidates[mid], value), mid
         else:
-            lo = mid
+            first = mid + 1
+    bar.close()
     current = base
     if best is not None:
         chosen, current = best
