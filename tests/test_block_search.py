@@ -104,3 +104,29 @@ def test_the_tau_search_runs_the_block_search_with_its_held_out_check():
     assert report.holdout_final_loss <= report.holdout_base_loss * (1 + config.tolerance)
     with pytest.raises(ValueError, match="Unknown search"):
         FibrationConfig(search="beam")
+
+
+def test_a_failed_held_out_check_retries_the_block_search_on_the_curves_it_measured(monkeypatch):
+    from hf_fibration.policies import block_search as block_module
+    from hf_fibration.policies import search as search_module
+
+    model = tiny_model("llama")
+    plant_fibers(model, noise=0.05)
+    measured, looks = [], []
+    real_curves, real_increase = block_module.site_error_curves, search_module.loss_increase
+
+    def counted(*args, **kwargs):
+        measured.append(1)
+        return real_curves(*args, **kwargs)
+
+    def first_fails(base_terms, terms):
+        increase, se = real_increase(base_terms, terms)
+        looks.append(increase)
+        return (increase + 10.0 if len(looks) == 1 else increase), se
+
+    monkeypatch.setattr(block_module, "site_error_curves", counted)
+    monkeypatch.setattr(search_module, "loss_increase", first_fails)
+    config = FibrationConfig(tolerance=0.02, search="block", compensate=False, holdout_fraction=0.5)
+    report = greedy_search(model, config, _random_evalset(model, batches=4), progress=False)
+    assert len(report.attempts) == 2 and report.attempts[1]["tolerance"] < report.attempts[0]["tolerance"]
+    assert len(measured) == 1

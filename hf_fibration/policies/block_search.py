@@ -218,16 +218,22 @@ def allocation_ladder(curves: dict[str, list[dict]], lo: float, hi: float, sampl
 
 
 def block_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet, progress: bool = True,
-                 grid: int = GRID, ladder: int = 256) -> CompressionReport:
+                 grid: int = GRID, ladder: int = 256, cache: dict | None = None) -> CompressionReport:
     """Compress ``model`` in place: the most compressed λ-allocation of the block-error curves whose eval loss
     stays ≤ base·(1+τ) — a bisection over the distinct allocations of ``ladder`` log-spaced λ's, so at most
-    ⌈log2(ladder + 1)⌉ full evaluations; ``grid`` cuts per site."""
+    ⌈log2(ladder + 1)⌉ full evaluations; ``grid`` cuts per site. ``cache`` keeps the curves between calls on the
+    same uncompressed model (the held-out check's retries at a tighter τ redo only the bisection)."""
     report = start_report(model)
     base = evaluate_loss(model, evalset)
     bound = loss_bound(base, config.tolerance, evalset.task)
     report.base_loss = base
     sites = [s for s in build_sites(model, config) if s.kind != "embedding"]
-    curves = site_error_curves(model, config, evalset, sites, progress, grid=grid)
+    key = (config.compensate, config.fibers_from, config.linkage, grid)
+    curves = None if cache is None else cache.get(key)
+    if curves is None:
+        curves = site_error_curves(model, config, evalset, sites, progress, grid=grid)
+        if cache is not None:
+            cache[key] = curves
     errors = [c["error"] for curve in curves.values() for c in curve if c["error"] > 0]
     saved = [c["params_before"] - c["params"] for curve in curves.values() for c in curve]
     if not errors:

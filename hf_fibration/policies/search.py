@@ -76,6 +76,7 @@ def greedy_search(
     attempts: list[dict] = []
     tolerance, compensate = config.tolerance, config.compensate
     trail: list[_Step] = []
+    curves: dict = {}  # the block search's error curves, measured once on the pristine model
     previous: CompressionReport | None = None
     for attempt in range(config.holdout_retries + 1):
         if attempt == config.holdout_retries and attempt > 0:
@@ -88,8 +89,10 @@ def greedy_search(
             if attempt > 0:
                 _restore(model, pristine)
             trail = []
-            report = (block_search(model, attempt_config, evalset, progress) if config.search == "block" else
-                      _search_once(model, attempt_config, evalset, progress, trail))
+            if config.search == "block":
+                report = block_search(model, attempt_config, evalset, progress, cache=curves)
+            else:
+                report = _search_once(model, attempt_config, evalset, progress, trail)
         increase, se = loss_increase(base_terms, example_losses(model, holdout))
         attempts.append({"tolerance": tolerance, "compensate": compensate, "search_loss": report.final_loss,
                          "holdout_loss": holdout_base + increase, "holdout_se": se,
