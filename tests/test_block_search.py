@@ -130,3 +130,19 @@ def test_a_failed_held_out_check_retries_the_block_search_on_the_curves_it_measu
     report = greedy_search(model, config, _random_evalset(model, batches=4), progress=False)
     assert len(report.attempts) == 2 and report.attempts[1]["tolerance"] < report.attempts[0]["tolerance"]
     assert len(measured) == 1
+
+
+def test_the_refinement_between_ladder_steps_keeps_the_bound_and_never_keeps_more(monkeypatch):
+    from hf_fibration.policies import block_search as block_module
+
+    model = tiny_model("llama")
+    plant_fibers(model, noise=0.05)
+    evalset = _random_evalset(model, batches=2)
+    config = FibrationConfig(tolerance=0.02, **PLAIN)
+    refined = copy.deepcopy(model)
+    refined_report = block_search(refined, config, evalset, progress=False)
+    monkeypatch.setattr(block_module, "_refine", lambda *args: None)
+    ladder_report = block_search(model, config, evalset, progress=False)
+    assert refined_report.non_embedding_params_after <= ladder_report.non_embedding_params_after
+    assert refined_report.final_loss <= refined_report.base_loss * (1 + config.tolerance)
+    assert evaluate_loss(refined, evalset) == pytest.approx(refined_report.final_loss, rel=1e-6)

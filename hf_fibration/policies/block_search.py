@@ -217,6 +217,34 @@ def allocation_ladder(curves: dict[str, list[dict]], lo: float, hi: float, sampl
     return ladder
 
 
+def _refine(model: nn.Module, sites: list[Site], evalset: EvalSet, bound: float, passed: dict, failed: dict,
+            progress: bool) -> tuple[dict, float] | None:
+    """Between a passing allocation and the next one up the ladder that failed: the sites that differ, cheapest
+    error per parameter saved first, and a bisection on how many of them take the failed allocation's cut."""
+
+    before = {name: (cut or failed[name] or {}).get("params_before", 0) for name, cut in passed.items()}
+    kept = lambda name, cut: before[name] if cut is None else cut["params"]  # noqa: E731
+    error = lambda cut: 0.0 if cut is None else cut["error"]  # noqa: E731
+    price = lambda n: (error(failed[n]) - error(passed[n])) / max(kept(n, passed[n]) - kept(n, failed[n]), 1)  # noqa: E731
+    moves = sorted((name for name in passed if passed[name] is not failed[name]), key=price)
+    lo, hi, best = 0, len(moves), None  # lo moves keep the bound, hi break it
+    bar = tqdm(total=max(1, math.ceil(math.log2(max(len(moves), 1)))), desc="refine", disable=not progress,
+               unit="eval")
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        chosen = {**passed, **{name: failed[name] for name in moves[:mid]}}
+        applied = _apply(model, sites, chosen)
+        value = evaluate_loss(model, evalset, bound)
+        _undo(model, applied)
+        bar.update(1)
+        if value <= bound:
+            lo, best = mid, (chosen, value)
+        else:
+            hi = mid
+    bar.close()
+    return best
+
+
 def block_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet, progress: bool = True,
                  grid: int = GRID, ladder: int = 256, cache: dict | None = None) -> CompressionReport:
     """Compress ``model`` in place: the most compressed λ-allocation of the block-error curves whose eval loss
@@ -258,6 +286,8 @@ def block_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
         else:
             first = mid + 1
     bar.close()
+    if last > 0:  # candidates[last - 1] failed: take what of its step fits
+        best = _refine(model, sites, evalset, bound, candidates[last], candidates[last - 1], progress) or best
     current = base
     if best is not None:
         chosen, current = best
