@@ -35,6 +35,15 @@ def _fmt(value: float | None, spec: str = ".3f") -> str:
     return "–" if value is None else format(value, spec)
 
 
+def _by_sizes(row: dict) -> str:
+    """The advantage by the trained sizes: interpolated, or a lower bound where the compressed model beats them all."""
+    if row.get("advantage_sizes") is not None:
+        return f"{row['advantage_sizes']:.2f}×"
+    if row.get("advantage_at_least") is not None:
+        return f"> {row['advantage_at_least']:.2f}× (beats every trained size)"
+    return "–"
+
+
 def report(runs: Path, out: Path, args) -> dict:
     sizes, alg2 = load(runs)
     if not sizes:
@@ -44,8 +53,6 @@ def report(runs: Path, out: Path, args) -> dict:
     law = fit_power_law(*zip(*trained, strict=True)) if len(trained) >= 3 else None
 
     def advantage(p: float, loss: float) -> dict:
-        if law is None:
-            return {"advantage_law": None, "advantage_sizes": None}
         return advantage_over_scratch(p, loss, law, trained)
     points, lines = [], []
     for run in alg2:
@@ -152,7 +159,7 @@ def markdown(head: dict, sizes: list[dict], law: dict, compressed_law: dict | No
                   f"{100 * r['change']:+.1f}% | {r['bleu_before'][PRIMARY]:.2f} → {r['bleu_after'][PRIMARY]:.2f} | "
                   f"{r['bleu_before']['test_2017_flickr']:.2f} → {r['bleu_after']['test_2017_flickr']:.2f} | "
                   f"{r['retune_steps']} | {r['scratch_steps']} | {_fmt(r['advantage_law'], '.2f')}× / "
-                  f"{_fmt(r['advantage_sizes'], '.2f')}{'' if r['advantage_sizes'] is None else '×'} |")
+                  f"{_by_sizes(r)} |")
     running = [a for a in alg2 if not a["finished"]]
     if running:
         md.append("")
@@ -163,7 +170,7 @@ def markdown(head: dict, sizes: list[dict], law: dict, compressed_law: dict | No
     for p in points:
         md.append(f"| {p['d_model']} | {p['variant']} | {p['round']} | {p['non_embedding']:,} | {p['val_loss']:.4f} | "
                   f"{p['test_loss']:.4f} | {p['steps']} | {p['within_bound']} | {_fmt(p['advantage_law'], '.2f')}× / "
-                  f"{_fmt(p['advantage_sizes'], '.2f')} |")
+                  f"{_by_sizes(p)} |")
     md += ["", "![trajectories](trajectories.png)", "", "## Runs", ""]
     md += [f"- train d {s['d_model']}: `{s['command']}` — {s['machine']}, {s['date']}" for s in sizes]
     md += [f"- Alg. 2 d {a['d_model']} {a['variant']}: `{a['command']}` — {a['machine']}, {a['date']}"

@@ -39,6 +39,11 @@ def test_advantage_over_scratch_on_a_planted_law():
     # a compressed model worse than the smallest trained size: below 1× by the law, unknown by the sizes
     worse = advantage_over_scratch(5e4, law_loss(5e4), law, trained=[(p, law_loss(p)) for p in params])
     assert worse["advantage_law"] == pytest.approx(1.0, rel=1e-6) and worse["advantage_sizes"] is None
+    assert worse["advantage_at_least"] is None and result["advantage_at_least"] is None
+    # better than every trained size: more than the largest over the compressed, with or without a law
+    better = advantage_over_scratch(1e5, law_loss(3.2e6), None, trained=[(p, law_loss(p)) for p in params])
+    assert better["advantage_law"] is None and better["advantage_sizes"] is None
+    assert better["advantage_at_least"] == pytest.approx(16.0)
 
 
 def test_interpolation_between_trained_sizes_is_log_log_and_monotone():

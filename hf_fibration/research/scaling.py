@@ -61,15 +61,19 @@ def interpolate_params(trained: Sequence[tuple[float, float]], loss: float) -> f
     return None
 
 
-def advantage_over_scratch(compressed_params: float, compressed_loss: float, law: dict,
+def advantage_over_scratch(compressed_params: float, compressed_loss: float, law: dict | None,
                            trained: Sequence[tuple[float, float]] = ()) -> dict:
     """How many times more parameters a model trained from scratch needs to reach the compressed model's loss:
-    by the scratch law and, where the loss lies inside the trained sizes' range, by the trained sizes."""
-    by_law = params_for_loss(law, compressed_loss)
+    by the scratch law (None without one) and, where the loss lies inside the trained sizes' range, by the trained
+    sizes; ``advantage_at_least``: where the compressed model beats every trained size, the largest trained size
+    over the compressed one (a scratch model would need more than the largest trained)."""
+    by_law = None if law is None else params_for_loss(law, compressed_loss)
     by_sizes = interpolate_params(trained, compressed_loss) if trained else None
-    return {"scratch_params_law": by_law, "advantage_law": by_law / compressed_params,
+    beats_all = bool(trained) and compressed_loss < min(v for _, v in trained)
+    return {"scratch_params_law": by_law, "advantage_law": None if by_law is None else by_law / compressed_params,
             "scratch_params_sizes": by_sizes,
-            "advantage_sizes": None if by_sizes is None else by_sizes / compressed_params}
+            "advantage_sizes": None if by_sizes is None else by_sizes / compressed_params,
+            "advantage_at_least": max(p for p, _ in trained) / compressed_params if beats_all else None}
 
 
 def frontier(points: Sequence[tuple[float, float]], losses: Sequence[float]) -> list[tuple[float, float]]:
