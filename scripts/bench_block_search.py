@@ -6,9 +6,9 @@ models of growing size: the growth curve (time vs parameters, fitted exponent) a
 
 Both searches: plain collapse of weight fibers (``compensate=False``), attention and MLP sites, the same search
 examples and no held-out retry (``holdout_fraction=0``), so they differ only in how they decide ("block:G": the
-block search with G cuts per site). Each answer is then measured on unseen examples: for all-MiniLM-L6-v2 ("minilm")
-1 − cos to the original on wikitext-2 test lines (the search sees wikitext-2 valid lines); for a Marian directory
-the loss on test_2016_flickr pairs (the search sees val pairs). "llama:L" is a randomly initialised Llama of
+block search with G cuts per site, "block": 16). Each answer is then measured on unseen examples: for
+all-MiniLM-L6-v2 ("minilm") 1 − cos to the original on wikitext-2 test lines (the search sees wikitext-2 valid
+lines); for a Marian directory the loss on test_2016_flickr pairs (the search sees val pairs). "llama:L" is a randomly initialised Llama of
 SmolLM-135M's shape with L layers (L = 30 is 135M parameters with its vocabulary): timing only, since its decisions
 on random weights say nothing about quality. Rows are written as they finish (a rerun skips rows already in
 rows.json) to results/bench_block_search/rows.json, README.md and growth.png.
@@ -33,7 +33,7 @@ from hf_fibration import FibrationConfig
 from hf_fibration.evaluation.evalset import build_eval_set, evaluate_loss, load_split
 from hf_fibration.evaluation.results_io import command_line, preamble_markdown, print_preamble, write_json
 from hf_fibration.models.surgery import non_embedding_parameters
-from hf_fibration.policies.block_search import block_search
+from hf_fibration.policies.block_search import GRID, block_search
 from hf_fibration.policies.search import greedy_search
 from hf_fibration.research.multi30k import DATA, batches, read_split
 from hf_fibration.research.scaling import fit_power_law
@@ -83,8 +83,9 @@ def run_search(model, kind: str, tolerance: float, search) -> tuple[object, floa
     config = FibrationConfig(tolerance=tolerance, parts=("attention", "mlp"), compensate=False,
                              holdout_fraction=0.0, search=kind.split(":")[0])
     wall, cpu = time.perf_counter(), time.process_time()
-    if ":" in kind:
-        report = block_search(model, config, search, progress=False, grid=int(kind.split(":")[1]))
+    if kind.startswith("block"):
+        grid = int(kind.split(":")[1]) if ":" in kind else GRID
+        report = block_search(model, config, search, progress=False, grid=grid)
     else:
         report = greedy_search(model, config, search, progress=False)
     return report, time.perf_counter() - wall, time.process_time() - cpu
