@@ -6,12 +6,12 @@ models of growing size: the growth curve (time vs parameters, fitted exponent) a
 
 Both searches: plain collapse of weight fibers (``compensate=False``), attention and MLP sites, the same search
 examples and no held-out retry (``holdout_fraction=0``), so they differ only in how they decide ("block:G": the
-block search with G cuts per site, "block": 16). Each answer is then measured on unseen examples: for
-all-MiniLM-L6-v2 ("minilm") 1 − cos to the original on wikitext-2 test lines (the search sees wikitext-2 valid
-lines); for a Marian directory the loss on test_2016_flickr pairs (the search sees val pairs). "llama:L" is a randomly initialised Llama of
-SmolLM-135M's shape with L layers (L = 30 is 135M parameters with its vocabulary): timing only, since its decisions
-on random weights say nothing about quality. Rows are written as they finish (a rerun skips rows already in
-rows.json) to results/bench_block_search/rows.json, README.md and growth.png.
+block search with G cuts per site, "block": 16). Each answer is then measured on unseen examples: for all-
+MiniLM-L6-v2 ("minilm") 1 − cos to the original on wikitext-2 test lines (the search sees wikitext-2 valid lines);
+for a Marian directory the loss on test_2016_flickr pairs (the search sees val pairs). "llama:L" is a randomly
+initialised Llama of SmolLM-135M's shape with L layers (L = 30 is 135M parameters with its vocabulary): timing only,
+since its decisions on random weights say nothing about quality. Rows are written as they finish (a rerun skips rows
+already in rows.json) to results/bench_block_search/rows.json, README.md and growth.png.
 """
 
 from __future__ import annotations
