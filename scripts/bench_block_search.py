@@ -96,7 +96,7 @@ def table(rows: list[dict]) -> list[str]:
              " unseen (base → after) |", "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         greedy = next((r for r in rows if r["model"] == row["model"] and r["search"] == "greedy"), None)
-        speed = f"{greedy['cpu_seconds'] / row['cpu_seconds']:.1f}× faster" if greedy else "–"
+        speed = "–" if greedy is None or row is greedy else f"{greedy['cpu_seconds'] / row['cpu_seconds']:.1f}× faster"
         unseen = (f"{row['unseen_base']:.4f} → {row['unseen_loss']:.4f}" if row["unseen_loss"] is not None
                   else row["unseen_metric"])
         lines.append(f"| {row['model']} | {row['search']} | {row['non_embedding_before']:,} → "
@@ -109,12 +109,15 @@ def table(rows: list[dict]) -> list[str]:
 def growth(rows: list[dict], out: Path) -> list[str]:
     """CPU seconds vs non-embedding parameters per search: the fitted exponent, and growth.png."""
     lines, fig = [], plt.figure(figsize=(6, 4))
-    for kind in sorted({r["search"] for r in rows}):
-        points = sorted((r["non_embedding_before"], r["cpu_seconds"]) for r in rows if r["search"] == kind)
+    family = [r for r in rows if r["model"].startswith("llama:")]  # one family, growing depth
+    for kind in sorted({r["search"] for r in family}):
+        points = sorted((r["non_embedding_before"], r["cpu_seconds"]) for r in family if r["search"] == kind)
         plt.loglog(*zip(*points, strict=True), "o-", label=kind)
         if len({p for p, _ in points}) >= 3:
             fit = fit_power_law([p for p, _ in points], [t for _, t in points])
-            lines.append(f"- {kind}: CPU time ∝ parameters^{-fit['alpha']:.2f} over {len(points)} models")
+            lines.append(f"- {kind}: CPU time ∝ parameters^{-fit['alpha']:.2f} (95% CI [{-fit['alpha_ci'][1]:.2f}, "
+                         f"{-fit['alpha_ci'][0]:.2f}]) over {len(points)} depths of the Llama family")
+    plt.title("search CPU time, Llama of SmolLM-135M's width, 2–30 layers")
     plt.xlabel("non-embedding parameters")
     plt.ylabel("search CPU seconds")
     plt.legend()
@@ -164,7 +167,9 @@ def main(argv: list[str] | None = None) -> None:
     lines = ["# Block search vs greedy search: decisions and the growth curve", "", preamble_markdown(head),
              f"τ = {args.tolerance}, plain collapse of weight fibers, attention + MLP sites, no held-out retry; "
              "CPU = process CPU seconds of the search (the machine was shared: wall seconds vary with the load, each "
-             "row's load is in rows.json); unseen data as named.", "", *table(rows), "",
+             "row's load is in rows.json); unseen data as named. Rows come from several invocations of this script "
+             "on the same code (each row's machine and date in rows.json); the command above rendered them.", "",
+             *table(rows), "",
              "## Growth", "", *growth(rows, out), "", "![growth](growth.png)"]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
