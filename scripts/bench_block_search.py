@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import resource
 import time
 from pathlib import Path
@@ -173,8 +172,6 @@ def main(argv: list[str] | None = None) -> None:
              "## Growth", "", *growth(rows, out), "", "![growth](growth.png)"]
     (out / "README.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
-    if not math.isfinite(sum(r["cpu_seconds"] for r in rows)):
-        raise SystemExit("a timing is not finite")
 
 
 if __name__ == "__main__":

@@ -150,7 +150,7 @@ def _count_grid(dendro, units: int, grid: int = GRID) -> list[tuple[float, objec
 
 def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn.Module, calls: list,
                 hidden: list[torch.Tensor], reference: list[torch.Tensor], norm: float,
-                by_count: bool = False, grid: int = GRID, measured: int | None = None) -> list[dict]:
+                by_count: bool, grid: int, measured: int) -> list[dict]:
     calibration = None
     if site.kind == "mlp" and config.calibrates_mlps:
         calibration = capture_calibration(model, site, lambda i: _run(block, calls[i], hidden[i]), len(calls),
@@ -162,7 +162,6 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn
     units = site.units(model)
     cuts = _count_grid(dendro, units, grid) if by_count else [(eps, dendro.cut(eps))
                                                               for eps in _epsilon_grid(dendro, units, config, grid)]
-    measured = len(calls) if measured is None else measured
     curve: dict[int, dict] = {}
     for eps, part in cuts:
         if part.num_fibers in curve or part.is_trivial:
@@ -207,6 +206,15 @@ def _undo(model: nn.Module, applied: list[Site]) -> None:
         site.commit()
 
 
+def _loss_with(model: nn.Module, sites: list[Site], chosen: dict, evalset: EvalSet, bound: float) -> float:
+    """The eval loss with ``chosen`` applied (stopping once it proves > ``bound``), the model left as it was."""
+    applied = _apply(model, sites, chosen)
+    try:
+        return evaluate_loss(model, evalset, bound)
+    finally:
+        _undo(model, applied)
+
+
 def allocation_ladder(curves: dict[str, list[dict]], lo: float, hi: float, samples: int = 256) -> list[dict]:
     """The distinct λ-allocations for log λ from ``lo`` to ``hi`` (``samples`` + 1 log-spaced λ's), most compressed
     first: a larger λ prices error higher, so every site keeps at least as many parameters."""
@@ -225,10 +233,12 @@ def _refine(model: nn.Module, sites: list[Site], evalset: EvalSet, bound: float,
     """Between a passing allocation and the next one up the ladder that failed: the sites that differ, cheapest
     error per parameter saved first, and a bisection on how many of them take the failed allocation's cut."""
 
-    before = {name: (cut or failed[name] or {}).get("params_before", 0) for name, cut in passed.items()}
-    kept = lambda name, cut: before[name] if cut is None else cut["params"]  # noqa: E731
-    error = lambda cut: 0.0 if cut is None else cut["error"]  # noqa: E731
-    price = lambda n: (error(failed[n]) - error(passed[n])) / max(kept(n, passed[n]) - kept(n, failed[n]), 1)  # noqa: E731
+    def price(name: str) -> float:
+        # the failed allocation is the more compressed one: a site that differs is cut there (maybe whole here)
+        cut, here = failed[name], passed[name]
+        kept_here, error_here = (cut["params_before"], 0.0) if here is None else (here["params"], here["error"])
+        return (cut["error"] - error_here) / max(kept_here - cut["params"], 1)
+
     moves = sorted((name for name in passed if passed[name] is not failed[name]), key=price)
     lo, hi, best = 0, len(moves), None  # lo moves keep the bound, hi break it
     bar = tqdm(total=max(1, math.ceil(math.log2(max(len(moves), 1)))), desc="refine", disable=not progress,
@@ -236,9 +246,7 @@ def _refine(model: nn.Module, sites: list[Site], evalset: EvalSet, bound: float,
     while hi - lo > 1:
         mid = (lo + hi) // 2
         chosen = {**passed, **{name: failed[name] for name in moves[:mid]}}
-        applied = _apply(model, sites, chosen)
-        value = evaluate_loss(model, evalset, bound)
-        _undo(model, applied)
+        value = _loss_with(model, sites, chosen, evalset, bound)
         bar.update(1)
         if value <= bound:
             lo, best = mid, (chosen, value)
@@ -280,9 +288,7 @@ def block_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
                unit="eval")
     while first < last:
         mid = (first + last) // 2
-        applied = _apply(model, sites, candidates[mid])
-        value = evaluate_loss(model, evalset, bound)
-        _undo(model, applied)
+        value = _loss_with(model, sites, candidates[mid], evalset, bound)
         bar.update(1)
         if value <= bound:
             best, last = (candidates[mid], value), mid

@@ -23,7 +23,6 @@ KINDS = ("fibers", "opfibers", "covers")
 
 
 def _site_layers(model: nn.Module) -> list[list[DenseLayer]]:
-
     nets = []
     for site in mlp_sites(model):
         cols = []
