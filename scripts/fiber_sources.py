@@ -25,6 +25,7 @@ import transformers as T
 from hf_fibration import FibrationConfig, compress_pretrained
 from hf_fibration.evaluation.evalset import build_eval_set, evaluate_loss
 from hf_fibration.evaluation.results_io import load_average, print_preamble, write_rows
+from hf_fibration.methods.baselines import compress_to_size
 from hf_fibration.models.surgery import non_embedding_parameters
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext2"
@@ -46,6 +47,9 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=128)
     ap.add_argument("--out", default="results/fiber_sources")
     ap.add_argument("--run", default=None, help="a label for rows measured together (their times compare)")
+    ap.add_argument("--baselines", nargs="*", default=[], metavar="METHOD",
+                    help="also baselines.compress_to_size with these methods (e.g. flap wanda-sp) at the same keep "
+                         "and calibration, timed in the same run")
     args = ap.parse_args()
     head = print_preamble(load=True)
     import datasets
@@ -66,22 +70,28 @@ def main() -> None:
     rows_path = out / "rows.json"
     rows = json.loads(rows_path.read_text())["rows"] if rows_path.exists() else []
     before = non_embedding_parameters(teacher)
-    for source, sensitivity in [(s, m) for m in args.sensitivities for s in args.sources]:
+    jobs = [(s, m) for m in args.sensitivities for s in args.sources] + [(b, "baseline") for b in args.baselines]
+    for source, sensitivity in jobs:
         if any(r["fibers_from"] == source and r.get("sensitivity", "loss") == sensitivity and r["keep"] == args.keep
                and r["calib"] == args.calib and r.get("run") == args.run for r in rows):
             continue
         model = copy.deepcopy(teacher)
-        config = FibrationConfig(target_params=args.keep, parts=("attention", "mlp"), fibers_from=source,
-                                 max_length=args.max_length, sensitivity=sensitivity)
         load, start, cpu = load_average(), time.perf_counter(), time.process_time()
-        report = compress_pretrained(model, config, evalset=calib, progress=False)
+        if sensitivity == "baseline":  # the whole calibration set: a baseline has no held-out check
+            report, compensate = compress_to_size(model, source, args.keep, calib), False
+        else:
+            config = FibrationConfig(target_params=args.keep, parts=("attention", "mlp"), fibers_from=source,
+                                     max_length=args.max_length, sensitivity=sensitivity)
+            report, compensate = compress_pretrained(model, config, evalset=calib, progress=False), config.compensate
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        holdout = report.holdout_final_loss
         row = {"fibers_from": source, "sensitivity": sensitivity, "run": args.run, "keep": args.keep,
                "calib": args.calib, "test": args.test,
-               "compensate": config.compensate, "compress_seconds": seconds, "compress_cpu_seconds": cpu,
+               "compensate": compensate, "compress_seconds": seconds, "compress_cpu_seconds": cpu,
                "load": f"{load} at start, {load_average()} at the end",
                "non_embedding_kept": non_embedding_parameters(model) / before,
-               "holdout_cosine": 1 - report.holdout_final_loss, "test_cosine": 1 - evaluate_loss(model, test),
+               "holdout_cosine": None if holdout is None else 1 - holdout,
+               "test_cosine": 1 - evaluate_loss(model, test),
                "command": head["command"], "machine": head["machine"], "date": head["date"]}
         print(json.dumps(row), flush=True)
         rows.append(row)

@@ -136,3 +136,46 @@ def test_refit_read_in_chunks_equals_one_pass_and_apply_returns_it(monkeypatch):
     torch.testing.assert_close(weights[0], weights[1], rtol=1e-5, atol=1e-7)
     site.restore(model)
     assert all(model.get_submodule(m) is originals[m] for m in site.modules)
+
+
+def test_refitter_caches_the_original_output_across_cuts_with_the_same_result():
+    from hf_fibration.repair.calibration import Calibration, Refitter
+
+    model = tiny_model("llama")
+    config = FibrationConfig(parts=("mlp",))
+    evalset = causal_evalset(model, n_batches=12)
+    site = next(s for s in build_sites(model, config) if s.kind == "mlp")
+    cal = Calibration.from_tokens(capture_inputs(model, site, lambda i: batch_loss_sum(model, evalset, i),
+                                                 len(evalset.batches), 1024))
+    dendro = site.dendrogram(model, config)
+    cached = Refitter(cal, None, 1.0)
+    for count in (dendro.num_units // 2, dendro.num_units // 3):
+        site.apply(model, dendro.cut_to_count(count), cached)
+        with_cache = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        site.restore(model)
+        site.apply(model, dendro.cut_to_count(count), lambda s, m: compensate_mlp(s, m, cal, min_tokens_per_unit=1.0))
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in with_cache.items())
+        site.restore(model)
+    assert cached.targets  # the second cut read the first one's original output
+    cached.release()
+    assert not cached.targets
+
+
+def test_span_cut_from_the_gram_equals_the_fold_from_the_tokens():
+    from hf_fibration.core.compensate import SpanDendrogram
+
+    g = torch.Generator().manual_seed(1)
+    hidden = torch.nn.functional.gelu(torch.randn(300, 12, generator=g, dtype=torch.float64)
+                                      @ torch.randn(12, 40, generator=g, dtype=torch.float64))
+    down = torch.randn(8, 40, generator=g, dtype=torch.float64)
+    dendro = SpanDendrogram(hidden, down)
+    for k in (1, 7, 12, 30):
+        reps = dendro.order[:k]
+        unit = hidden / hidden.norm(dim=0)
+        nearest = (unit.T @ unit[:, reps]).argmax(dim=1)
+        nearest[reps] = torch.arange(k)
+        coef = (hidden * hidden[:, reps[nearest]]).sum(0) / (hidden[:, reps] ** 2).sum(0)[nearest]
+        part = dendro.cut_to_count(k)
+        assert part.num_fibers == k
+        torch.testing.assert_close(part.fold[torch.argsort(torch.argsort(reps))[nearest], torch.arange(40)],
+                                   torch.where(torch.isin(torch.arange(40), reps), 1.0, coef).double())

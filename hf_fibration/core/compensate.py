@@ -173,27 +173,41 @@ def activation_fibers(hidden: torch.Tensor, scores: torch.Tensor, k: int, linkag
     member (its input row unchanged) with the others folded into it: h_j ≈ a_j·h_rep, so the consumer's column
     of the representative becomes Σ_j a_j·col_j.
 
-    With ``representatives`` given (e.g. ``span_representatives``), every unit joins the nearest one.
-    Returns the partition (representatives labeled 0..k-1, other units −1) and the fold matrix F (k × units)
-    with F[c, j] = a_j for the members of fiber c, so the new consumer weight is W_down Fᵀ (also the partition's
-    ``fold``, which ``Site.apply`` honours)."""
+    With ``representatives`` given (e.g. ``span_representatives``), every unit joins the nearest one
+    (``fold_into``). Returns the partition (representatives labeled 0..k-1, other units −1) and the fold matrix F
+    (k × units) with F[c, j] = a_j for the members of fiber c, so the new consumer weight is W_down Fᵀ (also the
+    partition's ``fold``, which ``Site.apply`` honours)."""
     h = hidden.to(torch.float64)
-    n = h.shape[1]
-    if representatives is not None:  # fibers around given representatives: each unit joins its nearest one
-        unit = activation_rows(h)
-        fibers = (unit @ unit[representatives].T).argmax(dim=1)
-        fibers[representatives] = torch.arange(representatives.numel())
-        scores = torch.zeros(n, dtype=torch.float64).index_fill_(0, representatives, 1.0)
-    else:
-        fibers = FiberDendrogram(activation_rows(h), linkage).cut_to_count(k).labels
+    if representatives is not None:
+        return fold_into(h.T @ h, representatives)
+    fibers = FiberDendrogram(activation_rows(h), linkage).cut_to_count(k).labels
     num = int(fibers.max()) + 1
     reps = torch.full((num,), -1, dtype=torch.long)
     for j in torch.argsort(scores.to(torch.float64), descending=True).tolist():  # best-scoring member first
         c = int(fibers[j])
         if reps[c] < 0:
             reps[c] = j
-    rep_of = reps[fibers]
-    coef = (h * h[:, rep_of]).sum(0) / (h[:, reps] ** 2).sum(0).clamp_min(1e-30)[fibers]
+    coef = (h * h[:, reps[fibers]]).sum(0) / (h[:, reps] ** 2).sum(0).clamp_min(1e-30)[fibers]
+    return _folded_partition(fibers, reps, coef)
+
+
+def fold_into(gram: torch.Tensor, representatives: torch.Tensor) -> tuple[FiberPartition, torch.Tensor]:
+    """``activation_fibers`` around given representatives, from the Gram HᵀH of the activations (units × units):
+    each unit joins the representative of largest cosine and folds into it by a_j = ⟨h_j, h_rep⟩ / ‖h_rep‖², so
+    cutting one site at many counts reads one Gram instead of the tokens at every count."""
+    reps = representatives.to(torch.long)
+    norms = gram.diagonal().clamp_min(0).sqrt().clamp_min(1e-30)
+    fibers = (gram[:, reps] / norms[reps]).argmax(dim=1)  # cosine up to each row's own (positive) norm
+    fibers[reps] = torch.arange(reps.numel())
+    coef = gram[torch.arange(gram.shape[0]), reps[fibers]] / gram.diagonal()[reps].clamp_min(1e-30)[fibers]
+    return _folded_partition(fibers, reps, coef)
+
+
+def _folded_partition(fibers: torch.Tensor, reps: torch.Tensor, coef: torch.Tensor
+                      ) -> tuple[FiberPartition, torch.Tensor]:
+    """The partition and fold matrix of fibers (a fiber per unit), their representatives and fold coefficients."""
+    n, num = fibers.numel(), reps.numel()
+    coef = coef.clone()
     coef[reps] = 1.0
     order = torch.argsort(reps)
     new_label = torch.empty(num, dtype=torch.long)
@@ -259,7 +273,8 @@ class SpanDendrogram:
     (ε = 0 keeps every unit unless the activations are rank-deficient)."""
 
     def __init__(self, hidden: torch.Tensor, down_weight: torch.Tensor) -> None:
-        self.hidden = hidden
+        h = hidden.to(torch.float64)
+        self.gram = h.T @ h  # every cut folds from it (``fold_into``): one pass over the tokens for all counts
         self.order, self.residual = _span_pivots(hidden, down_weight, hidden.shape[1])
 
     @property
@@ -274,7 +289,7 @@ class SpanDendrogram:
 
     def cut_to_count(self, num_fibers: int) -> FiberPartition:
         k = max(1, min(num_fibers, self.num_units))
-        return activation_fibers(self.hidden, None, k, representatives=self.order[:k])[0]
+        return fold_into(self.gram, self.order[:k])[0]
 
     def epsilon_for_count(self, num_fibers: int) -> float:
         return float(self.residual[max(1, min(num_fibers, self.num_units))])

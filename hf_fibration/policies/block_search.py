@@ -174,6 +174,8 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn
                                   "refit": refit}
         site.restore(model)
         site.commit()  # forget the originals: a later apply must take the model's modules as they are then
+    if refit is not None:
+        refit.release()  # the curves outlive the site's measurement; its cached original output need not
     return sorted(curve.values(), key=lambda c: c["params"], reverse=True)
 
 

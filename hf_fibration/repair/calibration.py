@@ -96,7 +96,8 @@ def original_hidden(site: Site, model: nn.Module, x: torch.Tensor) -> torch.Tens
 
 
 def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Calibration, ridge: float | None = None,
-                   min_tokens_per_unit: float = 4.0, cross_fit: bool = False) -> dict[str, object]:
+                   min_tokens_per_unit: float = 4.0, cross_fit: bool = False,
+                   targets: dict[tuple[str, int], torch.Tensor] | None = None) -> dict[str, object]:
     """After ``site.apply``: refit the consumer's columns and bias so its output matches the original's.
 
     The refit is validated on held-out calibration sequences so that it cannot simply memorize them: λ is chosen
@@ -104,7 +105,8 @@ def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Cal
     fibers stay exact), and no refit is tried with fewer than ``min_tokens_per_unit`` fitting tokens per kept
     unit. The accepted refit is then solved on all tokens. Returns what was decided, with held-out errors; with
     ``cross_fit``, also ``folds``: the consumer refit without the even, and without the odd, calibration batches
-    (so a search can score each batch with a refit that never saw it)."""
+    (so a search can score each batch with a refit that never saw it). ``targets`` caches the original output per
+    calibration chunk, for a caller that refits many cuts of one site (``Refitter``)."""
     cal = calibration if isinstance(calibration, Calibration) else Calibration.from_tokens(calibration)
     out_name = site.modules[-1]
     originals = site.originals(model)
@@ -117,23 +119,43 @@ def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Cal
         for start in range(0, len(cal), REFIT_CHUNK_TOKENS):
             rows = slice(start, start + REFIT_CHUNK_TOKENS)
             x = cal.inputs[rows]
-            target = mlp_hidden(x, original_in, act) @ w_orig.T
-            if b_orig is not None:
-                target += b_orig
+            target = None if targets is None else targets.get((out_name, start))
+            if target is None:
+                target = mlp_hidden(x, original_in, act) @ w_orig.T
+                if b_orig is not None:
+                    target += b_orig
+                if targets is not None:
+                    targets[(out_name, start)] = target
             yield rows, mlp_hidden(x, current_in, act), target
 
     data = _RefitData.collect(chunks(), cal, min_tokens_per_unit, cross_fit)
     return _refit(model, out_name, data, cal, ridge, cross_fit)
 
 
-def refitter(calibration: Calibration | None, config, cross_fit: bool = False
-              ) -> Callable[[Site, nn.Module], dict[str, object]] | None:
-    """The compensation ``Site.apply`` runs after each collapse (``compensate_mlp`` on ``calibration`` with the
-    config's ridge settings), or None when the config asks for none."""
+class Refitter:
+    """The compensation ``Site.apply`` runs after each collapse: ``compensate_mlp`` on one calibration with the
+    config's ridge settings. It keeps the original output of each site it refit (the same for every cut of that
+    site), so measuring many cuts of a site computes the uncompressed MLP once; ``release`` frees that memory."""
+
+    def __init__(self, calibration: Calibration, ridge: float | None, min_tokens_per_unit: float,
+                 cross_fit: bool = False) -> None:
+        self.calibration, self.ridge, self.min_tokens_per_unit = calibration, ridge, min_tokens_per_unit
+        self.cross_fit = cross_fit
+        self.targets: dict[tuple[str, int], torch.Tensor] = {}
+
+    def __call__(self, site: Site, model: nn.Module) -> dict[str, object]:
+        return compensate_mlp(site, model, self.calibration, self.ridge, self.min_tokens_per_unit,
+                              cross_fit=self.cross_fit, targets=self.targets)
+
+    def release(self) -> None:
+        self.targets.clear()
+
+
+def refitter(calibration: Calibration | None, config, cross_fit: bool = False) -> Refitter | None:
+    """The config's ``Refitter`` on ``calibration``, or None when the config asks for no compensation."""
     if calibration is None or not config.compensate:
         return None
-    return lambda site, model: compensate_mlp(site, model, calibration, config.ridge, config.min_tokens_per_unit,
-                                              cross_fit=cross_fit)
+    return Refitter(calibration, config.ridge, config.min_tokens_per_unit, cross_fit)
 
 
 def refit_consumer(model: nn.Module, out_name: str, hidden: torch.Tensor, target: torch.Tensor, cal: Calibration,
