@@ -10,8 +10,9 @@ from hf_fibration.core.fibers import FiberDendrogram
 from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum
 from hf_fibration.methods.baselines import METHODS, compress_mlps
 from hf_fibration.models.sites import build_sites
+from hf_fibration.models.surgery import get_module, linear_weight
 from hf_fibration.policies.search import greedy_search
-from hf_fibration.repair.calibration import capture_inputs, compensate_mlp
+from hf_fibration.repair.calibration import capture_calibration, capture_inputs, compensate_mlp
 
 
 def causal_evalset(model, n_batches=3):
@@ -179,3 +180,36 @@ def test_span_cut_from_the_gram_equals_the_fold_from_the_tokens():
         assert part.num_fibers == k
         torch.testing.assert_close(part.fold[torch.argsort(torch.argsort(reps))[nearest], torch.arange(40)],
                                    torch.where(torch.isin(torch.arange(40), reps), 1.0, coef).double())
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_refit_from_unit_sums_equals_the_refit_from_tokens(family):
+    from hf_fibration.repair.calibration import Calibration, Refitter
+
+    model = tiny_model(family)
+    config = FibrationConfig(parts=("mlp",), fibers_from="span")
+    evalset = causal_evalset(model, n_batches=12)
+    site = next(s for s in build_sites(model, config) if s.kind == "mlp")
+    cal = capture_calibration(model, site, lambda i: batch_loss_sum(model, evalset, i), len(evalset.batches), 1024)
+    assert isinstance(cal, Calibration)
+    dendro = site.dendrogram(model, config, cal)
+    from_sums, from_tokens = Refitter(cal, None, 1.0, cross_fit=True, many_cuts=True), Refitter(cal, None, 1.0,
+                                                                                                cross_fit=True)
+    decided = set()
+    for count in (dendro.num_units - 1, dendro.num_units // 2, dendro.num_units // 4, 2):
+        results = []
+        for refit in (from_sums, from_tokens):
+            results.append(site.apply(model, dendro.cut_to_count(count), refit))
+            results[-1]["consumer"] = linear_weight(get_module(model, site.modules[-1]))
+            site.restore(model)
+        sums, tokens = results
+        assert sums["refit"] == tokens["refit"]
+        decided.add(sums["refit"])
+        torch.testing.assert_close(sums["plain"], tokens["plain"], rtol=1e-6, atol=1e-12)
+        for a, b in zip(sums["consumer"], tokens["consumer"], strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        if sums["refit"]:
+            assert sums["ridge"] == tokens["ridge"]
+            for fa, fb in zip(sums["folds"], tokens["folds"], strict=True):
+                torch.testing.assert_close(fa.weight, fb.weight, rtol=1e-4, atol=1e-5)
+    assert from_sums.unit_stats and True in decided  # the sums were used, and some cut was refit

@@ -112,6 +112,77 @@ class RidgeStats:
         return fits
 
 
+    @classmethod
+    def from_sums(cls, hh: dict[int, torch.Tensor], h: dict[int, torch.Tensor], hy: dict[int, torch.Tensor],
+                  y: dict[int, torch.Tensor], n: list[int]) -> RidgeStats:
+        """The statistics from per-cell sums already at hand (``UnitStats.ridge_stats``)."""
+        stats = cls.__new__(cls)
+        stats.hh, stats.h, stats.hy, stats.y, stats.n = hh, h, hy, y, list(n)
+        return stats
+
+    def squared_error(self, cells: tuple[int, ...], weight: torch.Tensor, bias: torch.Tensor | None,
+                      target_squares: float) -> float:
+        """Σ‖W h + b − y‖² over the tokens of ``cells``, from the sums (``target_squares`` = Σ‖y‖² there)."""
+        cells = tuple(c for c in cells if c in self.hh)
+        w = weight.to(torch.float64)
+        b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.to(torch.float64)
+        n = sum(self.n[c] for c in cells)
+        hh, h, hy, y = (_total(m, cells) for m in (self.hh, self.h, self.hy, self.y))
+        return float(((w @ hh) * w).sum() + 2 * b @ (w @ h) + n * b @ b - 2 * (w * hy.T).sum() - 2 * b @ y
+                     + target_squares)
+
+
+class UnitStats:
+    """Per-cell sums of an uncompressed MLP's hidden units on calibration tokens (Σhhᵀ, Σh, n over all its units)
+    with its consumer (W, b), whose output is the refit's target: the ridge statistics of ANY subset of kept units
+    follow from them without another pass over the tokens. A partition that keeps its representatives' input rows
+    (a fold: span, activations) is refit from these at every cut for the cost of a k × k solve."""
+
+    def __init__(self, cells: int, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+        self.weight = weight.to(torch.float64)
+        self.bias = None if bias is None else bias.to(torch.float64)
+        self.gram: dict[int, torch.Tensor] = {}
+        self.sum: dict[int, torch.Tensor] = {}
+        self.n = [0] * cells
+
+    def add(self, hidden: torch.Tensor, cell: torch.Tensor) -> None:
+        h = hidden.to(torch.float64)
+        for c in range(len(self.n)):
+            rows = cell == c
+            if bool(rows.any()):
+                hc = h[rows]
+                if c in self.gram:
+                    self.gram[c].addmm_(hc.T, hc)
+                    self.sum[c] += hc.sum(0)
+                else:
+                    self.gram[c], self.sum[c] = hc.T @ hc, hc.sum(0)
+                self.n[c] += int(rows.sum())
+
+    def ridge_stats(self, kept: torch.Tensor) -> RidgeStats:
+        """``RidgeStats`` of the units ``kept`` (in that order) against the original output y = W h + b."""
+        hh, h, hy, y = {}, {}, {}, {}
+        for c, gram in self.gram.items():
+            hh[c] = gram[kept][:, kept]
+            h[c] = self.sum[c][kept]
+            hy[c] = gram[kept] @ self.weight.T
+            y[c] = self.weight @ self.sum[c]
+            if self.bias is not None:
+                hy[c] += torch.outer(h[c], self.bias)
+                y[c] += self.n[c] * self.bias
+        return RidgeStats.from_sums(hh, h, hy, y, self.n)
+
+    def target_squares(self, cells: tuple[int, ...]) -> float:
+        """Σ‖y‖² of the original output over the tokens of ``cells``."""
+        total = 0.0
+        for c in cells:
+            if c in self.gram:
+                w = self.weight
+                total += float(((w @ self.gram[c]) * w).sum())
+                if self.bias is not None:
+                    total += float(2 * self.bias @ (w @ self.sum[c]) + self.n[c] * self.bias @ self.bias)
+        return total
+
+
 def _total(mats: dict[int, torch.Tensor], cells: tuple[int, ...]) -> torch.Tensor:
     """``sum(mats[c] for c in cells)`` accumulated in place (the same values, no k × k temporaries)."""
     total = mats[cells[0]] + 0

@@ -41,6 +41,7 @@ class Site:
     scale_aware: bool = False
     _originals: dict[str, nn.Module] = field(default_factory=dict, repr=False)
     _dendrogram: Dendrogram | None = field(default=None, repr=False)
+    _applied: FiberPartition | None = field(default=None, repr=False)
 
     def units(self, model: nn.Module) -> int:
         if self.kind == "embedding":
@@ -83,6 +84,7 @@ class Site:
             self._originals = {m: get_module(model, m) for m in self.modules}
         else:
             self.restore(model)
+        self._applied = partition
         if self.kind == "rows":
             self._apply_rows(model, partition)
         elif self.kind == "mlp":
@@ -93,6 +95,18 @@ class Site:
 
     def restore(self, model: nn.Module) -> None:
         self.put(model, self._originals)
+        self._applied = None
+
+    def kept_units(self) -> torch.Tensor | None:
+        """The original units whose input rows the last ``apply`` kept unchanged, in their new order (an MLP cut by
+        a fold partition keeps its representatives' rows), else None."""
+        part = self._applied
+        if self.kind != "mlp" or part is None or part.fold is None:
+            return None
+        reps = (part.labels >= 0).nonzero().flatten()
+        kept = torch.empty_like(reps)
+        kept[part.labels[reps]] = reps
+        return kept
 
     def swapped(self, model: nn.Module) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
         """The modules the last ``apply`` swapped out and those now in their place: ``put`` either to undo or redo
@@ -116,6 +130,7 @@ class Site:
         """Forget the originals (and the dendrogram): the applied partition stays."""
         self._originals = {}
         self._dendrogram = None
+        self._applied = None
 
     def _apply_rows(self, model: nn.Module, partition: FiberPartition) -> None:
         (name,) = self.modules

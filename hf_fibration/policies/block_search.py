@@ -155,7 +155,7 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn
     if site.kind == "mlp" and config.calibrates_mlps:
         calibration = capture_calibration(model, site, lambda i: _run(block, calls[i], hidden[i]), len(calls),
                                           config.calibration_tokens)
-    refit = refitter(calibration, config)
+    refit = refitter(calibration, config, many_cuts=True)
     dendro = site.dendrogram(model, config, calibration)
     site.commit()
     params_before = site_parameters(model, site)

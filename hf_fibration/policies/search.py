@@ -231,7 +231,7 @@ def _search_site(
     tried: dict[int, tuple[FiberPartition, float]] = {}
     notes: dict[str, str | None] = {"compensation": None}
 
-    refit = refitter(calibration, config, cross_fit=True)
+    refit = refitter(calibration, config, cross_fit=True, many_cuts=True)
 
     def apply(part: FiberPartition) -> None:
         cross_fit.clear()

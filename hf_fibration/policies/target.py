@@ -165,7 +165,7 @@ def _curve(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalS
     params, increase = [site.params(model)], [0.0]
     calibration = calibrate(model, config, site, evalset)
     dendro = site.dendrogram(model, config, calibration)
-    refit = refitter(calibration, config)
+    refit = refitter(calibration, config, many_cuts=True)
     for count in counts[1:]:
         site.apply(model, dendro.cut_to_count(count), refit)
         params.append(site.params(model))

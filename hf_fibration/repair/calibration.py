@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from hf_fibration.core.compensate import RIDGE_CANDIDATES, RidgeStats, mlp_hidden, reconstruction_error
+from hf_fibration.core.compensate import RIDGE_CANDIDATES, RidgeStats, UnitStats, mlp_hidden, reconstruction_error
 from hf_fibration.core.modules import FiberLinear
 from hf_fibration.models.sites import Site
 from hf_fibration.models.surgery import get_module, linear_weight, set_module
@@ -134,28 +134,62 @@ def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Cal
 
 class Refitter:
     """The compensation ``Site.apply`` runs after each collapse: ``compensate_mlp`` on one calibration with the
-    config's ridge settings. It keeps the original output of each site it refit (the same for every cut of that
-    site), so measuring many cuts of a site computes the uncompressed MLP once; ``release`` frees that memory."""
+    config's ridge settings, for a caller that may refit many cuts of a site. It keeps what every cut of a site
+    shares: the original output per calibration chunk, and (``many_cuts``, when the site's units are few enough,
+    ``GRAM_BYTES_MAX``) the per-cell sums of the original hidden units (``UnitStats``), from which a cut that keeps
+    its representatives' rows (span, activations) is refit with no pass over the tokens. ``release`` frees both."""
 
     def __init__(self, calibration: Calibration, ridge: float | None, min_tokens_per_unit: float,
-                 cross_fit: bool = False) -> None:
+                 cross_fit: bool = False, many_cuts: bool = False) -> None:
         self.calibration, self.ridge, self.min_tokens_per_unit = calibration, ridge, min_tokens_per_unit
-        self.cross_fit = cross_fit
+        self.cross_fit, self.many_cuts = cross_fit, many_cuts
         self.targets: dict[tuple[str, int], torch.Tensor] = {}
+        self.unit_stats: dict[str, UnitStats] = {}
 
     def __call__(self, site: Site, model: nn.Module) -> dict[str, object]:
-        return compensate_mlp(site, model, self.calibration, self.ridge, self.min_tokens_per_unit,
-                              cross_fit=self.cross_fit, targets=self.targets)
+        kept = site.kept_units() if self.many_cuts else None
+        units = linear_weight(site.originals(model)[site.modules[0]])[0].shape[0]
+        if kept is None or 4 * units * units * 8 > GRAM_BYTES_MAX:
+            return compensate_mlp(site, model, self.calibration, self.ridge, self.min_tokens_per_unit,
+                                  cross_fit=self.cross_fit, targets=self.targets)
+        if site.name not in self.unit_stats:
+            self.unit_stats[site.name] = _unit_stats(site, model, self.calibration, self.cross_fit)
+        data = _RefitData.of_kept(self.unit_stats[site.name], kept, self.calibration, self.min_tokens_per_unit)
+        return _refit(model, site.modules[-1], data, self.calibration, self.ridge, self.cross_fit)
 
     def release(self) -> None:
         self.targets.clear()
+        self.unit_stats.clear()
 
 
-def refitter(calibration: Calibration | None, config, cross_fit: bool = False) -> Refitter | None:
+GRAM_BYTES_MAX = 1 << 30  # the statistics path holds four units × units float64 sums; wider MLPs read the tokens
+
+
+def refitter(calibration: Calibration | None, config, cross_fit: bool = False, many_cuts: bool = False
+             ) -> Refitter | None:
     """The config's ``Refitter`` on ``calibration``, or None when the config asks for no compensation."""
     if calibration is None or not config.compensate:
         return None
-    return Refitter(calibration, config.ridge, config.min_tokens_per_unit, cross_fit)
+    return Refitter(calibration, config.ridge, config.min_tokens_per_unit, cross_fit, many_cuts)
+
+
+def _cells(cal: Calibration, cross_fit: bool) -> torch.Tensor:
+    """Each token's refit cell: (held out?, batch parity) — every refit is a union of them; parity only to
+    cross-fit."""
+    parity = cal.batch % 2 if cross_fit and cal.batch is not None else torch.zeros_like(cal.sequence)
+    return cal.held_out().long() * 2 + parity
+
+
+def _unit_stats(site: Site, model: nn.Module, cal: Calibration, cross_fit: bool) -> UnitStats:
+    originals = site.originals(model)
+    w_orig, b_orig = (t if t is None else t.to(torch.float64).cpu()
+                      for t in linear_weight(originals[site.modules[-1]]))
+    original_in, act, cell = _f64_inputs(site, originals), activation_of(model), _cells(cal, cross_fit)
+    stats = UnitStats(4, w_orig, b_orig)
+    for start in range(0, len(cal), REFIT_CHUNK_TOKENS):
+        rows = slice(start, start + REFIT_CHUNK_TOKENS)
+        stats.add(mlp_hidden(cal.inputs[rows], original_in, act), cell[rows])
+    return stats
 
 
 def refit_consumer(model: nn.Module, out_name: str, hidden: torch.Tensor, target: torch.Tensor, cal: Calibration,
@@ -170,14 +204,16 @@ def refit_consumer(model: nn.Module, out_name: str, hidden: torch.Tensor, target
 
 @dataclass
 class _RefitData:
-    """What a refit reads from the calibration tokens: the ridge statistics of its cells and the held-out rows
-    (None, with ``note``, when too few tokens allow no refit)."""
+    """What a refit reads from the calibration tokens: the ridge statistics of its cells (None, with ``note``, when
+    too few tokens allow no refit) and the held-out rows, or (``of_kept``) statistics that already hold the
+    held-out cells, whose errors are then read from the sums."""
 
     stats: RidgeStats | None
-    hidden_held: torch.Tensor | None
-    target_held: torch.Tensor | None
+    hidden_held: torch.Tensor | None = None
+    target_held: torch.Tensor | None = None
     cell_held: torch.Tensor | None = None
     note: str = ""
+    unit_stats: UnitStats | None = None
 
     @classmethod
     def of(cls, hidden: torch.Tensor, target: torch.Tensor, cal: Calibration, min_tokens_per_unit: float,
@@ -190,17 +226,14 @@ class _RefitData:
         """The statistics of the fitting tokens of (token rows, hidden, target) chunks, accumulated one chunk at a
         time, and the held-out rows (their statistics join only an accepted refit)."""
         held = cal.held_out()
-        # cells: (held out?, batch parity) — every refit is a union of them; parity only to cross-fit
-        parity = cal.batch % 2 if cross_fit and cal.batch is not None else torch.zeros_like(cal.sequence)
-        cell = held.long() * 2 + parity
+        cell = _cells(cal, cross_fit)
         stats, hidden_held, target_held = None, [], []
         for rows, hidden, target in chunks:
             fit = ~held[rows]
             if stats is None:
-                units, fit_tokens = hidden.shape[1], int((~held).sum())
-                if fit_tokens < min_tokens_per_unit * units or not bool(held.any()):
-                    return cls(None, None, None, None, f"no refit: {fit_tokens} calibration tokens < "
-                                                       f"{min_tokens_per_unit:g} per kept unit ({units})")
+                note = _too_few(cal, hidden.shape[1], min_tokens_per_unit)
+                if note:
+                    return cls(None, note=note)
                 stats = RidgeStats(hidden[fit], target[fit], cell[rows][fit], 4)
             else:
                 stats.add(hidden[fit], target[fit], cell[rows][fit])
@@ -208,24 +241,59 @@ class _RefitData:
             target_held.append(target[~fit])
         return cls(stats, torch.cat(hidden_held), torch.cat(target_held), cell[held])
 
+    @classmethod
+    def of_kept(cls, unit_stats: UnitStats, kept: torch.Tensor, cal: Calibration, min_tokens_per_unit: float
+                ) -> _RefitData:
+        note = _too_few(cal, kept.numel(), min_tokens_per_unit)
+        return cls(None, note=note) if note else cls(unit_stats.ridge_stats(kept), unit_stats=unit_stats)
+
+    def held_error(self, weight: torch.Tensor, bias: torch.Tensor | None) -> float:
+        """Mean squared error of a consumer on the held-out tokens."""
+        if self.unit_stats is None:
+            return reconstruction_error(self.hidden_held, weight, bias, self.target_held)
+        held = (2, 3)
+        tokens = sum(self.stats.n[c] for c in held)
+        squares = self.unit_stats.target_squares(held)
+        return self.stats.squared_error(held, weight, bias, squares) / max(tokens * weight.shape[0], 1)
+
+    def tie(self) -> float:
+        """Errors closer than this are a tie (kept plain): the sums' round-off, relative to the target's scale."""
+        if self.unit_stats is None:
+            return 0.0
+        tokens = sum(self.stats.n[c] for c in (2, 3))
+        return 1e-9 * self.unit_stats.target_squares((2, 3)) / max(tokens * self.unit_stats.weight.shape[0], 1)
+
+    def join_held(self) -> None:
+        """Let the held-out tokens into the statistics (an accepted refit is solved on every token)."""
+        if self.unit_stats is None:
+            self.stats.add(self.hidden_held, self.target_held, self.cell_held)
+            self.hidden_held = self.target_held = None
+
+
+def _too_few(cal: Calibration, units: int, min_tokens_per_unit: float) -> str:
+    held = cal.held_out()
+    fit_tokens = int((~held).sum())
+    if fit_tokens < min_tokens_per_unit * units or not bool(held.any()):
+        return f"no refit: {fit_tokens} calibration tokens < {min_tokens_per_unit:g} per kept unit ({units})"
+    return ""
+
 
 def _refit(model: nn.Module, out_name: str, data: _RefitData, cal: Calibration, ridge: float | None,
            cross_fit: bool) -> dict[str, object]:
     if data.stats is None:
         return {"refit": False, "note": data.note}
-    stats, hidden_held, target_held = data.stats, data.hidden_held, data.target_held
+    stats = data.stats
     down = get_module(model, out_name)
     w_now, b_now = (t if t is None else t.cpu() for t in linear_weight(down))
-    plain = reconstruction_error(hidden_held, w_now, b_now, target_held)
+    plain = data.held_error(w_now, b_now)
     ridges = RIDGE_CANDIDATES if ridge is None else (ridge,)
-    errors = [reconstruction_error(hidden_held, w, b, target_held) for w, b in stats.path((0, 1), ridges)]
+    errors = [data.held_error(w, b) for w, b in stats.path((0, 1), ridges)]
     best = min(range(len(ridges)), key=errors.__getitem__)
     ridge, refit = ridges[best], errors[best]
-    if refit >= plain:
+    if refit >= plain - data.tie():
         return {"refit": False, "plain": plain, "held_out_refit": refit,
                 "note": "no refit: plain collapse is better on held-out tokens"}
-    stats.add(hidden_held, target_held, data.cell_held)
-    data.hidden_held = data.target_held = hidden_held = target_held = None
+    data.join_held()
 
     def consumer(cells: tuple[int, ...]) -> FiberLinear:
         weight, bias = stats.solve(cells, ridge)
