@@ -144,6 +144,7 @@ class UnitStats:
         self.gram: dict[int, torch.Tensor] = {}
         self.sum: dict[int, torch.Tensor] = {}
         self.n = [0] * cells
+        self._squares: dict[tuple[int, ...], float] = {}
 
     def add(self, hidden: torch.Tensor, cell: torch.Tensor) -> None:
         h = hidden.to(torch.float64)
@@ -157,6 +158,7 @@ class UnitStats:
                 else:
                     self.gram[c], self.sum[c] = hc.T @ hc, hc.sum(0)
                 self.n[c] += int(rows.sum())
+        self._squares.clear()
 
     def ridge_stats(self, kept: torch.Tensor) -> RidgeStats:
         """``RidgeStats`` of the units ``kept`` (in that order) against the original output y = W h + b."""
@@ -173,6 +175,8 @@ class UnitStats:
 
     def target_squares(self, cells: tuple[int, ...]) -> float:
         """Σ‖y‖² of the original output over the tokens of ``cells``."""
+        if cells in self._squares:
+            return self._squares[cells]
         total = 0.0
         for c in cells:
             if c in self.gram:
@@ -180,6 +184,7 @@ class UnitStats:
                 total += float(((w @ self.gram[c]) * w).sum())
                 if self.bias is not None:
                     total += float(2 * self.bias @ (w @ self.sum[c]) + self.n[c] * self.bias @ self.bias)
+        self._squares[cells] = total
         return total
 
 
