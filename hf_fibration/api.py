@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from hf_fibration.config import FibrationConfig
@@ -10,6 +11,7 @@ from hf_fibration.evaluation.evalset import EvalSet, build_eval_set
 from hf_fibration.integrations.publish import push_to_hub
 from hf_fibration.integrations.quantizer import mark_compressed
 from hf_fibration.pipeline.loop import compress_with_epsilons
+from hf_fibration.pipeline.offload import streamed_blocks
 from hf_fibration.policies.lossless import compress_lossless_config
 from hf_fibration.policies.search import greedy_search
 from hf_fibration.policies.target import compress_to_target
@@ -29,6 +31,7 @@ def compress_pretrained(
     base_loss: float | None = None,
     base_model: str | None = None,
     holdout: EvalSet | None = None,
+    execution_device: str | torch.device | None = None,
 ) -> CompressionReport:
     """Compress a transformers model in place by fibration symmetry and return the per-layer report.
 
@@ -41,7 +44,9 @@ def compress_pretrained(
     ``save_pretrained`` writes a checkpoint that ``from_pretrained`` loads after ``import hf_fibration``, and
     ``hf_fibration.push_to_hub`` publishes it with a model card. ``base_model`` (a hub id or path) records what
     it was compressed from (default: what it was loaded from). The search confirms its bound on ``holdout`` (default:
-    a ``config.holdout_fraction`` of the eval data that it then never uses otherwise)."""
+    a ``config.holdout_fraction`` of the eval data that it then never uses otherwise). With ``execution_device``
+    (e.g. ``"cuda"`` for a model loaded on the CPU), the blocks rest where the model is and run one at a time on
+    that device (``pipeline.offload``): a model larger than the device's memory compresses."""
     config = config or FibrationConfig()
     _check_finite(model)
     fixed = config.is_fixed
@@ -49,6 +54,17 @@ def compress_pretrained(
         evalset = build_eval_set(model, tokenizer, dataset, batch_size=config.eval_batch_size,
                                  max_length=config.max_length, seed=config.seed,
                                  max_samples=config.max_eval_samples)
+    if execution_device is not None:
+        evalset, holdout = (None if e is None else e.to(execution_device) for e in (evalset, holdout))
+    with streamed_blocks(model, execution_device):
+        report = _compress(model, config, evalset, progress, layer_losses, base_loss, holdout)
+    mark_compressed(model, config.to_dict(), report.to_dict(), base_model=base_model)
+    return report
+
+
+def _compress(model: nn.Module, config: FibrationConfig, evalset: EvalSet | None, progress: bool,
+              layer_losses: bool, base_loss: float | None, holdout: EvalSet | None) -> CompressionReport:
+    fixed = config.is_fixed
     if config.lossless:
         report = compress_lossless_config(model, config, evalset)
     elif config.target_params is not None:
@@ -65,7 +81,6 @@ def compress_pretrained(
         report = compress_with_epsilons(model, config, evalset, base_loss)
     else:
         report = greedy_search(model, config, evalset, progress=progress, holdout=holdout)
-    mark_compressed(model, config.to_dict(), report.to_dict(), base_model=base_model)
     return report
 
 

@@ -13,6 +13,7 @@ import shutil
 import signal
 import sys
 import time
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +33,7 @@ from hf_fibration.integrations.loading import (
     load_config,
     load_model,
     load_tokenizer,
+    resolve_device,
     resolve_task,
     save_checkpoint,
 )
@@ -41,6 +43,7 @@ from hf_fibration.integrations.publish import base_card, push_to_hub, read_recor
 from hf_fibration.integrations.quantizer import mark_compressed
 from hf_fibration.integrations.run_record import RunRecord
 from hf_fibration.models.surgery import non_embedding_parameters
+from hf_fibration.pipeline.offload import streamed_blocks
 from hf_fibration.policies.search import MIN_HOLDOUT_EXAMPLES
 from hf_fibration.policies.target import compress_uniform
 from hf_fibration.training.retune import STATE_DIR, compress_retune, retune
@@ -147,6 +150,9 @@ def _data_args(p: argparse.ArgumentParser, holdout: bool = False) -> None:
     g.add_argument("--max-length", type=int, default=config_default("max_length"),
                    help="truncate examples to this many tokens")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    g.add_argument("--offload", action="store_true",
+                   help="keep the model in CPU memory and run one block at a time on --device (a model larger than "
+                        "the device's memory compresses; embeddings and head stay on the device)")
     g.add_argument("--dtype", choices=tuple(DTYPES),
                    help="load the model in this dtype (default: as transformers loads it); bfloat16/float16 halve "
                         "the memory, the fibers and refits are still computed in float64")
@@ -450,14 +456,19 @@ def cmd_compress(args: argparse.Namespace) -> int:
     base_id = args.base_model or hub_id_of(name)
     source = name if is_hub_id(name) else str(Path(name).expanduser().resolve())
     output = args.output or default_output
-    with atomic_directory(output, args.overwrite, sources=(name,)) as tmp:
+    if args.offload and args.retune:
+        raise ValueError("--offload runs the compression block by block; retuning trains the whole model on the "
+                         "device: drop --offload or --retune.")
+    with atomic_directory(output, args.overwrite, sources=(name,)) as tmp, ExitStack() as offloaded:
         task, why = resolve_task(name, load_config(name), args.task)
         print(f"task: {task} ({why})", flush=True)
-        model = load_model(name, args.device, DTYPES.get(args.dtype), task=task)
+        execution = resolve_device(args.device) if args.offload else None
+        model = load_model(name, "cpu" if args.offload else args.device, DTYPES.get(args.dtype), task=task)
         tokenizer = load_tokenizer(name)
-        evalset = _evalset(args, model, tokenizer).to(next(model.parameters()).device)
+        evalset = _evalset(args, model, tokenizer).to(execution or next(model.parameters()).device)
         search, holdout = _split_holdout(args, config, model, tokenizer, evalset)
         measured = holdout if holdout is not None else evalset  # the record's metrics: data the search never saw
+        offloaded.enter_context(streamed_blocks(model, execution))
         start = time.perf_counter()
         before = _finite(quality(model, measured, tokenizer), "the uncompressed model")
         rounds = None
@@ -491,6 +502,7 @@ def cmd_compress(args: argparse.Namespace) -> int:
         # a fixed-ε run's final loss is already on the whole eval set; the search reports its own split's
         after = _finite(quality(model, measured, tokenizer, loss=report.final_loss if fixed_run else None),
                         "the compressed model")
+        offloaded.close()  # the model is whole again where it was loaded: save it from there
         record = RunRecord(
             base_model=base_id, source=source, command="hf-fibration " + " ".join(sys.argv[1:]), task=evalset.task,
             dataset=args.dataset, dataset_config=args.dataset_config, split=args.split if args.dataset else None,
