@@ -500,8 +500,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
         seconds = time.perf_counter() - start
         fixed_run = args.epsilon is not None and not args.layer_losses and not args.retune
         # a fixed-ε run's final loss is already on the whole eval set; the search reports its own split's
-        after = _finite(quality(model, measured, tokenizer, loss=report.final_loss if fixed_run else None),
-                        "the compressed model")
+        measured_loss = report.final_loss if fixed_run else None
+        if holdout is not None and not (args.retune or args.plain) and report.holdout_final_loss is not None:
+            measured_loss = report.holdout_final_loss  # the search's last look at the held-out examples
+        after = _finite(quality(model, measured, tokenizer, loss=measured_loss), "the compressed model")
         offloaded.close()  # the model is whole again where it was loaded: save it from there
         record = RunRecord(
             base_model=base_id, source=source, command="hf-fibration " + " ".join(sys.argv[1:]), task=evalset.task,

