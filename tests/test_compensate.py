@@ -213,3 +213,14 @@ def test_refit_from_unit_sums_equals_the_refit_from_tokens(family):
             for fa, fb in zip(sums["folds"], tokens["folds"], strict=True):
                 torch.testing.assert_close(fa.weight, fb.weight, rtol=1e-4, atol=1e-5)
     assert from_sums.unit_stats and True in decided  # the sums were used, and some cut was refit
+
+
+def test_calibration_keeps_the_captured_dtype_and_gives_float64():
+    model = tiny_model("llama")
+    config = FibrationConfig(parts=("mlp",))
+    evalset = causal_evalset(model, n_batches=4)
+    site = next(s for s in build_sites(model, config) if s.kind == "mlp")
+    cal = capture_calibration(model, site, lambda i: batch_loss_sum(model, evalset, i), len(evalset.batches), 100)
+    assert cal.stored.dtype == torch.float32 and len(cal) == 100  # half the memory of float64, the same values
+    assert cal.inputs.dtype == torch.float64 and torch.equal(cal.inputs, cal.stored.double())
+    assert torch.equal(cal.rows(slice(10, 20)), cal.inputs[10:20])

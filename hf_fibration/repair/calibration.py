@@ -30,11 +30,23 @@ def activation_of(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
 @dataclass
 class Calibration:
     """Tokens × d_in entering a site, and the sequence each token came from (whole sequences are held out
-    together when a refit is validated: tokens of one sentence are too alike to test each other)."""
+    together when a refit is validated: tokens of one sentence are too alike to test each other).
 
-    inputs: torch.Tensor
+    The tokens are kept in the dtype they were captured in (a search keeps one calibration per MLP site until it
+    applies its cuts: float32 or bfloat16 halves or quarters that memory, and loses nothing, since those are the
+    values the model computed); ``inputs`` and ``rows`` give them in float64, where the refits compute."""
+
+    stored: torch.Tensor
     sequence: torch.Tensor
     batch: torch.Tensor | None = None  # the eval batch each token came from (for cross-fitting)
+
+    @property
+    def inputs(self) -> torch.Tensor:
+        return self.stored.to(torch.float64)
+
+    def rows(self, rows: slice) -> torch.Tensor:
+        """``inputs[rows]`` without converting the other rows."""
+        return self.stored[rows].to(torch.float64)
 
     @classmethod
     def from_tokens(cls, inputs: torch.Tensor, block: int = 32) -> Calibration:
@@ -45,7 +57,7 @@ class Calibration:
         return (self.sequence * 2654435761 + 97) % 2**32 % every == 0
 
     def __len__(self) -> int:
-        return self.inputs.shape[0]
+        return self.stored.shape[0]
 
 
 def capture_calibration(model: nn.Module, site: Site, run_batch: Callable[[int], object], num_batches: int,
@@ -59,7 +71,7 @@ def capture_calibration(model: nn.Module, site: Site, run_batch: Callable[[int],
     def hook(module: nn.Module, args: tuple) -> None:
         x = args[0].detach()
         remaining = max_tokens - sum(c.shape[0] for c in captured)  # never more than max_tokens rows in memory
-        rows = x.reshape(-1, x.shape[-1])[:remaining].to(torch.float64).cpu()
+        rows = x.reshape(-1, x.shape[-1])[:remaining].to("cpu", copy=True)  # as captured: see Calibration
         start = sum(int(s.max()) + 1 for s in sequences[-1:]) if sequences else 0
         per_sequence = x.shape[-2] if x.dim() == 3 else 1
         captured.append(rows)
@@ -118,7 +130,7 @@ def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Cal
     def chunks() -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
         for start in range(0, len(cal), REFIT_CHUNK_TOKENS):
             rows = slice(start, start + REFIT_CHUNK_TOKENS)
-            x = cal.inputs[rows]
+            x = cal.rows(rows)
             target = None if targets is None else targets.get((out_name, start))
             if target is None:
                 target = mlp_hidden(x, original_in, act) @ w_orig.T
@@ -188,7 +200,7 @@ def _unit_stats(site: Site, model: nn.Module, cal: Calibration, cross_fit: bool)
     stats = UnitStats(4, w_orig, b_orig)
     for start in range(0, len(cal), REFIT_CHUNK_TOKENS):
         rows = slice(start, start + REFIT_CHUNK_TOKENS)
-        stats.add(mlp_hidden(cal.inputs[rows], original_in, act), cell[rows])
+        stats.add(mlp_hidden(cal.rows(rows), original_in, act), cell[rows])
     return stats
 
 
