@@ -4,21 +4,12 @@ import copy
 
 import pytest
 import torch
+from test_compensate import causal_evalset
 from tiny_models import plant_fibers, tiny_model
 
 from hf_fibration import FibrationConfig, compress_pretrained
-from hf_fibration.evaluation.evalset import EvalSet
 from hf_fibration.pipeline.offload import streamed_blocks
 from hf_fibration.policies.search import greedy_search
-
-
-def causal_evalset(n_batches: int = 6) -> EvalSet:
-    g = torch.Generator().manual_seed(0)
-    batches = []
-    for _ in range(n_batches):
-        ids = torch.randint(3, 64, (4, 12), generator=g)
-        batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids.clone()})
-    return EvalSet("causal", batches, [4 * 11] * n_batches)
 
 
 @pytest.mark.parametrize("search", ["greedy", "block"])
@@ -30,7 +21,7 @@ def test_offloaded_search_equals_the_in_memory_one(search):
     results = []
     for device in (None, "cpu"):
         model = copy.deepcopy(base)
-        report = compress_pretrained(model, config, evalset=causal_evalset(), progress=False,
+        report = compress_pretrained(model, config, evalset=causal_evalset(base, n_batches=6), progress=False,
                                      execution_device=device)
         results.append((report.params_after, report.final_loss, model.state_dict()))
     (p0, l0, s0), (p1, l1, s1) = results
@@ -43,7 +34,7 @@ def test_one_block_at_a_time_and_hooks_removed():
     model = tiny_model("llama")
     config = FibrationConfig(tolerance=0.02, parts=("mlp",), search_steps=3, holdout_fraction=0.0)
     with streamed_blocks(model, "cpu") as streamer:
-        greedy_search(model, config, causal_evalset(), progress=False)
+        greedy_search(model, config, causal_evalset(model, n_batches=6), progress=False)
         assert streamer.max_resident == 1 and streamer.resident == 0
         calls = streamer.max_resident
     streamer.max_resident = 0

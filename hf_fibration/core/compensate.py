@@ -111,7 +111,6 @@ class RidgeStats:
             fits.append((weight, y_mean - weight @ h_mean))
         return fits
 
-
     @classmethod
     def from_sums(cls, hh: dict[int, torch.Tensor], h: dict[int, torch.Tensor], hy: dict[int, torch.Tensor],
                   y: dict[int, torch.Tensor], n: list[int]) -> RidgeStats:

@@ -160,8 +160,7 @@ class Refitter:
 
     def __call__(self, site: Site, model: nn.Module) -> dict[str, object]:
         kept = site.kept_units() if self.many_cuts else None
-        units = linear_weight(site.originals(model)[site.modules[0]])[0].shape[0]
-        if kept is None or 4 * units * units * 8 > GRAM_BYTES_MAX:
+        if kept is None or 4 * _original_units(site, model) ** 2 * 8 > GRAM_BYTES_MAX:
             return compensate_mlp(site, model, self.calibration, self.ridge, self.min_tokens_per_unit,
                                   cross_fit=self.cross_fit, targets=self.targets)
         if site.name not in self.unit_stats:
@@ -172,6 +171,10 @@ class Refitter:
     def release(self) -> None:
         self.targets.clear()
         self.unit_stats.clear()
+
+
+def _original_units(site: Site, model: nn.Module) -> int:
+    return linear_weight(site.originals(model)[site.modules[0]])[0].shape[0]
 
 
 GRAM_BYTES_MAX = 1 << 30  # the statistics path holds four units × units float64 sums; wider MLPs read the tokens
