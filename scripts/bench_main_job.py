@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", nargs="+", default=["", "--search block", "--search block --fibers-from span"])
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--tag", default="", help="names the code measured (rows are kept per tag and variant)")
     parser.add_argument("--out", default="results/cli_minilm")
     args = parser.parse_args(argv)
     head = print_preamble(command_line(__file__, argv), load=True)
@@ -59,26 +60,30 @@ def main(argv: list[str] | None = None) -> None:
     rows_file = out / "rows.json"
     rows = json.loads(rows_file.read_text())["rows"] if rows_file.exists() else []
     for flags in args.variants:
-        if any(r["variant"] == flags for r in rows):
+        if any(r["variant"] == flags and r.get("tag", "") == args.tag for r in rows):
             continue
-        rows.append({**run_variant(flags, args.threads), "machine": head["machine"], "date": head["date"]})
+        rows.append({**run_variant(flags, args.threads), "tag": args.tag, "machine": head["machine"],
+                     "date": head["date"]})
         print(rows[-1], flush=True)
         write_json(rows_file, head, rows=rows)
-    base = next((r for r in rows if r["variant"] == ""), None)
+    base = rows[0] if rows else None
     lines = ["# `hf-fibration compress` on all-MiniLM-L6-v2 (the README's main command)", "", preamble_markdown(head),
              "Defaults otherwise: the packaged wikitext-2 eval text (256 lines: 128 search, 128 held out), τ = 0.01 "
              "on 1 − cos of the sentence embeddings (absolute), attention + MLP. Held-out = the 128 lines the search "
              "and refits never saw. CPU = process CPU seconds of the whole command (load, search, check, save); the "
-             "machine was shared, so wall seconds vary with the load (rows.json has each row's).", "",
-             "| flags | searches | non-embedding | ratio | held-out 1 − cos (± se) | wall | CPU | CPU vs default |",
-             "|---|---|---|---|---|---|---|---|"]
+             "machine was shared, so wall seconds vary with the load (rows.json has each row's). CPU vs first: the "
+             "first row's CPU seconds over this row's.", "",
+             "| code | flags | searches | non-embedding | ratio | held-out 1 − cos (± se) | wall | CPU "
+             "| CPU vs first |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["exit_code"] != 0:
-            lines.append(f"| `{r['variant'] or '(default)'}` | exit {r['exit_code']} | | | | {r['seconds']:.0f} s | "
-                         f"{r['cpu_seconds']:.0f} s | |")
+            lines.append(f"| {r.get('tag', '')} | `{r['variant'] or '(default)'}` | exit {r['exit_code']} | | | | "
+                         f"{r['seconds']:.0f} s | {r['cpu_seconds']:.0f} s | |")
             continue
         speed = f"{base['cpu_seconds'] / r['cpu_seconds']:.1f}×" if base and base["exit_code"] == 0 else "–"
-        lines.append(f"| `{r['variant'] or '(default)'}` | {r['searches']} | {r['non_embedding_before']:,} → "
+        lines.append(f"| {r.get('tag', '')} | `{r['variant'] or '(default)'}` | {r['searches']} | "
+                     f"{r['non_embedding_before']:,} → "
                      f"{r['non_embedding_after']:,} | {r['ratio']:.3f}× | {r['holdout_loss']:.4f} (± "
                      f"{r['holdout_se']:.4f}) | {r['seconds']:.0f} s | {r['cpu_seconds']:.0f} s | {speed} |")
     out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,8 @@ from hf_fibration.evaluation.results_io import command_line, preamble, preamble_
 from hf_fibration.research.scaling import advantage_over_scratch, fit_power_law, frontier
 
 PRIMARY = "test_2016_flickr"
+SEED_PATIENCE_STEPS = 300  # seed_regime.py's --retune-patience-steps default
+VARIANT_PATIENCE_STEPS = {"short-retune": 50}  # seed_regime.py's variants that set their own
 
 
 def load(runs: Path) -> tuple[list[dict], list[dict]]:
@@ -25,10 +27,21 @@ def load(runs: Path) -> tuple[list[dict], list[dict]]:
         if final.exists():
             alg2.append({**json.loads(final.read_text()), "finished": True})
         elif record.exists():  # a run still going: its finished rounds
-            d = int(folder.parent.name[1:])
+            d, settings = int(folder.parent.name[1:]), json.loads(record.read_text())
+            retune = settings["settings"]["retune"]
             alg2.append({"d_model": d, "variant": folder.name.removeprefix("alg2-"), "finished": False,
-                         "rows": json.loads(record.read_text())["rows"]})
+                         "rows": settings["rows"], "retune_patience_steps": retune["patience"] * retune["eval_every"]})
+    for run in alg2:
+        run["variant"] = _label(run)
     return sizes, alg2
+
+
+def _label(run: dict) -> str:
+    """The variant, and its retuning patience where it is not the variant's own (ablations run on the short patience
+    once it was measured to give the seed variant's rounds exactly)."""
+    patience = run.get("retune_patience_steps")
+    own = VARIANT_PATIENCE_STEPS.get(run["variant"], SEED_PATIENCE_STEPS)
+    return run["variant"] if patience in (None, own) else f"{run['variant']} (patience {patience} steps)"
 
 
 def _fmt(value: float | None, spec: str = ".3f") -> str:

@@ -80,11 +80,33 @@ def test_the_held_out_loss_stays_within_tau_on_unseen_text(trained):
     assert evaluate_loss(model, unseen) <= evaluate_loss(trained, unseen) * (1 + 1.5 * tau)
 
 
-def test_a_failed_check_cuts_the_search_back_instead_of_searching_again(trained, monkeypatch):
-    """48 search examples overfit at τ 2%: the next attempt keeps the sites the search took within the tighter bound
-    (no second search) and confirms it on the held-out half once more."""
+def test_the_search_leaves_the_check_its_margin_and_searches_once(trained, monkeypatch):
+    """48 search examples at τ 2%: a search that only keeps its own mean within τ breaks the held-out check (next
+    test); one that leaves the check its margin candidate by candidate passes it the first time."""
     import hf_fibration.policies.search as search
 
+    calls = []
+    once = search._search_once
+    monkeypatch.setattr(search, "_search_once", lambda *a, **k: calls.append(1) or once(*a, **k))
+    model, tau = copy.deepcopy(trained), 0.02
+    config = FibrationConfig(tolerance=tau, parts=("mlp",), search_steps=5)
+    report = greedy_search(model, config, _evalset(24, 0), progress=False)
+    assert len(calls) == 1 and len(report.attempts) == 1
+    assert report.non_embedding_params_after < report.non_embedding_params_before
+    bound = report.holdout_base_loss * (1 + tau)
+    assert report.holdout_final_loss + config.holdout_z * report.holdout_se <= bound
+    assert report.final_loss < report.base_loss * (1 + tau)  # the margin was spent on the search examples
+    unseen = _evalset(16, 7)
+    assert evaluate_loss(model, unseen) <= evaluate_loss(trained, unseen) * (1 + tau)
+
+
+def test_a_failed_check_cuts_the_search_back_instead_of_searching_again(trained, monkeypatch):
+    """48 search examples overfit at τ 2% when the search keeps only its own mean within τ (no margin): the next
+    attempt keeps the sites the search took within the tighter bound (no second search) and confirms it on the
+    held-out half once more."""
+    import hf_fibration.policies.search as search
+
+    monkeypatch.setattr(search, "HoldoutMargin", lambda *args: None)
     calls = []
     once = search._search_once
     monkeypatch.setattr(search, "_search_once", lambda *a, **k: calls.append(1) or once(*a, **k))
@@ -103,8 +125,11 @@ def test_a_failed_check_cuts_the_search_back_instead_of_searching_again(trained,
     assert evaluate_loss(model, unseen) <= evaluate_loss(trained, unseen) * (1 + 1.5 * tau)
 
 
-def test_a_small_eval_set_stops_with_a_message_instead_of_breaking_tau(trained):
-    """Sixteen search examples let the ε choice fit noise; the search must notice on its held-out half."""
+def test_a_small_eval_set_stops_with_a_message_instead_of_breaking_tau(trained, monkeypatch):
+    """Sixteen examples let a search without the margin fit noise; the check must notice on its held-out half."""
+    import hf_fibration.policies.search as search
+
+    monkeypatch.setattr(search, "HoldoutMargin", lambda *args: None)
     model = copy.deepcopy(trained)
     before = non_embedding_parameters(model)
     with pytest.raises(HoldoutError, match="too few"):

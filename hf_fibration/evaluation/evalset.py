@@ -287,28 +287,29 @@ def batch_loss_sum(model: nn.Module, evalset: EvalSet, index: int) -> float:
 
 
 @torch.no_grad()
+def batch_example_losses(model: nn.Module, evalset: EvalSet, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per example of batch ``index``: the sum of its loss terms and their count (float64, on the CPU)."""
+    batch = evalset.batches[index]
+    if evalset.task == "fidelity":
+        sums = cosine_gap(embed(model, batch), evalset.reference[index]).double().cpu()
+        return sums, torch.ones_like(sums)
+    kwargs = {"use_cache": False} if evalset.task in ("causal", "seq2seq") else {}
+    logits, labels = model(**batch, **kwargs).logits, batch["labels"]
+    if evalset.task == "causal":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    terms = nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")
+    return terms.sum(1).double().cpu(), (labels != -100).sum(1).double().cpu()
+
+
 def example_losses(model: nn.Module, evalset: EvalSet) -> tuple[torch.Tensor, torch.Tensor]:
     """Per example: the sum of its loss terms and their count (Σ sums / Σ counts is ``evaluate_loss``)."""
-    sums, counts = [], []
-    was_training = model.training
-    model.eval()
-    try:
-        for i, batch in enumerate(evalset.batches):
-            if evalset.task == "fidelity":
-                sums.append(cosine_gap(embed(model, batch), evalset.reference[i]).double().cpu())
-                counts.append(torch.ones_like(sums[-1]))
-                continue
-            kwargs = {"use_cache": False} if evalset.task in ("causal", "seq2seq") else {}
-            logits, labels = model(**batch, **kwargs).logits, batch["labels"]
-            if evalset.task == "causal":
-                logits, labels = logits[:, :-1], labels[:, 1:]
-            terms = nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100,
-                                                reduction="none")
-            sums.append(terms.sum(1).double().cpu())
-            counts.append((labels != -100).sum(1).double().cpu())
-    finally:
-        model.train(was_training)
-    return torch.cat(sums), torch.cat(counts)
+    examples: list[tuple[torch.Tensor, torch.Tensor]] = []
+    evaluate_loss(model, evalset, examples=examples)
+    return join_examples(examples)
+
+
+def join_examples(examples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.cat([s for s, _ in examples]), torch.cat([c for _, c in examples])
 
 
 def loss_increase(base: tuple[torch.Tensor, torch.Tensor], now: tuple[torch.Tensor, torch.Tensor]
@@ -326,8 +327,10 @@ def evaluate_loss(
     evalset: EvalSet,
     bound: float | None = None,
     before_batch: Callable[[int], None] | None = None,
+    examples: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> float:
-    """Mean loss over the eval set; with ``bound``, returns early (a value > bound) once it must exceed it."""
+    """Mean loss over the eval set; with ``bound``, returns early (a value > bound) once it must exceed it. With
+    ``examples`` (a list), each batch's per-example terms (``batch_example_losses``) are appended to it."""
     total = 0.0
     budget = None if bound is None else bound * evalset.total_weight
     was_training = model.training
@@ -336,10 +339,13 @@ def evaluate_loss(
         for i in range(len(evalset.batches)):
             if before_batch is not None:
                 before_batch(i)
-            total += batch_loss_sum(model, evalset, i)
+            if examples is None:
+                total += batch_loss_sum(model, evalset, i)
+            else:
+                examples.append(batch_example_losses(model, evalset, i))
+                total += float(examples[-1][0].sum())
             if budget is not None and total > budget:
                 return total / evalset.total_weight  # every term is ≥ 0: the final mean can only be larger
     finally:
         model.train(was_training)
     return total / evalset.total_weight
-

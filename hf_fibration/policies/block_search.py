@@ -32,6 +32,7 @@ from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum, evaluate_lo
 from hf_fibration.models.sites import Site, build_sites, layer_report, site_parameters
 from hf_fibration.pipeline.blocks import block_of, stacks_of
 from hf_fibration.pipeline.loop import finish_report, start_report
+from hf_fibration.policies.bound import HoldoutMargin, SearchBound
 from hf_fibration.repair.calibration import capture_calibration, refitter
 
 GRID = 16  # cuts per site: the ε's that keep j/16 of its units, j = 15 … 1 (and ε_min)
@@ -208,11 +209,12 @@ def _undo(model: nn.Module, applied: list[Site]) -> None:
         site.commit()
 
 
-def _loss_with(model: nn.Module, sites: list[Site], chosen: dict, evalset: EvalSet, bound: float) -> float:
-    """The eval loss with ``chosen`` applied (stopping once it proves > ``bound``), the model left as it was."""
+def _loss_with(model: nn.Module, sites: list[Site], chosen: dict, evalset: EvalSet, bound: SearchBound
+               ) -> tuple[float, bool]:
+    """The eval loss with ``chosen`` applied and whether ``bound`` accepts it, the model left as it was."""
     applied = _apply(model, sites, chosen)
     try:
-        return evaluate_loss(model, evalset, bound)
+        return bound.check(model, evalset)
     finally:
         _undo(model, applied)
 
@@ -230,7 +232,7 @@ def allocation_ladder(curves: dict[str, list[dict]], lo: float, hi: float, sampl
     return ladder
 
 
-def _refine(model: nn.Module, sites: list[Site], evalset: EvalSet, bound: float, passed: dict, failed: dict,
+def _refine(model: nn.Module, sites: list[Site], evalset: EvalSet, bound: SearchBound, passed: dict, failed: dict,
             progress: bool) -> tuple[dict, float] | None:
     """Between a passing allocation and the next one up the ladder that failed: the sites that differ, cheapest
     error per parameter saved first, and a bisection on how many of them take the failed allocation's cut."""
@@ -248,9 +250,9 @@ def _refine(model: nn.Module, sites: list[Site], evalset: EvalSet, bound: float,
     while hi - lo > 1:
         mid = (lo + hi) // 2
         chosen = {**passed, **{name: failed[name] for name in moves[:mid]}}
-        value = _loss_with(model, sites, chosen, evalset, bound)
+        value, ok = _loss_with(model, sites, chosen, evalset, bound)
         bar.update(1)
-        if value <= bound:
+        if ok:
             lo, best = mid, (chosen, value)
         else:
             hi = mid
@@ -259,14 +261,16 @@ def _refine(model: nn.Module, sites: list[Site], evalset: EvalSet, bound: float,
 
 
 def block_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet, progress: bool = True,
-                 grid: int = SEARCH_GRID, ladder: int = 256, cache: dict | None = None) -> CompressionReport:
+                 grid: int = SEARCH_GRID, ladder: int = 256, cache: dict | None = None,
+                 margin: HoldoutMargin | None = None) -> CompressionReport:
     """Compress ``model`` in place: the most compressed λ-allocation of the block-error curves whose eval loss
     stays ≤ base·(1+τ) — a bisection over the distinct allocations of ``ladder`` log-spaced λ's, so at most
     ⌈log2(ladder + 1)⌉ full evaluations; ``grid`` cuts per site. ``cache`` keeps the curves between calls on the
-    same uncompressed model (the held-out check's retries at a tighter τ redo only the bisection)."""
+    same uncompressed model (the held-out check's retries at a tighter τ redo only the bisection). With ``margin``,
+    an allocation is accepted only when it leaves the held-out check its margin (``SearchBound``)."""
     report = start_report(model)
     base = evaluate_loss(model, evalset)
-    bound = loss_bound(base, config.tolerance, evalset.task)
+    bound = SearchBound(loss_bound(base, config.tolerance, evalset.task), base, margin)
     report.base_loss = base
     sites = [s for s in build_sites(model, config) if s.kind != "embedding"]
     key = (config.compensate, config.fibers_from, config.linkage, grid)
@@ -290,9 +294,9 @@ def block_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
                unit="eval")
     while first < last:
         mid = (first + last) // 2
-        value = _loss_with(model, sites, candidates[mid], evalset, bound)
+        value, ok = _loss_with(model, sites, candidates[mid], evalset, bound)
         bar.update(1)
-        if value <= bound:
+        if ok:
             best, last = (candidates[mid], value), mid
         else:
             first = mid + 1

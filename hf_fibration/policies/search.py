@@ -34,6 +34,7 @@ from hf_fibration.models.surgery import get_module, non_embedding_parameters, se
 from hf_fibration.pipeline.blocks import BlockReplay, block_of, stacks_of
 from hf_fibration.pipeline.loop import calibrate, finish_report, start_report
 from hf_fibration.policies.block_search import block_search
+from hf_fibration.policies.bound import HoldoutMargin, SearchBound
 from hf_fibration.repair.calibration import Calibration, refitter
 
 MIN_HOLDOUT_EXAMPLES = 8  # below this the standard error of the held-out loss means nothing
@@ -54,7 +55,9 @@ def greedy_search(
     """Compress ``model`` in place, site by site, at the largest ε that keeps the eval loss within τ.
 
     The promise is checked on data the search never saw: ``holdout`` (or a ``config.holdout_fraction`` of
-    ``evalset``) takes no part in choosing ε's or fitting refits. When its loss breaks τ, the next attempt takes a
+    ``evalset``) takes no part in choosing ε's or fitting refits. Every candidate must leave that check its margin
+    (``HoldoutMargin``: its increase plus ``config.holdout_z`` projected standard errors), so one search usually
+    suffices. When the held-out loss still breaks τ, the next attempt takes a
     tighter internal bound: first the greedy search's own sites cut back to those it accepted within that bound
     (no new search; kept when it still saves ``TRIM_KEEP`` of the parameters), else the model is restored and
     searched again (the last retry without the refit). Each attempt looks at the held-out examples once. If every
@@ -73,6 +76,8 @@ def greedy_search(
     base_terms = example_losses(model, holdout)
     holdout_base = float(base_terms[0].sum() / base_terms[1].sum())
     allowed = loss_bound(holdout_base, config.tolerance, holdout.task) - holdout_base
+    margin = None if config.holdout_z == 0 else HoldoutMargin(
+        example_losses(model, evalset), holdout.num_examples, float(base_terms[1].sum()), config.holdout_z)
     attempts: list[dict] = []
     tolerance, compensate = config.tolerance, config.compensate
     trail: list[_Step] = []
@@ -90,9 +95,9 @@ def greedy_search(
                 _restore(model, pristine)
             trail = []
             if config.search == "block":
-                report = block_search(model, attempt_config, evalset, progress, cache=curves)
+                report = block_search(model, attempt_config, evalset, progress, cache=curves, margin=margin)
             else:
-                report = _search_once(model, attempt_config, evalset, progress, trail)
+                report = _search_once(model, attempt_config, evalset, progress, trail, margin)
         increase, se = loss_increase(base_terms, example_losses(model, holdout))
         attempts.append({"tolerance": tolerance, "compensate": compensate, "search_loss": report.final_loss,
                          "holdout_loss": holdout_base + increase, "holdout_se": se,
@@ -162,7 +167,7 @@ class _Step:
 
 
 def _search_once(model: nn.Module, config: FibrationConfig, evalset: EvalSet, progress: bool,
-                 trail: list[_Step] | None = None) -> CompressionReport:
+                 trail: list[_Step] | None = None, margin: HoldoutMargin | None = None) -> CompressionReport:
     report = start_report(model)
     stacks, position = stacks_of(model)
     replay = BlockReplay(stacks)
@@ -176,16 +181,18 @@ def _search_once(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
             unseen = cross_fit["folds"][i % 2] if i in cross_fit["batches"] else cross_fit["full"]
             set_module(model, cross_fit["module"], unseen)
 
-    def loss(bound: float | None = None) -> float:
+    def loss(bound: SearchBound | None = None) -> tuple[float, bool]:
         try:
-            return evaluate_loss(model, evalset, bound, before_batch=before_batch)
+            if bound is None:
+                return evaluate_loss(model, evalset, before_batch=before_batch), True
+            return bound.check(model, evalset, before_batch)
         finally:
             if cross_fit:
                 set_module(model, cross_fit["module"], cross_fit["full"])
 
     try:
-        base = loss()
-        bound = loss_bound(base, config.tolerance, evalset.task)
+        base = loss()[0]
+        bound = SearchBound(loss_bound(base, config.tolerance, evalset.task), base, margin)
         report.base_loss = base
         sites = build_sites(model, config)
         if config.search_order == "backward":
@@ -199,14 +206,14 @@ def _search_once(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
                 if b > 0:
                     replay.freeze_through(s, b - 1, loss)
             fixed = config.epsilon_for(site.part, site.name)
-            site_bound = bound if config.budget == "greedy" else base + (bound - base) * (i + 1) / len(sites)
+            site_bound = bound if config.budget == "greedy" else bound.share((i + 1) / len(sites))
             calibration = calibrate(model, config, site, evalset, lambda i: (setattr(replay, "batch", i),
                                                                              batch_loss_sum(model, evalset, i)))
             layer, current = _search_site(model, config, site, loss, site_bound, current, fixed, calibration,
                                           cross_fit, trail)
             if layer is not None:
                 report.layers.append(layer)
-            bar.set_postfix(loss=f"{current:.4f}", bound=f"{site_bound:.4f}")
+            bar.set_postfix(loss=f"{current:.4f}", bound=f"{site_bound.limit:.4f}")
         report.final_loss = current
     finally:
         replay.remove()
@@ -217,8 +224,8 @@ def _search_site(
     model: nn.Module,
     config: FibrationConfig,
     site: Site,
-    loss: Callable[[float | None], float],
-    bound: float,
+    loss: Callable[[SearchBound | None], tuple[float, bool]],
+    bound: SearchBound,
     current: float,
     fixed: float | None,
     calibration: Calibration | None = None,
@@ -228,7 +235,7 @@ def _search_site(
     units, params_before = site.units(model), site_parameters(model, site)
     cross_fit = {} if cross_fit is None else cross_fit
     dendro = site.dendrogram(model, config, calibration)
-    tried: dict[int, tuple[FiberPartition, float]] = {}
+    tried: dict[int, tuple[FiberPartition, float, bool]] = {}
     notes: dict[str, str | None] = {"compensation": None}
 
     refit = refitter(calibration, config, cross_fit=True, many_cuts=True)
@@ -248,15 +255,15 @@ def _search_site(
             return True, part, current
         if part.num_fibers not in tried:
             apply(part)
-            tried[part.num_fibers] = (part, loss(bound))
-        part, value = tried[part.num_fibers]
-        return value <= bound, part, value
+            tried[part.num_fibers] = (part, *loss(bound))
+        part, value, ok = tried[part.num_fibers]
+        return ok, part, value
 
     if fixed is not None:  # a user-fixed ε is applied as given; the loss is reported, not bounded
         best_part = dendro.cut(fixed)
         if not best_part.is_trivial:
             apply(best_part)
-        best_eps, best_loss = fixed, loss(None)
+        best_eps, best_loss = fixed, loss(None)[0]
     else:
         best_eps, best_part, best_loss = None, None, current
         ok, part, value = trial(config.epsilon_max)
