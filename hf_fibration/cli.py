@@ -99,6 +99,9 @@ CONFLICTS = [
     ("sensitivity", "epsilon", "--sensitivity prices the cuts of a target size, which a fixed ε skips"),
     ("sensitivity", "lossless", "--sensitivity prices the cuts of a target size; --lossless has none"),
     ("sensitivity", "plain", "--plain cuts every MLP to one width, with nothing to allocate"),
+    ("block_error", "epsilon", "--block-error prices the cuts of a search or target size, which a fixed ε skips"),
+    ("block_error", "lossless", "--block-error prices the cuts of a search or target size; --lossless has none"),
+    ("block_error", "plain", "--plain cuts every MLP to one width, with nothing to allocate"),
 ]
 # Flags that do something only beside another: (flag, the one it needs).
 RETUNE_ONLY = ("rho", "quench", "max_rounds", "train_dataset", "train_split", "train_samples", "epochs", "lr",
@@ -114,7 +117,7 @@ CONFIG_FLAGS = {"max_eval_samples": "--max-samples", "eval_batch_size": "--batch
                 "target_params": "--target-params", "holdout_fraction": "--holdout-fraction",
                 "calibration_tokens": "--calibration-tokens", "fibers_from": "--fibers-from",
                 "compensate": "--no-compensate", "search": "--search", "lossless": "--lossless",
-                "sensitivity": "--sensitivity"}
+                "sensitivity": "--sensitivity", "block_error": "--block-error"}
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(FibrationConfig)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -235,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how --target-params/--target-ratio price each site: loss (the eval loss at 6 cuts per "
                         "site, cost ∝ sites × depth) or block (the block-output error at 16 cuts per site on "
                         "carried block inputs, one pass linear in depth)")
+    c.add_argument("--block-error", choices=config.BLOCK_ERRORS, default=config_default("block_error"),
+                   help="how --search block and --sensitivity block price a cut's block-output error: relative "
+                        "(‖δ‖²/‖Y‖²) or fisher (the loss increase to second order, from the sampled Fisher of one "
+                        "backward pass)")
     c.add_argument("--task", choices=TASKS, default="auto",
                    help="the head to load the model with, as optimum-cli export names them; auto: config.json's "
                         "architectures, else inferred from the model type and the weight names (printed first)")
@@ -386,7 +393,7 @@ def _config(args: argparse.Namespace) -> FibrationConfig:
                                holdout_fraction=args.holdout_fraction, lossless=args.lossless,
                                calibration_tokens=args.calibration_tokens, fibers_from=args.fibers_from,
                                compensate=not args.no_compensate, search=args.search,
-                               sensitivity=args.sensitivity)
+                               sensitivity=args.sensitivity, block_error=args.block_error)
     except ValueError as err:
         raise ValueError(_flags(str(err))) from None
 

@@ -14,6 +14,7 @@ PARTS = ("attention", "mlp", "embeddings")
 SEARCH_ORDERS = ("forward", "backward")
 SEARCHES = ("greedy", "block")
 SENSITIVITIES = ("block", "loss")
+BLOCK_ERRORS = ("relative", "fisher")
 BUDGETS = ("uniform", "greedy")
 
 
@@ -85,6 +86,13 @@ class FibrationConfig:
         metadata={"help": "How the target size prices each site's cuts: 'block' (the block-output error of 16 cuts "
                           "per site on carried block inputs, one pass linear in depth) or 'loss' (the eval loss "
                           "with the site collapsed at 6 cuts: sites × full evaluations)."},
+    )
+    block_error: str = field(
+        default="relative",
+        metadata={"help": "How the block search and the target size's 'block' sensitivity price a cut's block-output "
+                          "error δ: 'relative' (‖δ‖² / ‖Y‖²) or 'fisher' (½ Σ F·δ², F the sampled Fisher of the loss "
+                          "with respect to the block's output, from one backward pass: the loss increase to second "
+                          "order, comparable across blocks)."},
     )
     epsilon_min: float = field(default=0.0, metadata={"help": "Lower bound of the ε binary search."})
     epsilon_max: float = field(default=1.0, metadata={"help": "Upper bound of the ε binary search (< 2)."})
@@ -193,6 +201,8 @@ class FibrationConfig:
         _check(self.holdout_z >= 0, f"holdout_z must be ≥ 0, got {self.holdout_z}.")
         _check(self.holdout_retries >= 0, f"holdout_retries must be ≥ 0, got {self.holdout_retries}.")
         _check(self.budget in BUDGETS, f"Unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}.")
+        _check(self.block_error in BLOCK_ERRORS,
+               f"Unknown block_error {self.block_error!r}; choose one of {', '.join(BLOCK_ERRORS)}.")
         _check(self.sensitivity in SENSITIVITIES,
                f"Unknown sensitivity {self.sensitivity!r}; choose one of {', '.join(SENSITIVITIES)}.")
         _check(self.search in SEARCHES, f"Unknown search {self.search!r}; choose one of {', '.join(SEARCHES)}.")

@@ -5,13 +5,13 @@ models of growing size: the growth curve (time vs parameters, fitted exponent) a
         [--searches greedy block block:8] [--tolerance 0.01]
 
 Both searches: plain collapse of weight fibers (``compensate=False``), attention and MLP sites, the same search
-examples and no held-out retry (``holdout_fraction=0``), so they differ only in how they decide ("block:G": the
-block search with G cuts per site, "block": 16). Each answer is then measured on unseen examples: for all-
-MiniLM-L6-v2 ("minilm") 1 − cos to the original on wikitext-2 test lines (the search sees wikitext-2 valid lines);
-for a Marian directory the loss on test_2016_flickr pairs (the search sees val pairs). "llama:L" is a randomly
-initialised Llama of SmolLM-135M's shape with L layers (L = 30 is 135M parameters with its vocabulary): timing only,
-since its decisions on random weights say nothing about quality. Rows are written as they finish (a rerun skips rows
-already in rows.json) to results/bench_block_search/rows.json, README.md and growth.png.
+examples and no held-out retry (``holdout_fraction=0``), so they differ only in how they decide ("block:G": the block
+search with G cuts per site, "block": 16; ":fisher" prices block errors by the sampled Fisher). Each answer is then
+measured on unseen examples: for all-MiniLM-L6-v2 ("minilm") 1 − cos to the original on wikitext-2 test lines (the
+search sees wikitext-2 valid lines); for a Marian directory the loss on test_2016_flickr pairs (the search sees val
+pairs). "llama:L" is a randomly initialised Llama of SmolLM-135M's shape with L layers (L = 30 is 135M parameters with
+its vocabulary): timing only, since its decisions on random weights say nothing about quality. Rows are written as they
+finish (a rerun skips rows already in rows.json) to results/bench_block_search/rows.json, README.md and growth.png.
 """
 
 from __future__ import annotations
@@ -79,11 +79,13 @@ def sets(name: str, samples: int):
 
 def run_search(model, kind: str, tolerance: float, search) -> tuple[object, float, float]:
     """(report, wall seconds, process CPU seconds) of one search, in place on ``model``."""
+    method, *options = kind.split(":")
     config = FibrationConfig(tolerance=tolerance, parts=("attention", "mlp"), compensate=False,
-                             holdout_fraction=0.0, search=kind.split(":")[0])
+                             holdout_fraction=0.0, search=method,
+                             block_error="fisher" if "fisher" in options else "relative")
     wall, cpu = time.perf_counter(), time.process_time()
     if kind.startswith("block"):
-        grid = int(kind.split(":")[1]) if ":" in kind else GRID
+        grid = next((int(o) for o in options if o.isdigit()), GRID)
         report = block_search(model, config, search, progress=False, grid=grid)
     else:
         report = greedy_search(model, config, search, progress=False)

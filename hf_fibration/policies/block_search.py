@@ -3,9 +3,11 @@ then a bisection of that allocation on the true loss.
 
 1. One forward pass records what enters the first block of each stack (encoder, decoder, ...). The stack's inputs
    are then carried block by block (as SparseGPT and Wanda do): at block b, every site of the block is cut at ε_min
-   and at the ε's that keep 15/16, 14/16, … 1/16 of its units (``grid``), and the relative error of the block's
-   output, ‖Y' − Y‖² / ‖Y‖², is measured on the carried inputs (the first ``ERROR_TOKENS`` tokens of the eval set;
-   refits calibrate on the first ``calibration_tokens``); then the inputs move on through the uncompressed block.
+   and at the ε's that keep 15/16, 14/16, … 1/16 of its units (``grid``), and the error of the block's output is
+   measured on the carried inputs (the first ``ERROR_TOKENS`` tokens of the eval set; refits calibrate on the first
+   ``calibration_tokens``): relative, ‖Y' − Y‖² / ‖Y‖², or (``block_error="fisher"``) in loss units, ½ Σ F·(Y' − Y)²
+   with F the sampled Fisher of the loss at the block's output (``pipeline.fisher``: one backward pass); then the
+   inputs move on through the uncompressed block.
    Cost: sites × cuts × one block.
 2. The allocation: each site takes the cut that minimises (parameters kept) + λ·(error); the larger λ, the less is
    collapsed. The distinct allocations over a log-spaced ladder of λ's are bisected on the full eval loss (one
@@ -31,6 +33,7 @@ from hf_fibration.core.report import CompressionReport
 from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum, evaluate_loss
 from hf_fibration.models.sites import Site, build_sites, layer_report, site_parameters
 from hf_fibration.pipeline.blocks import block_of, stacks_of
+from hf_fibration.pipeline.fisher import output_fisher
 from hf_fibration.pipeline.loop import finish_report, start_report
 from hf_fibration.policies.bound import HoldoutMargin, SearchBound
 from hf_fibration.repair.calibration import capture_calibration, refitter
@@ -109,6 +112,12 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
     carried = _first_tokens(evalset, max(config.calibration_tokens, ERROR_TOKENS))
     inputs = _StackInputs(model, stacks, carried)
     measured = len(_first_tokens(carried, ERROR_TOKENS).batches)
+    fisher = None
+    if config.block_error == "fisher":
+        fisher = output_fisher(model, carried.head(measured),
+                               {(s, b): block for s, blocks in enumerate(stacks) for b, block in enumerate(blocks)},
+                               config.seed)
+        loss_terms = sum(carried.weights[:measured])
     by_block: dict[tuple[int, int], list[Site]] = {}
     for site in sites:
         pos = block_of(site, position)
@@ -122,10 +131,14 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
             for b, block in enumerate(blocks):
                 calls = inputs.calls[s]
                 reference = [_run(block, call, h) for call, h in zip(calls, hidden, strict=True)]
-                norm = sum(float(y.double().pow(2).sum()) for y in reference[:measured])
+                if fisher is None:  # relative error: ‖δ‖² / ‖Y‖²
+                    weights = None
+                    scale = 1.0 / max(sum(float(y.double().pow(2).sum()) for y in reference[:measured]), 1e-30)
+                else:  # the loss increase to second order: ½ Σ F δ², per loss term
+                    weights, scale = fisher[(s, b)], 0.5 / max(loss_terms, 1)
                 for site in by_block.get((s, b), []):
-                    curves[site.name] = _site_curve(model, config, site, block, calls, hidden, reference, norm,
-                                                    by_count, grid, measured)
+                    curves[site.name] = _site_curve(model, config, site, block, calls, hidden, reference,
+                                                    (weights, scale), by_count, grid, measured)
                 hidden = reference
                 if (s, b) in by_block:
                     bar.update(1)
@@ -150,8 +163,10 @@ def _count_grid(dendro, units: int, grid: int = GRID) -> list[tuple[float, objec
 
 
 def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn.Module, calls: list,
-                hidden: list[torch.Tensor], reference: list[torch.Tensor], norm: float,
-                by_count: bool, grid: int, measured: int) -> list[dict]:
+                hidden: list[torch.Tensor], reference: list[torch.Tensor],
+                pricing: tuple[list[torch.Tensor] | None, float], by_count: bool, grid: int, measured: int
+                ) -> list[dict]:
+    weights, scale = pricing
     calibration = None
     if site.kind == "mlp" and config.calibrates_mlps:
         calibration = capture_calibration(model, site, lambda i: _run(block, calls[i], hidden[i]), len(calls),
@@ -168,10 +183,12 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn
         if part.num_fibers in curve or part.is_trivial:
             continue
         site.apply(model, part, refit)
-        error = sum(float((_run(block, call, h) - y).double().pow(2).sum())
-                    for call, h, y in zip(calls[:measured], hidden, reference, strict=False))
+        error = 0.0
+        for i, (call, h, y) in enumerate(zip(calls[:measured], hidden, reference, strict=False)):
+            squares = (_run(block, call, h) - y).double().pow(2)
+            error += float(squares.sum() if weights is None else (squares * weights[i].to(squares.device)).sum())
         curve[part.num_fibers] = {"epsilon": eps, "partition": part, "params": site_parameters(model, site),
-                                  "params_before": params_before, "error": error / max(norm, 1e-30),
+                                  "params_before": params_before, "error": error * scale,
                                   "refit": refit}
         site.restore(model)
         site.commit()  # forget the originals: a later apply must take the model's modules as they are then
