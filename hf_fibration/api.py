@@ -54,6 +54,9 @@ def compress_pretrained(
         evalset = build_eval_set(model, tokenizer, dataset, batch_size=config.eval_batch_size,
                                  max_length=config.max_length, seed=config.seed,
                                  max_samples=config.max_eval_samples)
+    if execution_device is not None and config.block_error == "fisher":
+        raise ValueError("block_error='fisher' needs a backward pass through resident blocks; offloaded compression "
+                         "(execution_device) prices block errors with block_error='relative'.")
     if execution_device is not None:
         evalset, holdout = (None if e is None else e.to(execution_device) for e in (evalset, holdout))
     with streamed_blocks(model, execution_device):

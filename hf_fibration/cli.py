@@ -466,6 +466,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if args.offload and args.retune:
         raise ValueError("--offload runs the compression block by block; retuning trains the whole model on the "
                          "device: drop --offload or --retune.")
+    if args.offload and args.block_error == "fisher":
+        raise ValueError("--block-error fisher needs a backward pass through resident blocks; offloaded compression "
+                         "prices block errors with --block-error relative.")
     with atomic_directory(output, args.overwrite, sources=(name,)) as tmp, ExitStack() as offloaded:
         task, why = resolve_task(name, load_config(name), args.task)
         print(f"task: {task} ({why})", flush=True)

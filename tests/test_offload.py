@@ -62,3 +62,16 @@ def test_cli_offload_refuses_retuning(marian_dir, tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "drop --offload or --retune" in err[0]
     assert not (tmp_path / "o").exists()
+
+
+def test_offload_refuses_fisher_pricing(marian_dir, tmp_path, capsys):
+    from hf_fibration.cli import main
+
+    with pytest.raises(ValueError, match="block_error='relative'"):
+        compress_pretrained(tiny_model("llama"), FibrationConfig(search="block", block_error="fisher"),
+                            evalset=causal_evalset(tiny_model("llama")), execution_device="cpu")
+    code = main(["compress", str(marian_dir), "--offload", "--search", "block", "--block-error", "fisher",
+                 "--output", str(tmp_path / "o"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code != 0 and len(err) == 1 and "offloaded" in err[0]
+    assert not (tmp_path / "o").exists()
