@@ -6,7 +6,7 @@ and the consumer's weight W_down (d_out × units). Pure torch.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -65,19 +65,12 @@ class RidgeStats:
     def add(self, hidden: torch.Tensor, target: torch.Tensor, cell: torch.Tensor) -> None:
         """Accumulate more tokens (so the statistics of many tokens never need all their activations at once)."""
         h, y = hidden.to(torch.float64), target.to(torch.float64)
-        for c in range(len(self.n)):
-            rows = cell == c
-            if not bool(rows.any()):
-                continue
+        for c, rows in _cell_rows(cell, len(self.n)):
             hc, yc = h[rows], y[rows]
-            if c not in self.hh:
-                self.hh[c], self.h[c] = hc.T @ hc, hc.sum(0)
-                self.hy[c], self.y[c] = hc.T @ yc, yc.sum(0)
-            else:
-                self.hh[c].addmm_(hc.T, hc)
-                self.h[c] += hc.sum(0)
-                self.hy[c].addmm_(hc.T, yc)
-                self.y[c] += yc.sum(0)
+            _add_product(self.hh, c, hc.T, hc)
+            _add_product(self.hy, c, hc.T, yc)
+            _add(self.h, c, hc.sum(0))
+            _add(self.y, c, yc.sum(0))
             self.n[c] += int(rows.sum())
 
     def _centered(self, cells: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,11 +117,13 @@ class RidgeStats:
         """Σ‖W h + b − y‖² over the tokens of ``cells``, from the sums (``target_squares`` = Σ‖y‖² there)."""
         cells = tuple(c for c in cells if c in self.hh)
         w = weight.to(torch.float64)
-        b = torch.zeros(w.shape[0], dtype=torch.float64) if bias is None else bias.to(torch.float64)
+        b = None if bias is None else bias.to(torch.float64)
         n = sum(self.n[c] for c in cells)
         hh, h, hy, y = (_total(m, cells) for m in (self.hh, self.h, self.hy, self.y))
-        return float(((w @ hh) * w).sum() + 2 * b @ (w @ h) + n * b @ b - 2 * (w * hy.T).sum() - 2 * b @ y
-                     + target_squares)
+        error = _prediction_squares(hh, h, n, w, b) - 2 * (w * hy.T).sum()
+        if b is not None:
+            error = error - 2 * b @ y
+        return float(error + target_squares)
 
 
 class UnitStats:
@@ -147,16 +142,11 @@ class UnitStats:
 
     def add(self, hidden: torch.Tensor, cell: torch.Tensor) -> None:
         h = hidden.to(torch.float64)
-        for c in range(len(self.n)):
-            rows = cell == c
-            if bool(rows.any()):
-                hc = h[rows]
-                if c in self.gram:
-                    self.gram[c].addmm_(hc.T, hc)
-                    self.sum[c] += hc.sum(0)
-                else:
-                    self.gram[c], self.sum[c] = hc.T @ hc, hc.sum(0)
-                self.n[c] += int(rows.sum())
+        for c, rows in _cell_rows(cell, len(self.n)):
+            hc = h[rows]
+            _add_product(self.gram, c, hc.T, hc)
+            _add(self.sum, c, hc.sum(0))
+            self.n[c] += int(rows.sum())
         self._squares.clear()
 
     def ridge_stats(self, kept: torch.Tensor) -> RidgeStats:
@@ -176,15 +166,41 @@ class UnitStats:
         """Σ‖y‖² of the original output over the tokens of ``cells``."""
         if cells in self._squares:
             return self._squares[cells]
-        total = 0.0
-        for c in cells:
-            if c in self.gram:
-                w = self.weight
-                total += float(((w @ self.gram[c]) * w).sum())
-                if self.bias is not None:
-                    total += float(2 * self.bias @ (w @ self.sum[c]) + self.n[c] * self.bias @ self.bias)
+        total = sum(float(_prediction_squares(self.gram[c], self.sum[c], self.n[c], self.weight, self.bias))
+                    for c in cells if c in self.gram)
         self._squares[cells] = total
         return total
+
+
+def _cell_rows(cell: torch.Tensor, cells: int) -> Iterator[tuple[int, torch.Tensor]]:
+    """Each cell that has tokens here, with the mask of its rows."""
+    for c in range(cells):
+        rows = cell == c
+        if bool(rows.any()):
+            yield c, rows
+
+
+def _add_product(sums: dict[int, torch.Tensor], c: int, left: torch.Tensor, right: torch.Tensor) -> None:
+    if c in sums:
+        sums[c].addmm_(left, right)
+    else:
+        sums[c] = left @ right
+
+
+def _add(sums: dict[int, torch.Tensor], c: int, value: torch.Tensor) -> None:
+    if c in sums:
+        sums[c] += value
+    else:
+        sums[c] = value
+
+
+def _prediction_squares(gram: torch.Tensor, total: torch.Tensor, n: int, weight: torch.Tensor,
+                        bias: torch.Tensor | None) -> torch.Tensor:
+    """Σ‖W h + b‖² over tokens whose hidden units sum to ``total`` with Gram ``gram`` (Σ h hᵀ), n of them."""
+    squares = ((weight @ gram) * weight).sum()
+    if bias is not None:
+        squares = squares + 2 * bias @ (weight @ total) + n * bias @ bias
+    return squares
 
 
 def _total(mats: dict[int, torch.Tensor], cells: tuple[int, ...]) -> torch.Tensor:
