@@ -42,6 +42,7 @@ from hf_fibration.integrations.plain import refit_expressible, save_plain, to_pl
 from hf_fibration.integrations.publish import base_card, push_to_hub, read_record
 from hf_fibration.integrations.quantizer import mark_compressed
 from hf_fibration.integrations.run_record import RunRecord
+from hf_fibration.models.sites import build_sites
 from hf_fibration.models.surgery import non_embedding_parameters
 from hf_fibration.pipeline.offload import streamed_blocks
 from hf_fibration.policies.search import MIN_HOLDOUT_EXAMPLES
@@ -436,9 +437,8 @@ def check_holdout_size(examples: int, fraction: float, target: bool = False) -> 
 
 def _warn_if_small(config: FibrationConfig, model, search) -> None:
     """Say so when the search examples carry too few tokens to refit the widest MLP at half its width."""
-    width = max((getattr(model.config, k, 0) or 0 for k in ("intermediate_size", "encoder_ffn_dim", "n_inner",
-                                                             "decoder_ffn_dim")), default=0)
-    width = width or 4 * getattr(model.config, "n_embd", 0)
+    width = max((s.units(model) for s in build_sites(model, FibrationConfig(parts=("mlp",))) if s.kind == "mlp"),
+                default=0)
     tokens = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel()
                  for b in search.batches)
     needed = config.min_tokens_per_unit * width / 2 / 0.75  # a quarter of the sequences validate the refit

@@ -18,8 +18,9 @@ import torch
 
 from hf_fibration.core.lossless import default_rtol
 from hf_fibration.evaluation.results_io import preamble, preamble_markdown, write_json
+from hf_fibration.models.architectures import mlp_activation
 from hf_fibration.models.surgery import get_module, linear_weight
-from hf_fibration.policies.lossless import activation_of, compress_lossless_pretrained, mlp_sites, rank
+from hf_fibration.policies.lossless import compress_lossless_pretrained, mlp_sites, rank
 
 DATA = Path("/work/shared/data")
 TRAINED = ("runs/multi30k-d128", "runs/lm-llama-d128", "runs/scaling/gpt2-d128")
@@ -88,7 +89,7 @@ def run(name: str, n: int) -> tuple[list[str], dict]:
     start = time.perf_counter()
     report = compress_lossless_pretrained(model, batches=batches, data_name=what)
     seconds = time.perf_counter() - start
-    act = activation_of(model)[0]
+    act = mlp_activation(model)[0]
     rtol = default_rtol(torch.float32)
     removed = report.units_before - report.units_after
     lines_ = [

@@ -6,9 +6,9 @@ import torch
 from torch import nn
 
 from hf_fibration.core.afde import AFDEDendrogram
+from hf_fibration.models.architectures import mlp_activation
 from hf_fibration.models.sites import Site
 from hf_fibration.models.surgery import linear_weight
-from hf_fibration.repair.calibration import activation_of
 
 
 def afde_dendrogram(site: Site, model: nn.Module, inputs: torch.Tensor | None = None,
@@ -18,4 +18,4 @@ def afde_dendrogram(site: Site, model: nn.Module, inputs: torch.Tensor | None = 
     modules = site.originals(model)
     in_layers = [linear_weight(modules[m]) for m in site.modules_in()]
     out_weight = linear_weight(modules[site.modules[-1]])[0]
-    return AFDEDendrogram(in_layers, out_weight, activation_of(model), inputs, exact_rtol)
+    return AFDEDendrogram(in_layers, out_weight, mlp_activation(model)[1], inputs, exact_rtol)

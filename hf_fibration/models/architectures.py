@@ -7,9 +7,12 @@ the same row serves every head class of a family (``BertModel``, ``BertForMasked
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
+from transformers.activations import ACT2FN
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class Architecture:
     mlp: MlpSpec
     rotary: bool = False
     transposed_weights: bool = False  # GPT-2's Conv1D stores (in, out)
+    activation: str = "hidden_act"  # the config attribute naming the MLP activation (a transformers ACT2FN key)
 
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         pattern = re.compile(self.block_pattern)
@@ -49,16 +53,16 @@ _GATED_MLP = MlpSpec(("mlp.gate_proj", "mlp.up_proj"), "mlp.down_proj")
 
 ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("marian", ("marian",), r"(?:^|\.)(?:encoder|decoder)\.layers\.\d+$", _SEQ2SEQ_ATTENTION,
-                 MlpSpec(("fc1",), "fc2")),
+                 MlpSpec(("fc1",), "fc2"), activation="activation_function"),
     Architecture("bart", ("bart", "mbart"), r"(?:^|\.)(?:encoder|decoder)\.layers\.\d+$", _SEQ2SEQ_ATTENTION,
-                 MlpSpec(("fc1",), "fc2")),
+                 MlpSpec(("fc1",), "fc2"), activation="activation_function"),
     Architecture("bert", ("bert",), r"(?:^|\.)encoder\.layer\.\d+$",
                  (AttentionSpec(("attention.self.query", "attention.self.key", "attention.self.value"),
                                 "attention.output.dense"),),
                  MlpSpec(("intermediate.dense",), "output.dense")),
     Architecture("gpt2", ("gpt2",), r"(?:^|\.)h\.\d+$",
                  (AttentionSpec(("attn.c_attn",), "attn.c_proj", fused_width="split_size"),),
-                 MlpSpec(("mlp.c_fc",), "mlp.c_proj"), transposed_weights=True),
+                 MlpSpec(("mlp.c_fc",), "mlp.c_proj"), transposed_weights=True, activation="activation_function"),
     Architecture("llama", ("llama", "qwen2", "mistral"), r"(?:^|\.)layers\.\d+$", _LLAMA_ATTENTION, _GATED_MLP,
                  rotary=True),
 )
@@ -73,3 +77,14 @@ def architecture_for(model_type: str) -> Architecture:
     raise ValueError(
         f"Unsupported architecture {model_type!r}; hf-fibration supports {', '.join(SUPPORTED_MODEL_TYPES)}."
     )
+
+
+def mlp_activation(model: nn.Module) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
+    """(name, σ) of the model's MLP activation: the config attribute its family's row names, σ from ACT2FN."""
+    config = getattr(model, "config", None)
+    arch = architecture_for(getattr(config, "model_type", None))
+    name = getattr(config, arch.activation, None)
+    if not isinstance(name, str) or name not in ACT2FN:
+        raise ValueError(f"Cannot tell the MLP activation of this {arch.family} model (config.{arch.activation} = "
+                         f"{name!r}); set it to one of transformers' ACT2FN names.")
+    return name, ACT2FN[name]

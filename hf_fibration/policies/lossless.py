@@ -8,11 +8,10 @@ offsets are then folded into the site's output bias.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
 from hf_fibration.config import FibrationConfig
 from hf_fibration.core.lossless import (
@@ -26,18 +25,9 @@ from hf_fibration.core.lossless import (
 from hf_fibration.core.lossless import rank as _core_rank
 from hf_fibration.core.modules import count_parameters
 from hf_fibration.core.report import CompressionReport, LayerReport
+from hf_fibration.models.architectures import mlp_activation
 from hf_fibration.models.sites import Site, build_sites
 from hf_fibration.models.surgery import get_module, linear_weight, non_embedding_parameters
-
-
-def activation_of(model: nn.Module) -> tuple[str, Callable[[torch.Tensor], torch.Tensor]]:
-    """(name, σ) of the model's MLP activation, from its config (σ from transformers' ACT2FN)."""
-    config = model.config
-    name = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None)
-    if not isinstance(name, str) or name not in ACT2FN:
-        raise ValueError(f"Cannot tell the MLP activation of this model (got {name!r}); lossless mode needs a "
-                         "string activation from transformers' ACT2FN in the config.")
-    return name, ACT2FN[name]
 
 
 def mlp_sites(model: nn.Module) -> list[Site]:
@@ -45,7 +35,7 @@ def mlp_sites(model: nn.Module) -> list[Site]:
 
 
 def site_partition(model: nn.Module, site: Site, rtol: float | None = None) -> LosslessPartition:
-    name, fn = activation_of(model)
+    name, fn = mlp_activation(model)
     inputs = [linear_weight(get_module(model, m)) for m in site.modules_in()]
     w_out, b_out = linear_weight(get_module(model, site.modules[-1]))
     return lossless_partition(inputs, w_out, name if name in ACTIVATIONS else "none", out_bias=b_out is not None,
@@ -62,7 +52,7 @@ def compress_lossless_pretrained(
     """Reduce every MLP of a transformers model in place; with ``batches`` also measure max |Δ output|."""
     batches = list(batches) if batches is not None else []
     before = [_output(model, b) for b in batches]
-    act = activation_of(model)[0]
+    act = mlp_activation(model)[0]
     report = LosslessReport()
     for site in mlp_sites(model):
         units = site.units(model)

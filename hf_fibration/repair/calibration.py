@@ -7,10 +7,10 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers.activations import ACT2FN
 
 from hf_fibration.core.compensate import RIDGE_CANDIDATES, RidgeStats, UnitStats, mlp_hidden, reconstruction_error
 from hf_fibration.core.modules import FiberLinear
+from hf_fibration.models.architectures import mlp_activation
 from hf_fibration.models.sites import Site
 from hf_fibration.models.surgery import get_module, linear_weight, set_module
 
@@ -19,12 +19,6 @@ REFIT_CHUNK_TOKENS = 1024  # the refit reads its tokens this many at a time: mem
 
 class _Captured(Exception):
     """Raised by the capture hook: the forward pass stops once the site's input is recorded."""
-
-
-def activation_of(model: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
-    config = model.config
-    name = getattr(config, "hidden_act", None) or getattr(config, "activation_function", None) or "gelu"
-    return ACT2FN[name]
 
 
 @dataclass
@@ -104,7 +98,7 @@ def capture_inputs(model: nn.Module, site: Site, run_batch: Callable[[int], obje
 
 def original_hidden(site: Site, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """H of the uncompressed site (its original modules) on the calibration inputs."""
-    return mlp_hidden(x, _f64_inputs(site, site.originals(model)), activation_of(model))
+    return mlp_hidden(x, _f64_inputs(site, site.originals(model)), mlp_activation(model)[1])
 
 
 def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Calibration, ridge: float | None = None,
@@ -125,7 +119,7 @@ def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Cal
     w_orig, b_orig = (t if t is None else t.to(torch.float64).cpu() for t in linear_weight(originals[out_name]))
     original_in = _f64_inputs(site, originals)
     current_in = _f64_inputs(site, {m: get_module(model, m) for m in site.modules})
-    act = activation_of(model)
+    act = mlp_activation(model)[1]
 
     def chunks() -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
         for start in range(0, len(cal), REFIT_CHUNK_TOKENS):
@@ -199,7 +193,7 @@ def _unit_stats(site: Site, model: nn.Module, cal: Calibration, cross_fit: bool)
     originals = site.originals(model)
     w_orig, b_orig = (t if t is None else t.to(torch.float64).cpu()
                       for t in linear_weight(originals[site.modules[-1]]))
-    original_in, act, cell = _f64_inputs(site, originals), activation_of(model), _cells(cal, cross_fit)
+    original_in, act, cell = _f64_inputs(site, originals), mlp_activation(model)[1], _cells(cal, cross_fit)
     stats = UnitStats(4, w_orig, b_orig)
     for start in range(0, len(cal), REFIT_CHUNK_TOKENS):
         rows = slice(start, start + REFIT_CHUNK_TOKENS)
