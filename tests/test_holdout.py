@@ -137,6 +137,8 @@ def test_a_small_eval_set_stops_with_a_message_instead_of_breaking_tau(trained, 
         greedy_search(model, config, _evalset(8, 0), progress=False)
     assert non_embedding_parameters(model) == before
     assert evaluate_loss(model, _evalset(2, 5)) == pytest.approx(evaluate_loss(trained, _evalset(2, 5)))
+    original, restored = trained.state_dict(), model.state_dict()  # the searches' swaps undone, no model copy kept
+    assert original.keys() == restored.keys() and all(torch.equal(original[k], restored[k]) for k in original)
     with pytest.raises(DataError, match="at least 8"):
         greedy_search(model, FibrationConfig(parts=("mlp",)), _evalset(1, 0), progress=False)
 

@@ -225,3 +225,31 @@ def site_parameters(model: nn.Module, site: Site) -> int:
 def layer_report(model: nn.Module, site: Site, partition: FiberPartition, epsilon: float, before: int,
                  params_before: int) -> LayerReport:
     return LayerReport(site.name, before, partition.num_fibers, float(epsilon), params_before, site.params(model))
+
+
+@dataclass
+class SiteSwap:
+    """One committed site: the modules its collapse swapped out (``before``) and in (``after``). Undoing a list of
+    them in reverse order gives back the model they started from (the modules are never changed in place), so a
+    search need not keep a copy of the whole model to restore it."""
+
+    site: Site
+    before: dict[str, nn.Module]
+    after: dict[str, nn.Module]
+
+    @classmethod
+    def of(cls, site: Site, model: nn.Module) -> SiteSwap:
+        return cls(site, *site.swapped(model))
+
+    def undo(self, model: nn.Module) -> None:
+        self.site.put(model, self.before)
+
+    def redo(self, model: nn.Module) -> None:
+        self.site.put(model, self.after)
+
+
+def undo_all(model: nn.Module, trail: list[SiteSwap]) -> None:
+    """Undo every swap of ``trail`` (latest first) and forget them."""
+    for swap in reversed(trail):
+        swap.undo(model)
+    trail.clear()

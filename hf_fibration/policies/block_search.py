@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from hf_fibration.config import FibrationConfig, loss_bound
 from hf_fibration.core.report import CompressionReport
 from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum, evaluate_loss
-from hf_fibration.models.sites import Site, build_sites, layer_report, site_parameters
+from hf_fibration.models.sites import Site, SiteSwap, build_sites, layer_report, site_parameters
 from hf_fibration.pipeline.blocks import block_of, stacks_of
 from hf_fibration.pipeline.fisher import output_fisher
 from hf_fibration.pipeline.loop import finish_report, start_report
@@ -279,12 +279,13 @@ def _refine(model: nn.Module, sites: list[Site], evalset: EvalSet, bound: Search
 
 def block_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet, progress: bool = True,
                  grid: int = SEARCH_GRID, ladder: int = 256, cache: dict | None = None,
-                 margin: HoldoutMargin | None = None) -> CompressionReport:
+                 margin: HoldoutMargin | None = None, trail: list[SiteSwap] | None = None) -> CompressionReport:
     """Compress ``model`` in place: the most compressed λ-allocation of the block-error curves whose eval loss
     stays ≤ base·(1+τ) — a bisection over the distinct allocations of ``ladder`` log-spaced λ's, so at most
     ⌈log2(ladder + 1)⌉ full evaluations; ``grid`` cuts per site. ``cache`` keeps the curves between calls on the
     same uncompressed model (the held-out check's retries at a tighter τ redo only the bisection). With ``margin``,
-    an allocation is accepted only when it leaves the held-out check its margin (``SearchBound``)."""
+    an allocation is accepted only when it leaves the held-out check its margin (``SearchBound``). ``trail`` collects
+    the applied sites' swaps (undone, they give back the model as it came)."""
     report = start_report(model)
     base = evaluate_loss(model, evalset)
     bound = SearchBound(loss_bound(base, config.tolerance, evalset.task), base, margin)
@@ -332,6 +333,8 @@ def block_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
             layer = layer_report(model, site, cut["partition"], cut["epsilon"], before, cut["params_before"])
             layer.compensation = None if result is None else str(result["note"])
             report.layers.append(layer)
+            if trail is not None:
+                trail.append(SiteSwap.of(site, model))
             site.commit()
         current = evaluate_loss(model, evalset)
     report.final_loss = current

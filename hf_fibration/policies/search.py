@@ -12,7 +12,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from torch import nn
 from tqdm.auto import tqdm
@@ -29,7 +28,7 @@ from hf_fibration.evaluation.evalset import (
     example_losses,
     loss_increase,
 )
-from hf_fibration.models.sites import Site, build_sites, site_parameters
+from hf_fibration.models.sites import Site, SiteSwap, build_sites, site_parameters, undo_all
 from hf_fibration.models.surgery import get_module, non_embedding_parameters, set_module
 from hf_fibration.pipeline.blocks import BlockReplay, block_of, stacks_of
 from hf_fibration.pipeline.loop import calibrate, finish_report, start_report
@@ -72,7 +71,6 @@ def greedy_search(
         raise DataError(f"The held-out check needs at least {MIN_HOLDOUT_EXAMPLES} examples, got "
                         f"{holdout.num_examples}: pass more eval data (--max-samples) or holdout_fraction=0 to "
                         "search without a check on unseen data.")
-    pristine = copy.deepcopy(model)
     base_terms = example_losses(model, holdout)
     holdout_base = float(base_terms[0].sum() / base_terms[1].sum())
     allowed = loss_bound(holdout_base, config.tolerance, holdout.task) - holdout_base
@@ -80,8 +78,8 @@ def greedy_search(
         example_losses(model, evalset), holdout.num_examples, float(base_terms[1].sum()), config.holdout_z)
     attempts: list[dict] = []
     tolerance, compensate = config.tolerance, config.compensate
-    trail: list[_Step] = []
-    curves: dict = {}  # the block search's error curves, measured once on the pristine model
+    trail: list[SiteSwap] = []  # the swaps of the search now in the model: undone, they give back the original
+    curves: dict = {}  # the block search's error curves, measured once on the uncompressed model
     previous: CompressionReport | None = None
     for attempt in range(config.holdout_retries + 1):
         if attempt == config.holdout_retries and attempt > 0:
@@ -91,11 +89,10 @@ def greedy_search(
         if previous is not None and compensate == config.compensate:
             report = _trimmed(model, previous, trail, loss_bound(previous.base_loss, tolerance, evalset.task), evalset)
         if report is None:
-            if attempt > 0:
-                _restore(model, pristine)
-            trail = []
+            undo_all(model, trail)
             if config.search == "block":
-                report = block_search(model, attempt_config, evalset, progress, cache=curves, margin=margin)
+                report = block_search(model, attempt_config, evalset, progress, cache=curves, margin=margin,
+                                      trail=trail)
             else:
                 report = _search_once(model, attempt_config, evalset, progress, trail, margin)
         increase, se = loss_increase(base_terms, example_losses(model, holdout))
@@ -114,7 +111,7 @@ def greedy_search(
         previous = report
         spent = increase + config.holdout_z * se
         tolerance *= min(0.5, 0.8 * allowed / spent) if spent > 0 and allowed > 0 else 0.5
-    _restore(model, pristine)
+    undo_all(model, trail)
     raise HoldoutError(
         f"The held-out loss ({attempts[-1]['holdout_loss']:.4g} ± {attempts[-1]['holdout_se']:.2g}) broke the bound "
         f"({holdout_base + allowed:.4g}) in {len(attempts)} searches down to τ={attempts[-1]['tolerance']:.3g}: "
@@ -123,7 +120,7 @@ def greedy_search(
         "The model was left uncompressed.")
 
 
-def _trimmed(model: nn.Module, searched: CompressionReport, trail: list[_Step], bound: float, evalset: EvalSet
+def _trimmed(model: nn.Module, searched: CompressionReport, trail: list[SiteSwap], bound: float, evalset: EvalSet
              ) -> CompressionReport | None:
     """The last search cut back to the sites it had accepted while its own search loss was still ≤ ``bound`` (the
     tighter internal bound of the next attempt): what that search would keep of it, without searching again. None
@@ -136,38 +133,22 @@ def _trimmed(model: nn.Module, searched: CompressionReport, trail: list[_Step], 
         kept += 1
     saved = searched.non_embedding_params_before - searched.non_embedding_params_after
     for step in reversed(trail[kept:]):
-        step.site.put(model, step.before)
+        step.undo(model)
     report = CompressionReport(params_before=searched.params_before,
                                non_embedding_params_before=searched.non_embedding_params_before,
                                base_loss=searched.base_loss, layers=searched.layers[:kept])
     report.non_embedding_params_after = non_embedding_parameters(model)
     if kept == 0 or report.non_embedding_params_before - report.non_embedding_params_after < TRIM_KEEP * saved:
         for step in trail[kept:]:
-            step.site.put(model, step.after)
+            step.redo(model)
         return None
     report.final_loss = evaluate_loss(model, evalset)
     report.params_after = count_parameters(model)
     return report
 
 
-def _restore(model: nn.Module, pristine: nn.Module) -> None:
-    """Put a deep copy of ``pristine``'s modules back into ``model`` (the object the caller holds)."""
-    fresh = copy.deepcopy(pristine)
-    for name, child in fresh.named_children():
-        setattr(model, name, child)
-
-
-@dataclass
-class _Step:
-    """One accepted site of a search: the modules its collapse swapped out (``before``) and in (``after``)."""
-
-    site: Site
-    before: dict[str, nn.Module]
-    after: dict[str, nn.Module]
-
-
 def _search_once(model: nn.Module, config: FibrationConfig, evalset: EvalSet, progress: bool,
-                 trail: list[_Step] | None = None, margin: HoldoutMargin | None = None) -> CompressionReport:
+                 trail: list[SiteSwap] | None = None, margin: HoldoutMargin | None = None) -> CompressionReport:
     report = start_report(model)
     stacks, position = stacks_of(model)
     replay = BlockReplay(stacks)
@@ -230,7 +211,7 @@ def _search_site(
     fixed: float | None,
     calibration: Calibration | None = None,
     cross_fit: dict | None = None,
-    trail: list[_Step] | None = None,
+    trail: list[SiteSwap] | None = None,
 ) -> tuple[LayerReport | None, float]:
     units, params_before = site.units(model), site_parameters(model, site)
     cross_fit = {} if cross_fit is None else cross_fit
@@ -288,7 +269,7 @@ def _search_site(
     apply(best_part)
     cross_fit.clear()
     if trail is not None:
-        trail.append(_Step(site, *site.swapped(model)))
+        trail.append(SiteSwap.of(site, model))
     site.commit()
     layer = LayerReport(site.name, units, best_part.num_fibers, float(best_eps), params_before,
                         site_parameters(model, site), loss=best_loss, compensation=notes["compensation"])
