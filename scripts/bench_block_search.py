@@ -29,6 +29,7 @@ import transformers as T
 
 import hf_fibration  # noqa: F401
 from hf_fibration import FibrationConfig
+from hf_fibration.config import BLOCK_ERRORS
 from hf_fibration.evaluation.evalset import build_eval_set, evaluate_loss, load_split
 from hf_fibration.evaluation.results_io import command_line, preamble_markdown, print_preamble, write_json
 from hf_fibration.models.surgery import non_embedding_parameters
@@ -82,7 +83,7 @@ def run_search(model, kind: str, tolerance: float, search) -> tuple[object, floa
     method, *options = kind.split(":")
     config = FibrationConfig(tolerance=tolerance, parts=("attention", "mlp"), compensate=False,
                              holdout_fraction=0.0, search=method,
-                             block_error="fisher" if "fisher" in options else "relative")
+                             block_error=next((o for o in options if o in BLOCK_ERRORS), "relative"))
     wall, cpu = time.perf_counter(), time.process_time()
     if kind.startswith("block"):
         grid = next((int(o) for o in options if o.isdigit()), GRID)
