@@ -124,7 +124,10 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def config_default(name: str) -> Any:
-    """The default of FibrationConfig field ``name``: the one source of the defaults of the options that set it."""
+    """The default of the option that sets FibrationConfig field ``name``: the command's own (``COMMAND_DEFAULTS``,
+    the best measured on pretrained checkpoints), else the field's."""
+    if name in config.COMMAND_DEFAULTS:
+        return config.COMMAND_DEFAULTS[name]
     field = CONFIG_FIELDS[name]
     return field.default_factory() if field.default is dataclasses.MISSING else field.default
 
@@ -221,15 +224,17 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--epsilon-max", type=float, default=config_default("epsilon_max"),
                    help="upper end of the ε search")
     c.add_argument("--search-steps", type=int, default=config_default("search_steps"),
-                   help="bisection steps per layer")
+                   help="bisection steps per layer of --search greedy (the block search bisects its allocations)")
     c.add_argument("--calibration-tokens", type=int, default=config_default("calibration_tokens"),
                    help="tokens of activations per MLP refit; memory ≈ tokens × d_model × 8 B of captured inputs, "
                         "read 1024 at a time, plus a quarter of them held out × (FFN width + d_model) × 8 B; one MLP "
                         "at a time")
     c.add_argument("--linkage", default=config_default("linkage"), help="complete, average or single")
     sources = tuple(config.FIBER_SOURCES)  # read now: every registered fiber source is a choice
-    c.add_argument("--fibers-from", choices=sources, metavar="SOURCE", default=config_default("fibers_from"),
-                   help="how MLP units are grouped into fibers (FibrationConfig.fibers_from): " + ", ".join(sources))
+    c.add_argument("--fibers-from", choices=sources, metavar="SOURCE",
+                   help="how MLP units are grouped into fibers (FibrationConfig.fibers_from): " + ", ".join(sources)
+                   + f" (default: {config_default('fibers_from')}; with --epsilon {config.FibrationConfig.fibers_from}"
+                   ", whose distance the paper's ε measures)")
     c.add_argument("--no-compensate", action="store_true",
                    help="collapse MLPs without refitting their consumer (fc2/down) on calibration activations")
     c.add_argument("--search", choices=config.SEARCHES, default=config_default("search"),
@@ -392,11 +397,19 @@ def _config(args: argparse.Namespace) -> FibrationConfig:
                                max_eval_samples=args.max_samples, eval_batch_size=args.batch_size,
                                max_length=args.max_length, target_params=_target(args),
                                holdout_fraction=args.holdout_fraction, lossless=args.lossless,
-                               calibration_tokens=args.calibration_tokens, fibers_from=args.fibers_from,
+                               calibration_tokens=args.calibration_tokens, fibers_from=_fibers_from(args),
                                compensate=not args.no_compensate, search=args.search,
                                sensitivity=args.sensitivity, block_error=args.block_error)
     except ValueError as err:
         raise ValueError(_flags(str(err))) from None
+
+
+def _fibers_from(args: argparse.Namespace) -> str:
+    """The source asked for; else the command's default, but with a fixed ε the paper's weight fibers: an ε given
+    on the command line is a distance between weight rows (each source measures its own ε)."""
+    if args.fibers_from is not None:
+        return args.fibers_from
+    return FibrationConfig.fibers_from if args.epsilon is not None else config_default("fibers_from")
 
 
 def _target(args: argparse.Namespace) -> float | None:

@@ -317,21 +317,23 @@ def test_version_and_compress_flags_for_fiber_source_and_compensation(monkeypatc
     made = _config(args)
     assert made.fibers_from == "inout" and made.compensate is False
     default = _config(build_parser().parse_args(["compress", "m"]))
-    assert default.fibers_from == config.FibrationConfig().fibers_from and default.compensate is True
+    assert default.fibers_from == config.COMMAND_DEFAULTS["fibers_from"] == "span" and default.compensate is True
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compress", "m", "--fibers-from", "nope"])
-    assert default.search == "greedy"
-    assert _config(build_parser().parse_args(["compress", "m", "--search", "block", "--no-compensate"])).search == \
-        "block"
+    assert default.search == config.COMMAND_DEFAULTS["search"] == "block"
+    assert _config(build_parser().parse_args(["compress", "m", "--search", "greedy", "--fibers-from", "weights"])
+                   ) == config.FibrationConfig()
 
 
 def test_options_that_set_config_fields_default_to_the_fields_defaults():
-    """No drift: an option that sets a FibrationConfig field takes the field's default, in every command."""
+    """No drift: an option that sets a FibrationConfig field takes the field's default, in every command, except the
+    command's own defaults (config.COMMAND_DEFAULTS), which are named in one place."""
     from hf_fibration import FibrationConfig
     from hf_fibration.cli import CONFIG_FLAGS, _config, build_parser
+    from hf_fibration.config import COMMAND_DEFAULTS
 
     parser = build_parser()
-    assert _config(parser.parse_args(["compress", "m"])) == FibrationConfig()
+    assert _config(parser.parse_args(["compress", "m"])) == FibrationConfig(**COMMAND_DEFAULTS)
     defaults = FibrationConfig()
     commands = parser._subparsers._group_actions[0].choices
     assert set(CONFIG_FLAGS.values()) <= set(commands["compress"]._option_string_actions)
