@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--work", default="runs/llm-cli", help="where the checkpoint and paragraphs are kept")
     parser.add_argument("--out", default="results/bench_llm_cli")
+    parser.add_argument("--tag", default="", help="names the code measured (rows are kept per tag)")
     args = parser.parse_args(argv)
     head = print_preamble(command_line(__file__, argv), load=True)
     work, out = Path(args.work), Path(args.out)
@@ -104,26 +105,30 @@ def main(argv: list[str] | None = None) -> None:
     rows_file = out / "rows.json"
     rows = json.loads(rows_file.read_text())["rows"] if rows_file.exists() else []
     for search in args.searches:
-        if any(r["layers"] == args.layers and r["search"] == search for r in rows):
+        if any(r["layers"] == args.layers and r["search"] == search and r.get("tag", "") == args.tag for r in rows):
             continue
-        rows.append({"layers": args.layers, **run(model, data, search, args.threads), "machine": head["machine"],
+        rows.append({"layers": args.layers, "tag": args.tag, **run(model, data, search, args.threads),
+                     "machine": head["machine"],
                      "date": head["date"]})
         print(json.dumps(rows[-1]), flush=True)
         write_json(rows_file, head, rows=rows)
     lines = ["# `hf-fibration compress` on a 135M Llama-shaped checkpoint (the LLM user's command)", "",
              preamble_markdown(head),
              "Random SmolLM-135M-shaped weights (timing only), 128 wikitext-2 valid paragraphs (64 search, 64 "
-             "held out), τ = 0.01, every other option the CLI's default (compensated collapse of weight fibers). "
+             "held out), τ = 0.01, every other option the CLI's default at that code (compensated collapse; weight "
+             "fibers before 15a19f2, span from then on). "
              "Wall = the whole command in a fresh process (load, search, held-out check, save); CPU = its process "
              "CPU seconds; each row's load average and threads are in rows.json.", "",
-             "| layers | search | exit | wall | CPU | peak RSS | non-embedding ratio | held-out loss (base → after) "
-             "| searches |", "|---|---|---|---|---|---|---|---|---|"]
+             "| code | layers | search | exit | wall | CPU | peak RSS | non-embedding ratio | held-out loss (base → "
+             "after) | searches |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["exit_code"] != 0:
-            lines.append(f"| {r['layers']} | {r['search']} | {r['exit_code']}: {r.get('error', '')} | "
+            lines.append(f"| {r.get('tag', '')} | {r['layers']} | {r['search']} | {r['exit_code']}: "
+                         f"{r.get('error', '')} | "
                          f"{r['seconds']:.0f} s | {r['cpu_seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB | | | |")
             continue
-        lines.append(f"| {r['layers']} | {r['search']} | 0 | {r['seconds']:.0f} s ({r['seconds'] / 60:.1f} min) | "
+        lines.append(f"| {r.get('tag', '')} | {r['layers']} | {r['search']} | 0 | {r['seconds']:.0f} s "
+                     f"({r['seconds'] / 60:.1f} min) | "
                      f"{r['cpu_seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB | {r['ratio']:.2f}× | "
                      f"{r['holdout_base']:.4f} → {r['holdout_loss']:.4f} | {r['searches']} |")
     out.mkdir(parents=True, exist_ok=True)
