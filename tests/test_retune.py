@@ -197,3 +197,16 @@ def test_alg2_resumed_round_by_round_equals_an_uninterrupted_run(setup, trained,
     with pytest.raises(ValueError, match="other settings"):
         compress_retune(copy.deepcopy(trained), ALG2, evalset, train, output_dir=tmp_path / "b",
                         **{**kwargs, "quench": 1.2})
+
+
+def test_alg2_ends_when_a_rounds_collapse_removes_nothing(setup, trained, monkeypatch):
+    """A search can return ε's whose over-compression changes no size (the data-aware collapse of a retuned model
+    did, round after round): the loop must end there instead of retuning the same model until max_rounds."""
+    _, train, evalset = setup
+    import hf_fibration.training.retune as module
+
+    monkeypatch.setattr(module, "compress_pretrained", lambda model, *args, **kwargs: None)
+    _, rows = compress_retune(copy.deepcopy(trained), ALG2, evalset, train, rho=1.0, quench=1.5, max_rounds=5,
+                              epochs=1, learning_rate=1e-3, progress=False)
+    assert [r["round"] for r in rows] == ["final"]
+    assert rows[-1]["ended"] == "nothing left to compress" and rows[-1]["epsilons_searched"]

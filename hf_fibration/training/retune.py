@@ -275,8 +275,12 @@ def compress_retune(
         # the over-compression sees the eval data too (refits and calibrated fiber sources such as span need it);
         # sites the search left alone get ε = 0, where only exact fibers merge
         fixed = {**dict.fromkeys(config.parts, 0.0), **over}
+        before = non_embedding_parameters(model)
         compress_pretrained(model, FibrationConfig(**{**config.to_dict(), "epsilon": None, "epsilons": fixed,
                                                       "target_params": None}), evalset=evalset, progress=False)
+        if non_embedding_parameters(model) == before:  # the ε's found only cuts that change no size
+            ended = "nothing left to compress"
+            break
         compressed_loss = evaluate_loss(model, evalset)
         checkpoints = {} if rounds is None else {"output_dir": rounds.folder(r), "resume": True}
         result = retune(model, train, evalset, progress=progress, **checkpoints, **retune_kwargs)
