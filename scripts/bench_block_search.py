@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import resource
 import time
 from pathlib import Path
@@ -31,7 +30,7 @@ import hf_fibration  # noqa: F401
 from hf_fibration import FibrationConfig
 from hf_fibration.config import BLOCK_ERRORS
 from hf_fibration.evaluation.evalset import build_eval_set, evaluate_loss, load_split
-from hf_fibration.evaluation.results_io import command_line, preamble_markdown, print_preamble, write_json
+from hf_fibration.evaluation.results_io import command_line, preamble_markdown, print_preamble, read_rows, write_json
 from hf_fibration.models.surgery import non_embedding_parameters
 from hf_fibration.policies.block_search import GRID, block_search
 from hf_fibration.policies.search import greedy_search
@@ -145,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_file = out / "rows.json"
-    rows = json.loads(rows_file.read_text())["rows"] if rows_file.exists() else []
+    rows = read_rows(rows_file)
     for name in args.models:
         todo = [k for k in args.searches if not any(r["model"] == name and r["search"] == k for r in rows)]
         if not todo:

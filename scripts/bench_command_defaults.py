@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from bench_block_search import sets
 
 from hf_fibration import FibrationConfig
 from hf_fibration.evaluation.evalset import evaluate_loss
-from hf_fibration.evaluation.results_io import command_line, preamble_markdown, print_preamble, write_json
+from hf_fibration.evaluation.results_io import command_line, preamble_markdown, print_preamble, read_rows, write_json
 from hf_fibration.policies.search import greedy_search
 
 PAIRS = [("block", "span"), ("block", "weights"), ("greedy", "span"), ("greedy", "weights")]
@@ -41,7 +40,7 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows_file = out / "rows.json"
-    rows = json.loads(rows_file.read_text())["rows"] if rows_file.exists() else []
+    rows = read_rows(rows_file)
     for name in args.models:
         todo = [p for p in PAIRS if not any(r["model"] == name and (r["search"], r["fibers_from"]) == p for r in rows)]
         if not todo:

@@ -31,6 +31,7 @@ from hf_fibration.evaluation.results_io import (
     load_average,
     preamble_markdown,
     print_preamble,
+    read_rows,
     write_json,
 )
 
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     model, data = checkpoint(args.layers, work), paragraphs(work)
     rows_file = out / "rows.json"
-    rows = json.loads(rows_file.read_text())["rows"] if rows_file.exists() else []
+    rows = read_rows(rows_file)
     for search in args.searches:
         if any(r["layers"] == args.layers and r["search"] == search and r.get("tag", "") == args.tag for r in rows):
             continue

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from hf_fibration import cli
-from hf_fibration.evaluation.results_io import command_line, preamble_markdown, print_preamble, write_json
+from hf_fibration.evaluation.results_io import command_line, preamble_markdown, print_preamble, read_rows, write_json
 
 
 def run_variant(flags: str, threads: int | None) -> dict:
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     head = print_preamble(command_line(__file__, argv), load=True)
     out = Path(args.out)
     rows_file = out / "rows.json"
-    rows = json.loads(rows_file.read_text())["rows"] if rows_file.exists() else []
+    rows = read_rows(rows_file)
     for flags in args.variants:
         if any(r["variant"] == flags and r.get("tag", "") == args.tag for r in rows):
             continue

@@ -65,3 +65,9 @@ def write_rows(directory: str | Path, rows: list[dict[str, Any]], head: dict[str
                **extra: Any) -> Path:
     """results/<name>/rows.json: the preamble, the rows and anything else the table needs."""
     return write_json(Path(directory) / "rows.json", head, **extra, rows=rows)
+
+
+def read_rows(path: str | Path) -> list[dict[str, Any]]:
+    """The rows a resumable benchmark wrote to ``path`` (``write_json(path, head, rows=...)``), or none yet."""
+    path = Path(path)
+    return json.loads(path.read_text())["rows"] if path.exists() else []

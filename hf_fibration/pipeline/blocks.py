@@ -72,3 +72,8 @@ def block_of(site: Site, position: dict[str, tuple[int, int]]) -> tuple[int, int
         if site.name.startswith(name + "."):
             return pos
     return None
+
+
+def first_output(out: object) -> object:
+    """A block's hidden states: the first item of the tuple some families return, or the output itself."""
+    return out[0] if isinstance(out, (tuple, list)) else out

@@ -15,10 +15,7 @@ import torch
 from torch import nn
 
 from hf_fibration.evaluation.evalset import EvalSet, embed
-
-
-def _first(out: object) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
+from hf_fibration.pipeline.blocks import first_output
 
 
 def _sampled_objective(model: nn.Module, evalset: EvalSet, index: int, generator: torch.Generator) -> torch.Tensor:
@@ -50,7 +47,7 @@ def output_fisher(model: nn.Module, evalset: EvalSet, blocks: dict[tuple[int, in
 
     def keep(key: tuple[int, int]):
         def hook(module: nn.Module, args: tuple, out: object) -> None:
-            outputs[key] = _first(out)
+            outputs[key] = first_output(out)
 
         return hook
 

@@ -32,7 +32,7 @@ from hf_fibration.config import FibrationConfig, loss_bound
 from hf_fibration.core.report import CompressionReport
 from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum, evaluate_loss
 from hf_fibration.models.sites import Site, SiteSwap, build_sites, layer_report, site_parameters
-from hf_fibration.pipeline.blocks import block_of, stacks_of
+from hf_fibration.pipeline.blocks import block_of, first_output, stacks_of
 from hf_fibration.pipeline.fisher import output_fisher
 from hf_fibration.pipeline.loop import finish_report, start_report
 from hf_fibration.policies.bound import HoldoutMargin, SearchBound
@@ -45,10 +45,6 @@ SEARCH_GRID = 8
 # Block errors are measured on the first ERROR_TOKENS carried tokens: a relative error is a mean over tokens, which
 # 2k tokens estimate well enough to rank cuts, at a quarter of the cost of the 8k calibration tokens.
 ERROR_TOKENS = 2048
-
-
-def _first_output(out: object) -> torch.Tensor:
-    return out[0] if isinstance(out, (tuple, list)) else out
 
 
 class _StackInputs:
@@ -81,8 +77,8 @@ class _StackInputs:
 def _run(block: nn.Module, call: tuple[tuple, dict], hidden: torch.Tensor) -> torch.Tensor:
     args, kwargs = call
     if args:
-        return _first_output(block(hidden, *args[1:], **kwargs))
-    return _first_output(block(**{**kwargs, "hidden_states": hidden}))
+        return first_output(block(hidden, *args[1:], **kwargs))
+    return first_output(block(**{**kwargs, "hidden_states": hidden}))
 
 
 def _hidden(call: tuple[tuple, dict]) -> torch.Tensor:
