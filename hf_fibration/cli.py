@@ -103,6 +103,9 @@ CONFLICTS = [
     ("block_error", "epsilon", "--block-error prices the cuts of a search or target size, which a fixed ε skips"),
     ("block_error", "lossless", "--block-error prices the cuts of a search or target size; --lossless has none"),
     ("block_error", "plain", "--plain cuts every MLP to one width, with nothing to allocate"),
+    ("cut_pricing", "epsilon", "--cut-pricing prices the cuts of a search or target size, which a fixed ε skips"),
+    ("cut_pricing", "lossless", "--cut-pricing prices the cuts of a search or target size; --lossless has none"),
+    ("cut_pricing", "plain", "--plain cuts every MLP to one width, with nothing to allocate"),
 ]
 # Flags that do something only beside another: (flag, the one it needs).
 RETUNE_ONLY = ("rho", "quench", "max_rounds", "train_dataset", "train_split", "train_samples", "epochs", "lr",
@@ -118,7 +121,8 @@ CONFIG_FLAGS = {"max_eval_samples": "--max-samples", "eval_batch_size": "--batch
                 "target_params": "--target-params", "holdout_fraction": "--holdout-fraction",
                 "calibration_tokens": "--calibration-tokens", "fibers_from": "--fibers-from",
                 "compensate": "--no-compensate", "search": "--search", "lossless": "--lossless",
-                "sensitivity": "--sensitivity", "block_error": "--block-error"}
+                "sensitivity": "--sensitivity", "block_error": "--block-error",
+                "cut_pricing": "--cut-pricing"}
 CONFIG_FIELDS = {f.name: f for f in dataclasses.fields(FibrationConfig)}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -248,6 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how --search block and --sensitivity block price a cut's block-output error: relative "
                         "(‖δ‖²/‖Y‖²) or fisher (the loss increase to second order, from the sampled Fisher of one "
                         "backward pass)")
+    c.add_argument("--cut-pricing", choices=config.CUT_PRICINGS, default=config_default("cut_pricing"),
+                   help="how --search block and --sensitivity block measure a cut's block error: forward (the "
+                        "block run again with every cut) or local (the site's own output error on cached inputs, "
+                        "scaled to the block's error by one block run per site)")
     c.add_argument("--task", choices=TASKS, default="auto",
                    help="the head to load the model with, as optimum-cli export names them; auto: config.json's "
                         "architectures, else inferred from the model type and the weight names (printed first)")
@@ -399,7 +407,8 @@ def _config(args: argparse.Namespace) -> FibrationConfig:
                                holdout_fraction=args.holdout_fraction, lossless=args.lossless,
                                calibration_tokens=args.calibration_tokens, fibers_from=_fibers_from(args),
                                compensate=not args.no_compensate, search=args.search,
-                               sensitivity=args.sensitivity, block_error=args.block_error)
+                               sensitivity=args.sensitivity, block_error=args.block_error,
+                               cut_pricing=args.cut_pricing)
     except ValueError as err:
         raise ValueError(_flags(str(err))) from None
 

@@ -15,6 +15,7 @@ SEARCH_ORDERS = ("forward", "backward")
 SEARCHES = ("greedy", "block")
 SENSITIVITIES = ("block", "loss")
 BLOCK_ERRORS = ("relative", "fisher")
+CUT_PRICINGS = ("forward", "local")
 BUDGETS = ("uniform", "greedy")
 
 
@@ -99,6 +100,13 @@ class FibrationConfig:
                           "error δ: 'relative' (‖δ‖² / ‖Y‖²) or 'fisher' (½ Σ F·δ², F the sampled Fisher of the loss "
                           "with respect to the block's output, from one backward pass: the loss increase to second "
                           "order, comparable across blocks)."},
+    )
+    cut_pricing: str = field(
+        default="forward",
+        metadata={"help": "How the block search and the target size's 'block' sensitivity measure each cut's block "
+                          "error: 'forward' (the block run again with every cut) or 'local' (the error of the "
+                          "site's own output on cached inputs, scaled to the block's error by one block run per "
+                          "site)."},
     )
     epsilon_min: float = field(default=0.0, metadata={"help": "Lower bound of the ε binary search."})
     epsilon_max: float = field(default=1.0, metadata={"help": "Upper bound of the ε binary search (< 2)."})
@@ -209,6 +217,8 @@ class FibrationConfig:
         _check(self.budget in BUDGETS, f"Unknown budget {self.budget!r}; choose one of {', '.join(BUDGETS)}.")
         _check(self.block_error in BLOCK_ERRORS,
                f"Unknown block_error {self.block_error!r}; choose one of {', '.join(BLOCK_ERRORS)}.")
+        _check(self.cut_pricing in CUT_PRICINGS,
+               f"Unknown cut_pricing {self.cut_pricing!r}; choose one of {', '.join(CUT_PRICINGS)}.")
         _check(self.sensitivity in SENSITIVITIES,
                f"Unknown sensitivity {self.sensitivity!r}; choose one of {', '.join(SENSITIVITIES)}.")
         _check(self.search in SEARCHES, f"Unknown search {self.search!r}; choose one of {', '.join(SEARCHES)}.")

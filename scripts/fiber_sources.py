@@ -41,6 +41,9 @@ def main() -> None:
     ap.add_argument("--sources", nargs="+", default=["weights", "span"], help="fibers_from values to compare")
     ap.add_argument("--sensitivities", nargs="+", default=["loss"], choices=["loss", "block"],
                     help="FibrationConfig.sensitivity values to compare (how the target size prices each site)")
+    ap.add_argument("--cut-pricing", default="forward", choices=["forward", "local"],
+                    help="FibrationConfig.cut_pricing for the 'block' sensitivity (a block run per cut, or the "
+                         "site's own output error scaled by one block run)")
     ap.add_argument("--keep", type=float, default=0.5, help="fraction of non-embedding parameters kept")
     ap.add_argument("--calib", type=int, default=128, help="calibration/search lines (wikitext-2 valid)")
     ap.add_argument("--test", type=int, default=512, help="report lines (wikitext-2 test)")
@@ -81,12 +84,13 @@ def main() -> None:
             report, compensate = compress_to_size(model, source, args.keep, calib), False
         else:
             config = FibrationConfig(target_params=args.keep, parts=("attention", "mlp"), fibers_from=source,
-                                     max_length=args.max_length, sensitivity=sensitivity)
+                                     max_length=args.max_length, sensitivity=sensitivity,
+                                     cut_pricing=args.cut_pricing)
             report, compensate = compress_pretrained(model, config, evalset=calib, progress=False), config.compensate
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
         holdout = report.holdout_final_loss
-        row = {"fibers_from": source, "sensitivity": sensitivity, "run": args.run, "keep": args.keep,
-               "calib": args.calib, "test": args.test,
+        row = {"fibers_from": source, "sensitivity": sensitivity, "cut_pricing": args.cut_pricing, "run": args.run,
+               "keep": args.keep, "calib": args.calib, "test": args.test,
                "compensate": compensate, "compress_seconds": seconds, "compress_cpu_seconds": cpu,
                "load": f"{load} at start, {load_average()} at the end",
                "non_embedding_kept": non_embedding_parameters(model) / before,

@@ -37,6 +37,8 @@ ROWS = [
     ("tolerance-and-epsilon", ["compress", "{marian}", "--tol", "0.1", "--epsilon", "0.3"],
      "Pass --tolerance or --epsilon"),
     ("holdout-and-epsilon", ["compress", "{marian}", "--epsilon", "0.3", "--holdout-fraction", "0.2"], "not both"),
+    ("cut-pricing-and-epsilon", ["compress", "{marian}", "--epsilon", "0.3", "--cut-pricing", "local"],
+     "Pass --cut-pricing or --epsilon, not both"),
     ("layer-losses-without-epsilon", ["compress", "{marian}", "--layer-losses"], "only with --epsilon"),
     ("train-data-without-retune", ["compress", "{marian}", "--epsilon", "0.3", "--train-dataset", "{pairs}"],
      "--train-dataset applies only with --retune"),

@@ -146,3 +146,25 @@ def test_the_refinement_between_ladder_steps_keeps_the_bound_and_never_keeps_mor
     assert refined_report.non_embedding_params_after <= ladder_report.non_embedding_params_after
     assert refined_report.final_loss <= refined_report.base_loss * (1 + config.tolerance)
     assert evaluate_loss(refined, evalset) == pytest.approx(refined_report.final_loss, rel=1e-6)
+
+
+def test_local_pricing_equals_the_block_run_where_the_site_writes_the_residual_and_stays_close_elsewhere():
+    """In a pre-norm block the MLP's change reaches the block output unchanged, so its site-output error scaled by
+    one block run is every cut's block error; attention's changes pass softmax and the MLP after it, where the
+    scaled error only approximates the block's (within 2× here)."""
+    model = tiny_model("llama").eval()
+    evalset = _random_evalset(model, batches=3)
+    sites = [s for s in build_sites(model, FibrationConfig(**PLAIN)) if ".layers.0." in s.name]
+    curves = {}
+    for pricing in ("forward", "local"):
+        config = FibrationConfig(cut_pricing=pricing, **PLAIN)
+        curves[pricing] = site_error_curves(model, config, evalset, sites, progress=False, by_count=True)
+    for site in sites:
+        forward = [c["error"] for c in curves["forward"][site.name]]
+        local = [c["error"] for c in curves["local"][site.name]]
+        assert len(forward) == len(local) >= 4 and max(forward) > 0
+        if site.kind == "mlp":
+            assert local == pytest.approx(forward, rel=1e-4)
+        else:
+            ratios = [c / f for c, f in zip(local, forward, strict=True) if f > 0]
+            assert 0.5 < min(ratios) <= max(ratios) < 2

@@ -224,3 +224,26 @@ def test_calibration_keeps_the_captured_dtype_and_gives_float64():
     assert cal.stored.dtype == torch.float32 and len(cal) == 100  # half the memory of float64, the same values
     assert cal.inputs.dtype == torch.float64 and torch.equal(cal.inputs, cal.stored.double())
     assert torch.equal(cal.rows(slice(10, 20)), cal.inputs[10:20])
+
+
+def test_span_pivots_are_the_greedy_pivots_with_their_projection_residuals():
+    """LAPACK's pivoted Cholesky picks, at every step, the unit least explained by those before it; the residual
+    after t pivots is ‖Φ − P_t Φ‖_F / ‖Φ‖_F, here recomputed by least squares on Φ itself."""
+    from hf_fibration.core.compensate import SpanDendrogram
+
+    g = torch.Generator().manual_seed(3)
+    hidden = torch.randn(300, 40, generator=g, dtype=torch.float64)
+    hidden[:, 30:] = hidden[:, :10] @ torch.randn(10, 10, generator=g, dtype=torch.float64)  # rank 30
+    down = torch.randn(8, 40, generator=g, dtype=torch.float64)
+    dendro = SpanDendrogram(hidden, down)
+    phi = (hidden - hidden.mean(0)) * down.norm(dim=0)
+    chosen: list[int] = []
+    for t in range(30):
+        basis = phi[:, chosen]
+        rest = phi - basis @ torch.linalg.lstsq(basis, phi).solution if chosen else phi
+        assert abs(float(rest.norm() / phi.norm()) - float(dendro.residual[t])) < 1e-9
+        left = rest.pow(2).sum(0)
+        left[chosen] = -1
+        chosen.append(int(left.argmax()))
+        assert int(dendro.order[t]) == chosen[-1]
+    assert float(dendro.residual[30]) < 1e-6 and sorted(dendro.order[30:].tolist()) == dendro.order[30:].tolist()

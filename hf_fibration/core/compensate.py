@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 
 import torch
+from scipy.linalg import lapack
 
 from .fibers import EPSILON_MAX, FiberDendrogram, FiberPartition
 
@@ -139,6 +140,7 @@ class UnitStats:
         self.sum: dict[int, torch.Tensor] = {}
         self.n = [0] * cells
         self._squares: dict[tuple[int, ...], float] = {}
+        self._gram_weight: dict[int, torch.Tensor] = {}  # Σ h yᵀ of every unit, without the bias: (Σ hhᵀ) Wᵀ
 
     def add(self, hidden: torch.Tensor, cell: torch.Tensor) -> None:
         h = hidden.to(torch.float64)
@@ -148,6 +150,7 @@ class UnitStats:
             _add(self.sum, c, hc.sum(0))
             self.n[c] += int(rows.sum())
         self._squares.clear()
+        self._gram_weight.clear()
 
     def ridge_stats(self, kept: torch.Tensor) -> RidgeStats:
         """``RidgeStats`` of the units ``kept`` (in that order) against the original output y = W h + b."""
@@ -155,7 +158,9 @@ class UnitStats:
         for c, gram in self.gram.items():
             hh[c] = gram[kept][:, kept]
             h[c] = self.sum[c][kept]
-            hy[c] = gram[kept] @ self.weight.T
+            if c not in self._gram_weight:
+                self._gram_weight[c] = gram @ self.weight.T
+            hy[c] = self._gram_weight[c][kept]
             y[c] = self.weight @ self.sum[c]
             if self.bias is not None:
                 hy[c] += torch.outer(h[c], self.bias)
@@ -312,41 +317,41 @@ def _folded_partition(fibers: torch.Tensor, reps: torch.Tensor, coef: torch.Tens
 
 def span_representatives(hidden: torch.Tensor, down_weight: torch.Tensor, k: int) -> torch.Tensor:
     """The k units whose (centered, output-weighted) activations span the others best: the first k pivots of a
-    pivoted Cholesky of the Gram of Φ = H·diag(‖W_down[:, i]‖) (the pivots of a column-pivoted QR of Φ), found
-    greedily in O(n·k²). Units in their span are linear fibers of them."""
+    pivoted Cholesky of the Gram of Φ = H·diag(‖W_down[:, i]‖) (the pivots of a column-pivoted QR of Φ). Units in
+    their span are linear fibers of them."""
     n = hidden.shape[1]
-    return _span_pivots(hidden, down_weight, max(1, min(k, n)))[0]
+    return _span_pivots(_output_weighted_gram(_gram(hidden), hidden, down_weight))[0][: max(1, min(k, n))]
 
 
-def _span_pivots(hidden: torch.Tensor, down_weight: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first k pivots (each independent of k) and the relative residual ‖Φ − P_t Φ‖_F / ‖Φ‖_F after the
-    first t of them, t = 0..k. Once nothing is left to explain (round-off), the remaining units follow in index
-    order with residual 0."""
+def _gram(hidden: torch.Tensor) -> torch.Tensor:
     h = hidden.to(torch.float64)
-    phi = (h - h.mean(0, keepdim=True)) * down_weight.to(torch.float64).norm(dim=0)
-    gram = phi.T @ phi
+    return h.T @ h
+
+
+def _output_weighted_gram(gram: torch.Tensor, hidden: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
+    """ΦᵀΦ from HᵀH (``gram``): Φ = (H − mean H)·diag(‖W_down[:, i]‖), without a second pass over the tokens."""
+    n = hidden.shape[0]
+    mean = hidden.to(torch.float64).sum(0) / max(n, 1)
+    scale = down_weight.to(torch.float64).norm(dim=0)
+    return (gram - torch.outer(mean, mean).mul_(n)) * torch.outer(scale, scale)
+
+
+def _span_pivots(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every unit in pivot order (the greedy choice of a pivoted Cholesky of ``gram``: the unit with the largest
+    residual next, LAPACK's ?pstrf) and the relative residual ‖Φ − P_t Φ‖_F / ‖Φ‖_F after the first t of them,
+    t = 0..n. Once nothing is left to explain (round-off), the remaining units follow in index order with
+    residual 0."""
     n = gram.shape[0]
-    residual = gram.diagonal().clone()
-    total = float(residual.sum())
-    factor = torch.zeros(n, k, dtype=torch.float64)
-    pivots = torch.empty(k, dtype=torch.long)
-    left = torch.ones(n, dtype=torch.bool)
-    energy = torch.zeros(k + 1, dtype=torch.float64)
+    total = float(gram.diagonal().sum())
+    factor, piv, rank, info = lapack.dpstrf(gram.numpy(), tol=SPAN_ROUNDOFF * total, lower=1)
+    if info < 0:
+        raise ValueError(f"LAPACK dpstrf rejected argument {-info} of the span Gram.")
+    piv = torch.from_numpy(piv.astype("int64") - 1)
+    pivots = torch.cat([piv[:rank], piv[rank:].sort().values])
+    explained = torch.from_numpy(factor[:, :rank]).tril().pow(2).sum(0).cumsum(0)
+    energy = torch.zeros(n + 1, dtype=torch.float64)
     energy[0] = total
-    for t in range(k):
-        i = int(torch.argmax(residual))
-        if not residual[i] > SPAN_ROUNDOFF * total:  # the span already holds every unit
-            rest = left.nonzero().flatten()[: k - t]
-            pivots[t:] = rest
-            energy[t + 1:] = 0.0
-            break
-        pivots[t] = i
-        left[i] = False
-        column = (gram[:, i] - factor[:, :t] @ factor[i, :t]) / residual[i].clamp_min(1e-30).sqrt()
-        factor[:, t] = column
-        residual -= column**2
-        residual[pivots[: t + 1]] = -float("inf")
-        energy[t + 1] = residual[left].clamp_min(0).sum()
+    energy[1:rank + 1] = (total - explained).clamp_min(0)
     relative = (energy / max(total, 1e-300)).sqrt()
     return pivots, torch.cummin(relative, 0).values
 
@@ -364,9 +369,8 @@ class SpanDendrogram:
     (ε = 0 keeps every unit unless the activations are rank-deficient)."""
 
     def __init__(self, hidden: torch.Tensor, down_weight: torch.Tensor) -> None:
-        h = hidden.to(torch.float64)
-        self.gram = h.T @ h  # every cut folds from it (``fold_into``): one pass over the tokens for all counts
-        self.order, self.residual = _span_pivots(hidden, down_weight, hidden.shape[1])
+        self.gram = _gram(hidden)  # every cut folds from it (``fold_into``): one pass over the tokens for all counts
+        self.order, self.residual = _span_pivots(_output_weighted_gram(self.gram, hidden, down_weight))
 
     @property
     def num_units(self) -> int:

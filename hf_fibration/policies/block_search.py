@@ -31,7 +31,9 @@ from tqdm.auto import tqdm
 from hf_fibration.config import FibrationConfig, loss_bound
 from hf_fibration.core.report import CompressionReport
 from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum, evaluate_loss
+from hf_fibration.models.architectures import mlp_activation
 from hf_fibration.models.sites import Site, SiteSwap, build_sites, layer_report, site_parameters
+from hf_fibration.models.surgery import get_module
 from hf_fibration.pipeline.blocks import block_of, first_output, stacks_of
 from hf_fibration.pipeline.fisher import output_fisher
 from hf_fibration.pipeline.loop import finish_report, start_report
@@ -126,15 +128,20 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
             hidden = [_hidden(call) for call in inputs.calls[s]]
             for b, block in enumerate(blocks):
                 calls = inputs.calls[s]
-                reference = [_run(block, call, h) for call, h in zip(calls, hidden, strict=True)]
+                block_sites = by_block.get((s, b), [])
+                local = config.cut_pricing == "local"
+                with _SiteInputs(model, block_sites if local else [], measured) as site_inputs:
+                    reference = [_run(block, call, h) for call, h in zip(calls, hidden, strict=True)]
                 if fisher is None:  # relative error: ‖δ‖² / ‖Y‖²
                     weights = None
                     scale = 1.0 / max(sum(float(y.double().pow(2).sum()) for y in reference[:measured]), 1e-30)
                 else:  # the loss increase to second order: ½ Σ F δ², per loss term
                     weights, scale = fisher[(s, b)], 0.5 / max(loss_terms, 1)
-                for site in by_block.get((s, b), []):
-                    curves[site.name] = _site_curve(model, config, site, block, calls, hidden, reference,
-                                                    (weights, scale), by_count, grid, measured)
+                for site in block_sites:
+                    measure = _BlockError(block, calls[:measured], hidden, reference, weights)
+                    local_output = _SiteOutput(model, site, site_inputs.rows[site.name]) if local else None
+                    curves[site.name] = _site_curve(model, config, site, block, calls, hidden, measure, scale,
+                                                    local_output, by_count, grid)
                 hidden = reference
                 if (s, b) in by_block:
                     bar.update(1)
@@ -158,11 +165,78 @@ def _count_grid(dendro, units: int, grid: int = GRID) -> list[tuple[float, objec
     return [(float(dendro.epsilon_for_count(count)), dendro.cut_to_count(count)) for count in counts]
 
 
+class _BlockError:
+    """Σ (Y' − Y)² (or Σ F·(Y' − Y)²) of a block's output on the measured carried inputs, the model as it stands."""
+
+    def __init__(self, block: nn.Module, calls: list, hidden: list[torch.Tensor], reference: list[torch.Tensor],
+                 weights: list[torch.Tensor] | None) -> None:
+        self.block, self.calls, self.hidden, self.reference, self.weights = block, calls, hidden, reference, weights
+
+    def __call__(self) -> float:
+        error = 0.0
+        for i, (call, h, y) in enumerate(zip(self.calls, self.hidden, self.reference, strict=False)):
+            squares = (_run(self.block, call, h) - y).double().pow(2)
+            if self.weights is not None:
+                squares = squares * self.weights[i].to(squares.device)
+            error += float(squares.sum())
+        return error
+
+
+class _SiteInputs:
+    """While open, records what enters each site's first module on the first ``measured`` block runs."""
+
+    def __init__(self, model: nn.Module, sites: list[Site], measured: int) -> None:
+        self.rows: dict[str, torch.Tensor] = {}
+        self._parts: dict[str, list[torch.Tensor]] = {site.name: [] for site in sites}
+        self._model, self._sites, self._measured = model, sites, measured
+        self._handles: list = []
+
+    def __enter__(self) -> _SiteInputs:
+        for site in self._sites:
+            self._handles.append(get_module(self._model, site.modules[0]).register_forward_pre_hook(
+                self._hook(self._parts[site.name])))
+        return self
+
+    def _hook(self, parts: list[torch.Tensor]):
+        def record(module: nn.Module, args: tuple) -> None:
+            if len(parts) < self._measured:
+                parts.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+
+        return record
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self.rows = {name: torch.cat(parts) for name, parts in self._parts.items() if parts}
+
+
+class _SiteOutput:
+    """A site's own output on cached inputs: a rows site's projection, an MLP's consumer output."""
+
+    def __init__(self, model: nn.Module, site: Site, inputs: torch.Tensor) -> None:
+        self.site, self.inputs = site, inputs
+        self.act = mlp_activation(model)[1] if site.kind == "mlp" else None
+        self.reference = self._output(model)
+
+    def _output(self, model: nn.Module) -> torch.Tensor:
+        if self.site.kind == "rows":
+            return get_module(model, self.site.modules[0])(self.inputs)
+        outs = [get_module(model, name)(self.inputs) for name in self.site.modules_in()]
+        hidden = self.act(outs[0])
+        if len(outs) > 1:
+            hidden = hidden * outs[1]
+        return get_module(model, self.site.modules[-1])(hidden)
+
+    def error(self, model: nn.Module) -> float:
+        return float((self._output(model) - self.reference).double().pow(2).sum())
+
+
 def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn.Module, calls: list,
-                hidden: list[torch.Tensor], reference: list[torch.Tensor],
-                pricing: tuple[list[torch.Tensor] | None, float], by_count: bool, grid: int, measured: int
-                ) -> list[dict]:
-    weights, scale = pricing
+                hidden: list[torch.Tensor], block_error: _BlockError, scale: float, local: _SiteOutput | None,
+                by_count: bool, grid: int) -> list[dict]:
+    """The site's cuts with their block errors: each measured by ``block_error`` (a block run per cut), or with
+    ``local`` each cut's site-output error, scaled to the block's error by the one cut nearest half the units
+    (the most compressed cut whose site output changes, when that one is exact)."""
     calibration = None
     if site.kind == "mlp" and config.calibrates_mlps:
         calibration = capture_calibration(model, site, lambda i: _run(block, calls[i], hidden[i]), len(calls),
@@ -175,19 +249,33 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn
     cuts = _count_grid(dendro, units, grid) if by_count else [(eps, dendro.cut(eps))
                                                               for eps in _epsilon_grid(dendro, units, config, grid)]
     curve: dict[int, dict] = {}
+    ratio = None  # block error per unit of site-output error
     for eps, part in cuts:
         if part.num_fibers in curve or part.is_trivial:
             continue
         site.apply(model, part, refit)
-        error = 0.0
-        for i, (call, h, y) in enumerate(zip(calls[:measured], hidden, reference, strict=False)):
-            squares = (_run(block, call, h) - y).double().pow(2)
-            error += float(squares.sum() if weights is None else (squares * weights[i].to(squares.device)).sum())
+        if local is None:
+            error = block_error()
+        else:
+            error = local.error(model)
+            if ratio is None and error > 0 and part.num_fibers <= units / 2:
+                ratio = block_error() / error
         curve[part.num_fibers] = {"epsilon": eps, "partition": part, "params": site_parameters(model, site),
-                                  "params_before": params_before, "error": error * scale,
-                                  "refit": refit}
+                                  "params_before": params_before, "error": error, "refit": refit}
         site.restore(model)
         site.commit()  # forget the originals: a later apply must take the model's modules as they are then
+    if local is not None and curve:
+        changed = [cut for cut in curve.values() if cut["error"] > 0]
+        if ratio is None and changed:
+            cut = min(changed, key=lambda c: c["params"])
+            site.apply(model, cut["partition"], refit)
+            ratio = block_error() / cut["error"]
+            site.restore(model)
+            site.commit()
+        for cut in curve.values():
+            cut["error"] *= ratio or 0.0
+    for cut in curve.values():
+        cut["error"] *= scale
     if refit is not None:
         refit.release()  # the curves outlive the site's measurement; its cached original output need not
     return sorted(curve.values(), key=lambda c: c["params"], reverse=True)
