@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -61,19 +62,19 @@ def paragraphs(folder: Path) -> Path:
     return path
 
 
-def run(model: Path, data: Path, search: str, threads: int) -> dict:
+def run(model: Path, data: Path, search: str, threads: int, flags: str = "") -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out"
         argv = [sys.executable, "-m", "hf_fibration.cli", "compress", str(model), "--dataset", str(data),
                 "--max-samples", "128", "--tolerance", "0.01", "--search", search, "--output", str(out),
-                "--no-progress"]
+                "--no-progress", *shlex.split(flags)]
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         before = resource.getrusage(resource.RUSAGE_CHILDREN)
         load, wall = load_average(), time.perf_counter()
         done = subprocess.run(argv, env=env, capture_output=True, text=True)
         wall = time.perf_counter() - wall
         after = resource.getrusage(resource.RUSAGE_CHILDREN)
-        row = {"search": search, "exit_code": done.returncode, "seconds": wall,
+        row = {"search": search, "flags": flags, "exit_code": done.returncode, "seconds": wall,
                "cpu_seconds": after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime,
                "peak_rss_mb": after.ru_maxrss / 1024, "threads": threads,
                "load": f"{load} at start, {load_average()} at the end",
@@ -90,6 +91,10 @@ def run(model: Path, data: Path, search: str, threads: int) -> dict:
     return row
 
 
+def _search(row: dict) -> str:
+    return " ".join(filter(None, [row["search"], row.get("flags", "")]))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--layers", type=int, default=30)
@@ -98,6 +103,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", default="runs/llm-cli", help="where the checkpoint and paragraphs are kept")
     parser.add_argument("--out", default="results/bench_llm_cli")
     parser.add_argument("--tag", default="", help="names the code measured (rows are kept per tag)")
+    parser.add_argument("--flags", default="", help="more compress flags, e.g. '--cut-pricing local' (rows are kept "
+                                                    "per flags too)")
     args = parser.parse_args(argv)
     head = print_preamble(command_line(__file__, argv), load=True)
     work, out = Path(args.work), Path(args.out)
@@ -106,9 +113,10 @@ def main(argv: list[str] | None = None) -> None:
     rows_file = out / "rows.json"
     rows = read_rows(rows_file)
     for search in args.searches:
-        if any(r["layers"] == args.layers and r["search"] == search and r.get("tag", "") == args.tag for r in rows):
+        if any(r["layers"] == args.layers and r["search"] == search and r.get("tag", "") == args.tag
+               and r.get("flags", "") == args.flags for r in rows):
             continue
-        rows.append({"layers": args.layers, "tag": args.tag, **run(model, data, search, args.threads),
+        rows.append({"layers": args.layers, "tag": args.tag, **run(model, data, search, args.threads, args.flags),
                      "machine": head["machine"],
                      "date": head["date"]})
         print(json.dumps(rows[-1]), flush=True)
@@ -124,11 +132,11 @@ def main(argv: list[str] | None = None) -> None:
              "after) | searches |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["exit_code"] != 0:
-            lines.append(f"| {r.get('tag', '')} | {r['layers']} | {r['search']} | {r['exit_code']}: "
+            lines.append(f"| {r.get('tag', '')} | {r['layers']} | {_search(r)} | {r['exit_code']}: "
                          f"{r.get('error', '')} | "
                          f"{r['seconds']:.0f} s | {r['cpu_seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB | | | |")
             continue
-        lines.append(f"| {r.get('tag', '')} | {r['layers']} | {r['search']} | 0 | {r['seconds']:.0f} s "
+        lines.append(f"| {r.get('tag', '')} | {r['layers']} | {_search(r)} | 0 | {r['seconds']:.0f} s "
                      f"({r['seconds'] / 60:.1f} min) | "
                      f"{r['cpu_seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB | {r['ratio']:.2f}× | "
                      f"{r['holdout_base']:.4f} → {r['holdout_loss']:.4f} | {r['searches']} |")

@@ -178,7 +178,7 @@ def test_span_cut_from_the_gram_equals_the_fold_from_the_tokens():
         coef = (hidden * hidden[:, reps[nearest]]).sum(0) / (hidden[:, reps] ** 2).sum(0)[nearest]
         part = dendro.cut_to_count(k)
         assert part.num_fibers == k
-        torch.testing.assert_close(part.fold[torch.argsort(torch.argsort(reps))[nearest], torch.arange(40)],
+        torch.testing.assert_close(part.fold.to_dense()[torch.argsort(torch.argsort(reps))[nearest], torch.arange(40)],
                                    torch.where(torch.isin(torch.arange(40), reps), 1.0, coef).double())
 
 

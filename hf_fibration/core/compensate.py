@@ -301,7 +301,8 @@ def fold_into(gram: torch.Tensor, representatives: torch.Tensor) -> tuple[FiberP
 
 def _folded_partition(fibers: torch.Tensor, reps: torch.Tensor, coef: torch.Tensor
                       ) -> tuple[FiberPartition, torch.Tensor]:
-    """The partition and fold matrix of fibers (a fiber per unit), their representatives and fold coefficients."""
+    """The partition and fold matrix (sparse, k × units) of fibers (a fiber per unit), their representatives and
+    fold coefficients."""
     n, num = fibers.numel(), reps.numel()
     coef = coef.clone()
     coef[reps] = 1.0
@@ -310,8 +311,9 @@ def _folded_partition(fibers: torch.Tensor, reps: torch.Tensor, coef: torch.Tens
     new_label[order] = torch.arange(num)
     labels = torch.full((n,), -1, dtype=torch.long)
     labels[reps] = new_label
-    fold = torch.zeros(num, n, dtype=torch.float64)
-    fold[new_label[fibers], torch.arange(n)] = coef
+    # one coefficient per unit: sparse, so a search that keeps many cuts of a wide MLP holds O(units) per cut
+    fold = torch.sparse_coo_tensor(torch.stack([new_label[fibers], torch.arange(n)]), coef, (num, n),
+                                   check_invariants=True).coalesce()
     return FiberPartition(labels, torch.ones(n, dtype=torch.float64), fold), fold
 
 

@@ -85,8 +85,9 @@ def cosine_distance_condensed(rows: torch.Tensor) -> np.ndarray:
 class FiberPartition:
     """Fiber id per unit (0..k-1, or -1 for a dropped unit) and the positive scale of each unit.
 
-    ``fold`` (k × units), when set, gives the consumer's new columns as W·foldᵀ instead of the sums over each
-    fiber: units folded into a representative by a coefficient each (``core.compensate.activation_fibers``)."""
+    ``fold`` (k × units, sparse: one coefficient per unit), when set, gives the consumer's new columns as W·foldᵀ
+    instead of the sums over each fiber: units folded into a representative by a coefficient each
+    (``core.compensate.activation_fibers``)."""
 
     labels: torch.Tensor
     scales: torch.Tensor

@@ -151,7 +151,7 @@ class Site:
         w, b = collapse_weight(*linear_weight(out), None, partition)
         if partition.fold is not None:  # units folded into representatives by a coefficient each
             weight = linear_weight(out)[0].to(torch.float64)
-            w = (weight @ partition.fold.T.to(weight)).to(w)
+            w = torch.sparse.mm(partition.fold.to(weight), weight.T).T.to(w)
         set_module(model, self.modules[-1], FiberLinear.from_weights(w, b, getattr(out, "fiber_index", None)))
 
     def _apply_embedding(self, model: nn.Module, partition: FiberPartition) -> None:
