@@ -6,6 +6,8 @@ Imported first by the package; it changes nothing unless the process is the ``hf
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -17,9 +19,21 @@ def _is_cli() -> bool:
     return command in ("hf-fibration", "hf-fibration.exe") or module == "hf_fibration.cli"
 
 
+_interrupted = []
+
+
+def _on_interrupt(signum: int, frame) -> None:
+    _interrupted.append(signum)
+    raise KeyboardInterrupt
+
+
 def _quiet_interrupt(kind: type[BaseException], value: BaseException, tb) -> None:
-    if issubclass(kind, KeyboardInterrupt):
+    if issubclass(kind, KeyboardInterrupt) or _interrupted:
+        # an interrupt inside numpy's or scipy's own import can surface as another error (a half-imported module)
         print("hf-fibration: interrupted while starting; no output written.", file=sys.stderr)
+        if not issubclass(kind, KeyboardInterrupt):  # exit as an interrupted process does
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
     else:
         _previous(kind, value, tb)
 
@@ -27,3 +41,5 @@ def _quiet_interrupt(kind: type[BaseException], value: BaseException, tb) -> Non
 _previous = sys.excepthook
 if _is_cli():
     sys.excepthook = _quiet_interrupt
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _on_interrupt)

@@ -180,10 +180,13 @@ def _train_args(p: argparse.ArgumentParser, required: bool = False) -> None:
     g.add_argument("--patience", type=int, default=2, help="evaluations without improvement before stopping")
     g.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"),
                    help="mixed-precision training through accelerate")
-    g.add_argument("--distill", action="store_true",
+    g.add_argument("--distill", action=argparse.BooleanOptionalAction, default=not required,
                    help="distill from the uncompressed model: KL(teacher‖student)·T² on the logits mixed with the "
                         "task loss; bare encoders, whose loss already is fidelity to it, add every layer's hidden "
-                        "states; costs one more model copy in memory")
+                        "states; costs one more model copy in memory. "
+                        + ("Off by default here (it needs --base-model)." if required else
+                           "On by default for --retune: Alg. 2 with distillation ended smaller and lower than with "
+                           "the task loss alone (results/seed-regime); --no-distill retunes on the task loss."))
     g.add_argument("--distill-weight", type=float, default=0.5, help="weight of the distillation term")
     g.add_argument("--distill-temperature", type=float, default=2.0, help="distillation temperature T")
     g.add_argument("--distill-hidden-weight", type=float, default=None,
@@ -356,8 +359,8 @@ def check_args(args: argparse.Namespace, given: set[str] | None = None) -> None:
     for flag, other, why in CONFLICTS:
         if flag in given and other in given:
             raise ValueError(f"Pass {_flag(flag)} or {_flag(other)}, not both: {why}.")
-    for flag, needed in NEEDS:
-        if flag in given and needed not in given and hasattr(args, needed):
+    for flag, needed in NEEDS:  # `needed` off: never set (None) or switched off (False; --distill is on by default)
+        if flag in given and hasattr(args, needed) and any(getattr(args, needed) is off for off in (None, False)):
             raise ValueError(f"{_flag(flag)} applies only with {_flag(needed)}; add {_flag(needed)} or drop "
                              f"{_flag(flag)}.")
     if getattr(args, "plain", False) and args.command == "compress":

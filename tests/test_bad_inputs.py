@@ -44,6 +44,8 @@ ROWS = [
      "--train-dataset applies only with --retune"),
     ("distill-weight-without-distill", ["retune", "{compressed}", "--train-dataset", "{text}", "--distill-weight",
                                         "0.3"], "only with --distill"),
+    ("no-distill-with-distill-weight", ["compress", "{marian}", "--retune", "--train-dataset", "{pairs}",
+                                        "--no-distill", "--distill-weight", "0.3"], "only with --distill"),
     ("private-without-push", ["compress", "{marian}", "--private"], "only with --push-to-hub"),
     # #27.4: data files that do not parse
     ("latin1-text", ["compress", "{marian}", "--dataset", "{latin1}"], "is not UTF-8"),

@@ -210,3 +210,28 @@ def test_alg2_ends_when_a_rounds_collapse_removes_nothing(setup, trained, monkey
                               epochs=1, learning_rate=1e-3, progress=False)
     assert [r["round"] for r in rows] == ["final"]
     assert rows[-1]["ended"] == "nothing left to compress" and rows[-1]["epsilons_searched"]
+
+
+@pytest.mark.parametrize("distill", [True, False])
+def test_alg2_distills_from_the_uncompressed_model_by_default(setup, trained, monkeypatch, distill):
+    """Every round's retuning gets the model as it entered Alg. 2 as teacher (the measured best setting), frozen;
+    ``distill=False`` retunes on the task loss alone."""
+    _, train, evalset = setup
+    import hf_fibration.training.retune as module
+
+    teachers = []
+
+    def spy(model, *args, **kwargs):
+        teachers.append(kwargs.get("teacher"))
+        return retune(model, *args, **kwargs)
+
+    monkeypatch.setattr(module, "retune", spy)
+    compress_retune(copy.deepcopy(trained), ALG2, evalset, train, rho=1.0, quench=1.5, max_rounds=2, epochs=1,
+                    learning_rate=1e-3, progress=False, distill=distill)
+    assert len(teachers) == 2
+    if not distill:
+        assert teachers == [None, None]
+        return
+    assert teachers[0] is teachers[1] and not any(p.requires_grad for p in teachers[0].parameters())
+    original = trained.state_dict()
+    assert all(torch.equal(v, original[k]) for k, v in teachers[0].state_dict().items())

@@ -213,6 +213,7 @@ def compress_retune(
     on_round: Callable[[dict, nn.Module], None] | None = None,
     time_budget_s: float | None = None,
     output_dir: str | Path | None = None,
+    distill: bool = True,
     **retune_kwargs,
 ) -> tuple[nn.Module, list[dict]]:
     """Seed Alg. 2 (Methods 5.4). L = the eval loss of ``model`` (or ``base_loss``). Each round: the greedy search
@@ -220,8 +221,11 @@ def compress_retune(
     compression) and retuned with early stopping; the loop goes on while the retuned loss L_c ≤ (1+ρ)·L. The answer
     is the last model within the bound after one more loss-preserving greedy search (Alg. 2 lines 12–13), unless
     that search's loss leaves the bound, then the retuned model itself. A round whose search finds nothing to
-    collapse ends the loop. ``model`` is changed in place; ``retune_kwargs`` go to :func:`retune` (a ``teacher``
-    there distills from it). Returns the model and one row per retuned round plus a row for the returned model
+    collapse ends the loop. ``model`` is changed in place; ``retune_kwargs`` go to :func:`retune`. With ``distill``
+    (the default: on the seed-regime series it ended smaller and lower than the seed's plain retuning,
+    results/seed-regime) every retuning distills from the uncompressed model (a copy kept in memory), unless
+    ``retune_kwargs`` names another ``teacher``; tasks whose loss already compares with the original (fidelity)
+    take none. Returns the model and one row per retuned round plus a row for the returned model
     (``round == "final"``, with why the loop ended).
 
     ``on_round(row, model)`` is called after every round (it may add fields to the row); with ``time_budget_s`` no
@@ -238,6 +242,8 @@ def compress_retune(
                          f"max_rounds={max_rounds}.")
     base = evaluate_loss(model, evalset) if base_loss is None else base_loss
     bound = base * (1 + rho) if evalset.task != "fidelity" else rho
+    if distill and "teacher" not in retune_kwargs and evalset.task != "fidelity":
+        retune_kwargs["teacher"] = copy.deepcopy(model).eval().requires_grad_(False)
 
     def sizes(m: nn.Module) -> dict:
         return {"params": count_parameters(m), "non_embedding_params": non_embedding_parameters(m)}
