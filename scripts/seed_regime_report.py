@@ -176,7 +176,7 @@ def markdown(head: dict, sizes: list[dict], law: dict, compressed_law: dict | No
     running = [a for a in alg2 if not a["finished"]]
     if running:
         md.append("")
-        md.append("Still running (rounds so far): " + ", ".join(
+        md.append("Not finished (running, or stopped: each run's log says which; rounds so far): " + ", ".join(
             f"d {a['d_model']} {a['variant']}: {len(a['rows'])} rounds" for a in running))
     md += ["", "## Every retuned round", "", "| d | variant | round | non-embedding | val | test 2016 | steps | "
            "within bound | advantage (law / sizes) |", "|---|---|---|---|---|---|---|---|---|"]
