@@ -24,7 +24,12 @@ from hf_fibration.evaluation.evalset import evaluate_loss
 from hf_fibration.evaluation.results_io import command_line, preamble_markdown, print_preamble, read_rows, write_json
 from hf_fibration.policies.search import greedy_search
 
-PAIRS = [("block", "span"), ("block", "weights"), ("greedy", "span"), ("greedy", "weights")]
+PAIRS = ["block:span", "block:weights", "greedy:span", "greedy:weights"]  # search:fibers_from[:cut_pricing]
+
+
+def _settings(pair: str) -> tuple[str, str, str]:
+    how, source, *pricing = pair.split(":")
+    return how, source, (pricing or ["forward"])[0]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -34,6 +39,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tolerance", type=float, default=0.01)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default="results/command_defaults")
+    parser.add_argument("--pairs", nargs="+", default=PAIRS,
+                        help="search:fibers_from[:cut_pricing] settings to run (cut pricing 'forward' if unnamed)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     head = print_preamble(command_line(__file__, argv), load=True)
@@ -42,17 +49,19 @@ def main(argv: list[str] | None = None) -> None:
     rows_file = out / "rows.json"
     rows = read_rows(rows_file)
     for name in args.models:
-        todo = [p for p in PAIRS if not any(r["model"] == name and (r["search"], r["fibers_from"]) == p for r in rows)]
+        todo = [_settings(p) for p in args.pairs]
+        done = {(r["search"], r["fibers_from"], r.get("cut_pricing", "forward")) for r in rows if r["model"] == name}
+        todo = [t for t in todo if t not in done]
         if not todo:
             continue
         model, search, unseen, what = sets(name, args.samples)
         unseen_base = evaluate_loss(model, unseen)
-        for how, source in todo:
+        for how, source, pricing in todo:
             compressed = copy.deepcopy(model)
-            config = FibrationConfig(tolerance=args.tolerance, search=how, fibers_from=source)
+            config = FibrationConfig(tolerance=args.tolerance, search=how, fibers_from=source, cut_pricing=pricing)
             cpu = time.process_time()
             report = greedy_search(compressed, config, search, progress=False)
-            rows.append({"model": name, "search": how, "fibers_from": source,
+            rows.append({"model": name, "search": how, "fibers_from": source, "cut_pricing": pricing,
                          "cpu_seconds": time.process_time() - cpu, "ratio": report.non_embedding_ratio,
                          "non_embedding_before": report.non_embedding_params_before,
                          "non_embedding_after": report.non_embedding_params_after,
@@ -66,10 +75,11 @@ def main(argv: list[str] | None = None) -> None:
              f"τ = {args.tolerance}, compensated collapse, attention + MLP, held-out check on half of {args.samples} "
              "eval examples (the command's settings); CPU = process CPU seconds of the search and check on one "
              "thread of this shared CPU (each row's load in rows.json); unseen data as named.", "",
-             "| model | search | fibers | searches | non-embedding | ratio | held-out (base → after ± se) | unseen "
-             "(base → after) | CPU |", "|---|---|---|---|---|---|---|---|---|"]
+             "| model | search | fibers | cut pricing | searches | non-embedding | ratio | held-out (base → after "
+             "± se) | unseen (base → after) | CPU |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['search']} | {r['fibers_from']} | {r['searches']} | "
+        lines.append(f"| {r['model']} | {r['search']} | {r['fibers_from']} | {r.get('cut_pricing', 'forward')} | "
+                     f"{r['searches']} | "
                      f"{r['non_embedding_before']:,} → {r['non_embedding_after']:,} | {r['ratio']:.3f}× | "
                      f"{r['holdout_base']:.4f} → {r['holdout_loss']:.4f} ± {r['holdout_se']:.4f} | "
                      f"{r['unseen_base']:.4f} → {r['unseen_loss']:.4f} | {r['cpu_seconds']:.0f} s |")
