@@ -256,9 +256,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(‖δ‖²/‖Y‖²) or fisher (the loss increase to second order, from the sampled Fisher of one "
                         "backward pass)")
     c.add_argument("--cut-pricing", choices=config.CUT_PRICINGS, default=config_default("cut_pricing"),
-                   help="how --search block and --sensitivity block measure a cut's block error: forward (the "
-                        "block run again with every cut) or local (the site's own output error on cached inputs, "
-                        "scaled to the block's error by one block run per site)")
+                   help="how --search block and --sensitivity block measure a cut's block error: local (the "
+                        "site's own output error on cached inputs, scaled to the block's error by one block run per "
+                        "site) or forward (the block run again with every cut)")
     c.add_argument("--task", choices=TASKS, default="auto",
                    help="the head to load the model with, as optimum-cli export names them; auto: config.json's "
                         "architectures, else inferred from the model type and the weight names (printed first)")
