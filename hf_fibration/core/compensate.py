@@ -322,20 +322,16 @@ def span_representatives(hidden: torch.Tensor, down_weight: torch.Tensor, k: int
     pivoted Cholesky of the Gram of Φ = H·diag(‖W_down[:, i]‖) (the pivots of a column-pivoted QR of Φ). Units in
     their span are linear fibers of them."""
     n = hidden.shape[1]
-    return _span_pivots(_output_weighted_gram(_gram(hidden), hidden, down_weight))[0][: max(1, min(k, n))]
+    return _span_pivots(_span_grams(hidden, down_weight)[1])[0][: max(1, min(k, n))]
 
 
-def _gram(hidden: torch.Tensor) -> torch.Tensor:
+def _span_grams(hidden: torch.Tensor, down_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """HᵀH, and ΦᵀΦ from it with Φ = (H − mean H)·diag(‖W_down[:, i]‖): one pass over the tokens for both."""
     h = hidden.to(torch.float64)
-    return h.T @ h
-
-
-def _output_weighted_gram(gram: torch.Tensor, hidden: torch.Tensor, down_weight: torch.Tensor) -> torch.Tensor:
-    """ΦᵀΦ from HᵀH (``gram``): Φ = (H − mean H)·diag(‖W_down[:, i]‖), without a second pass over the tokens."""
-    n = hidden.shape[0]
-    mean = hidden.to(torch.float64).sum(0) / max(n, 1)
+    gram, n = h.T @ h, h.shape[0]
+    mean = h.sum(0) / max(n, 1)
     scale = down_weight.to(torch.float64).norm(dim=0)
-    return (gram - torch.outer(mean, mean).mul_(n)) * torch.outer(scale, scale)
+    return gram, (gram - torch.outer(mean, mean).mul_(n)) * torch.outer(scale, scale)
 
 
 def _span_pivots(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -371,8 +367,8 @@ class SpanDendrogram:
     (ε = 0 keeps every unit unless the activations are rank-deficient)."""
 
     def __init__(self, hidden: torch.Tensor, down_weight: torch.Tensor) -> None:
-        self.gram = _gram(hidden)  # every cut folds from it (``fold_into``): one pass over the tokens for all counts
-        self.order, self.residual = _span_pivots(_output_weighted_gram(self.gram, hidden, down_weight))
+        self.gram, weighted = _span_grams(hidden, down_weight)  # every cut folds from self.gram (``fold_into``)
+        self.order, self.residual = _span_pivots(weighted)
 
     @property
     def num_units(self) -> int:

@@ -122,6 +122,7 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
         if pos is not None:
             by_block.setdefault(pos, []).append(site)
     curves: dict[str, list[dict]] = {}
+    local = config.cut_pricing == "local"
     bar = tqdm(total=len(by_block), desc="block errors", disable=not progress, unit="block")
     with torch.no_grad():
         for s, blocks in enumerate(stacks):
@@ -129,7 +130,6 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
             for b, block in enumerate(blocks):
                 calls = inputs.calls[s]
                 block_sites = by_block.get((s, b), [])
-                local = config.cut_pricing == "local"
                 with _SiteInputs(model, block_sites if local else [], measured) as site_inputs:
                     reference = [_run(block, call, h) for call, h in zip(calls, hidden, strict=True)]
                 if fisher is None:  # relative error: ‖δ‖² / ‖Y‖²
@@ -137,8 +137,8 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
                     scale = 1.0 / max(sum(float(y.double().pow(2).sum()) for y in reference[:measured]), 1e-30)
                 else:  # the loss increase to second order: ½ Σ F δ², per loss term
                     weights, scale = fisher[(s, b)], 0.5 / max(loss_terms, 1)
+                measure = _BlockError(block, calls[:measured], hidden, reference, weights)
                 for site in block_sites:
-                    measure = _BlockError(block, calls[:measured], hidden, reference, weights)
                     local_output = _SiteOutput(model, site, site_inputs.rows[site.name]) if local else None
                     curves[site.name] = _site_curve(model, config, site, block, calls, hidden, measure, scale,
                                                     local_output, by_count, grid)
