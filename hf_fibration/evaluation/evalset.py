@@ -15,6 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from hf_fibration.models.architectures import architecture_for
+from hf_fibration.models.surgery import model_type_of
+
 PACKAGE_DATA = Path(__file__).parent.parent / "data"
 DEFAULT_TEXT = PACKAGE_DATA / "wikitext2_valid.txt"
 DEFAULT_PAIRS = PACKAGE_DATA / "multi30k_val_de_en.jsonl"
@@ -283,6 +286,8 @@ def batch_loss_sum(model: nn.Module, evalset: EvalSet, index: int) -> float:
     """Sum of the batch's loss terms (mean loss × its weight), so the running total bounds the final mean."""
     if evalset.weights[index] == 0:
         return 0.0
+    if evalset.task in ("causal", "masked") and _reads_head(model):
+        return float(_token_terms(model, evalset, index).sum(dtype=torch.float64))
     return float(task_loss(model, evalset, index)) * evalset.weights[index]
 
 
@@ -293,14 +298,71 @@ def batch_example_losses(model: nn.Module, evalset: EvalSet, index: int) -> tupl
     if evalset.task == "fidelity":
         sums = cosine_gap(embed(model, batch), evalset.reference[index]).double().cpu()
         return sums, torch.ones_like(sums)
+    terms = _token_terms(model, evalset, index)
+    return terms.sum(1, dtype=torch.float64).cpu(), (_targets(evalset.task, batch) != -100).sum(1).double().cpu()
+
+
+HEAD_CHUNK_TOKENS = 512  # the head's logits are formed this many tokens at a time (chunk × vocabulary floats)
+
+
+class _HeadInput(Exception):
+    """Raised by the head's pre-hook: the forward stops with the final hidden states in hand."""
+
+    def __init__(self, hidden: torch.Tensor) -> None:
+        self.hidden = hidden
+
+
+def _reads_head(model: nn.Module) -> bool:
+    """Whether the logits are the output embeddings' output (the table's ``head_logits``), so that the loss can
+    read the head on the labelled tokens only, a chunk at a time, instead of the batch's whole logits."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is None:
+        return False
+    try:
+        return architecture_for(model_type_of(model)).head_logits
+    except ValueError:
+        return False
+
+
+def _targets(task: str, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Each position's target (−100: none); a causal position t predicts t + 1, the last predicts nothing."""
+    labels = batch["labels"]
+    if task == "causal":
+        return torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
+    return labels
+
+
+def _token_terms(model: nn.Module, evalset: EvalSet, index: int) -> torch.Tensor:
+    """The cross-entropy of every position of batch ``index`` (0 where there is no target), float32."""
+    batch = evalset.batches[index]
+    targets = _targets(evalset.task, batch)
     kwargs = {"use_cache": False} if evalset.task in ("causal", "seq2seq") else {}
-    logits, labels = model(**batch, **kwargs).logits, batch["labels"]
-    if evalset.task == "causal":  # position t predicts t + 1; the last predicts nothing (no copy of the logits)
-        labels = torch.cat([labels[:, 1:], labels.new_full((labels.shape[0], 1), -100)], dim=1)
-    # classes on the last, contiguous axis: over a large vocabulary 2-3× faster than the (N, C, L) layout
-    terms = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), labels.reshape(-1),
-                                        ignore_index=-100, reduction="none").view(labels.shape)
-    return terms.sum(1).double().cpu(), (labels != -100).sum(1).double().cpu()
+    if not (evalset.task in ("causal", "masked") and _reads_head(model)):
+        logits = model(**batch, **kwargs).logits
+        # classes on the last, contiguous axis: over a large vocabulary 2-3× faster than the (N, C, L) layout
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                                           ignore_index=-100, reduction="none").view(targets.shape)
+    head = model.get_output_embeddings()
+
+    def stop(module: nn.Module, args: tuple) -> None:
+        raise _HeadInput(args[0])
+
+    handle = head.register_forward_pre_hook(stop)
+    try:
+        model(**{k: v for k, v in batch.items() if k != "labels"}, **kwargs)
+        raise RuntimeError("The model's forward never reached its output embeddings.")
+    except _HeadInput as reached:
+        hidden = reached.hidden
+    finally:
+        handle.remove()
+    labelled = targets != -100
+    rows, wanted = hidden[labelled.to(hidden.device)], targets[labelled].to(hidden.device)
+    parts = [nn.functional.cross_entropy(head(rows[i:i + HEAD_CHUNK_TOKENS]).float(), wanted[i:i + HEAD_CHUNK_TOKENS],
+                                         reduction="none") for i in range(0, rows.shape[0], HEAD_CHUNK_TOKENS)]
+    terms = torch.zeros(targets.shape, dtype=torch.float32)
+    if parts:
+        terms[labelled] = torch.cat(parts).cpu()
+    return terms
 
 
 def example_losses(model: nn.Module, evalset: EvalSet) -> tuple[torch.Tensor, torch.Tensor]:

@@ -38,6 +38,7 @@ class Architecture:
     rotary: bool = False
     transposed_weights: bool = False  # GPT-2's Conv1D stores (in, out)
     activation: str = "hidden_act"  # the config attribute naming the MLP activation (a transformers ACT2FN key)
+    head_logits: bool = False  # the output embeddings' output is the logits (no bias or scale added after it)
 
     def blocks(self, model: nn.Module) -> list[tuple[str, nn.Module]]:
         pattern = re.compile(self.block_pattern)
@@ -59,12 +60,13 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("bert", ("bert",), r"(?:^|\.)encoder\.layer\.\d+$",
                  (AttentionSpec(("attention.self.query", "attention.self.key", "attention.self.value"),
                                 "attention.output.dense"),),
-                 MlpSpec(("intermediate.dense",), "output.dense")),
+                 MlpSpec(("intermediate.dense",), "output.dense"), head_logits=True),
     Architecture("gpt2", ("gpt2",), r"(?:^|\.)h\.\d+$",
                  (AttentionSpec(("attn.c_attn",), "attn.c_proj", fused_width="split_size"),),
-                 MlpSpec(("mlp.c_fc",), "mlp.c_proj"), transposed_weights=True, activation="activation_function"),
+                 MlpSpec(("mlp.c_fc",), "mlp.c_proj"), transposed_weights=True, activation="activation_function",
+                 head_logits=True),
     Architecture("llama", ("llama", "qwen2", "mistral"), r"(?:^|\.)layers\.\d+$", _LLAMA_ATTENTION, _GATED_MLP,
-                 rotary=True),
+                 rotary=True, head_logits=True),
 )
 
 SUPPORTED_MODEL_TYPES = tuple(t for a in ARCHITECTURES for t in a.model_types)

@@ -33,7 +33,7 @@ from hf_fibration.core.report import CompressionReport
 from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum, evaluate_loss
 from hf_fibration.models.architectures import mlp_activation
 from hf_fibration.models.sites import Site, SiteSwap, build_sites, layer_report, site_parameters
-from hf_fibration.models.surgery import get_module
+from hf_fibration.models.surgery import get_module, set_module
 from hf_fibration.pipeline.blocks import block_of, first_output, stacks_of
 from hf_fibration.pipeline.fisher import output_fisher
 from hf_fibration.pipeline.loop import finish_report, start_report
@@ -253,7 +253,8 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn
     for eps, part in cuts:
         if part.num_fibers in curve or part.is_trivial:
             continue
-        site.apply(model, part, refit)
+        result = site.apply(model, part, refit)
+        replay = None if refit is None else _RecordedRefit(site, model, result)
         if local is None:
             error = block_error()
         else:
@@ -261,14 +262,14 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn
             if ratio is None and error > 0 and part.num_fibers <= units / 2:
                 ratio = block_error() / error
         curve[part.num_fibers] = {"epsilon": eps, "partition": part, "params": site_parameters(model, site),
-                                  "params_before": params_before, "error": error, "refit": refit}
+                                  "params_before": params_before, "error": error, "refit": replay}
         site.restore(model)
         site.commit()  # forget the originals: a later apply must take the model's modules as they are then
     if local is not None and curve:
         changed = [cut for cut in curve.values() if cut["error"] > 0]
         if ratio is None and changed:
             cut = min(changed, key=lambda c: c["params"])
-            site.apply(model, cut["partition"], refit)
+            site.apply(model, cut["partition"], cut["refit"])
             ratio = block_error() / cut["error"]
             site.restore(model)
             site.commit()
@@ -277,8 +278,23 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn
     for cut in curve.values():
         cut["error"] *= scale
     if refit is not None:
-        refit.release()  # the curves outlive the site's measurement; its cached original output need not
+        refit.release()  # the curves keep each cut's refit consumer, not the calibration or its statistics
     return sorted(curve.values(), key=lambda c: c["params"], reverse=True)
+
+
+class _RecordedRefit:
+    """A cut's refit as measured: re-applying the cut puts back the consumer its refit solved (the modules are
+    never changed in place), so the allocation's evaluations neither keep the site's calibration and statistics
+    nor solve again."""
+
+    def __init__(self, site: Site, model: nn.Module, result: dict[str, object] | None) -> None:
+        self.result = result
+        self.consumer = get_module(model, site.modules[-1]) if result is not None and result.get("refit") else None
+
+    def __call__(self, site: Site, model: nn.Module) -> dict[str, object] | None:
+        if self.consumer is not None:
+            set_module(model, site.modules[-1], self.consumer)
+        return self.result
 
 
 def allocate(curves: dict[str, list[dict]], lam: float) -> dict[str, dict | None]:
