@@ -1,4 +1,6 @@
 import copy
+import gc
+from pathlib import Path
 
 import pytest
 import torch
@@ -8,8 +10,10 @@ from tiny_models import VOCAB, plant_fibers, tiny_model
 from hf_fibration import FibrationConfig
 from hf_fibration.evaluation.evalset import EvalSet, build_eval_set, evaluate_loss, loss_terms, task_of
 from hf_fibration.models.sites import build_sites
+from hf_fibration.models.surgery import get_module
 from hf_fibration.policies.block_search import allocate, allocation_ladder, block_search, site_error_curves
 from hf_fibration.policies.search import greedy_search
+from hf_fibration.repair.calibration import Refitter
 
 PLAIN = dict(compensate=False, holdout_fraction=0.0, parts=("attention", "mlp"))
 
@@ -168,3 +172,36 @@ def test_local_pricing_equals_the_block_run_where_the_site_writes_the_residual_a
         else:
             ratios = [c / f for c, f in zip(local, forward, strict=True) if f > 0]
             assert 0.5 < min(ratios) <= max(ratios) < 2
+
+
+def test_a_cut_applied_again_gets_back_from_disk_the_consumer_its_refit_solved(marian_dir, monkeypatch):
+    model = T.MarianMTModel.from_pretrained(marian_dir).eval()
+    tok = T.AutoTokenizer.from_pretrained(marian_dir)
+    full = build_eval_set(model, tok, None, batch_size=32, max_length=32)
+    evalset = EvalSet(full.task, full.batches[:3], full.weights[:3])
+    config = FibrationConfig(calibration_tokens=1024, parts=("mlp",), fibers_from="span")
+    site = [s for s in build_sites(model, config) if s.kind == "mlp"][0]
+    solved, solve = {}, Refitter.__call__
+
+    def recording(self, s, m):
+        result = solve(self, s, m)
+        if result.get("refit"):
+            solved[s._applied.num_fibers] = get_module(m, s.modules[-1]).weight.detach().clone()
+        return result
+
+    monkeypatch.setattr(Refitter, "__call__", recording)
+    curves = site_error_curves(model, config, evalset, [site], progress=False, by_count=True)
+    replayed = 0
+    for cut in curves[site.name]:
+        if cut["partition"].num_fibers in solved:
+            site.apply(model, cut["partition"], cut["refit"])
+            assert torch.equal(get_module(model, site.modules[-1]).weight, solved[cut["partition"].num_fibers])
+            site.restore(model)
+            site.commit()
+            replayed += 1
+    assert replayed >= 3
+    folder = Path(cut["refit"].spill._folder.name)
+    assert len(list(folder.glob("*.safetensors"))) == len(solved)
+    del curves, cut
+    gc.collect()
+    assert not folder.exists()  # the spilled consumers go with the curves

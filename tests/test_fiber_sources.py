@@ -16,8 +16,11 @@ from hf_fibration.core.fibers import FiberDendrogram
 from hf_fibration.core.report import CompressionReport
 from hf_fibration.evaluation.evalset import evaluate_loss
 from hf_fibration.methods.baselines import compress_mlps
-from hf_fibration.models.surgery import non_embedding_parameters
+from hf_fibration.models.sites import build_sites
+from hf_fibration.models.surgery import get_module, linear_weight, non_embedding_parameters
 from hf_fibration.policies.search import greedy_search
+from hf_fibration.repair import calibration
+from hf_fibration.repair.calibration import Calibration
 from hf_fibration.training.retune import compress_retune
 
 # Measured with the code before the registry (commit 0d73fa0's fiber paths) on these tiny models: the units kept per
@@ -100,6 +103,21 @@ def test_span_dendrogram_is_nested_and_its_epsilon_is_the_relative_residual():
     kept = phi[:, dendro.order[:12]]
     rest = phi - kept @ torch.linalg.lstsq(kept, phi).solution
     assert dendro.epsilon_for_count(12) == pytest.approx(float(rest.norm() / phi.norm()), rel=1e-6)
+
+
+def test_span_from_sums_read_a_chunk_at_a_time_is_the_span_of_the_whole_activations(monkeypatch):
+    model = tiny_model("llama")
+    config = FibrationConfig(fibers_from="span", parts=("mlp",))
+    site = [s for s in build_sites(model, config) if s.kind == "mlp"][0]
+    tokens = torch.randn(100, model.config.hidden_size, generator=torch.Generator().manual_seed(0))
+    cal = Calibration.from_tokens(tokens)
+    monkeypatch.setattr(calibration, "REFIT_CHUNK_TOKENS", 7)  # 15 chunks, the last one short
+    down = linear_weight(get_module(model, site.modules[-1]))[0]
+    whole = SpanDendrogram(calibration.original_hidden(site, model, cal.inputs), down)
+    chunked = SpanDendrogram.from_sums(*calibration.original_sums(site, model, cal), down)
+    assert torch.equal(chunked.order, whole.order)
+    assert torch.allclose(chunked.residual, whole.residual, atol=1e-6)  # √(round-off) where nothing is left
+    assert torch.allclose(chunked.gram, whole.gram, rtol=1e-12)
 
 
 def test_span_needs_data_in_one_line():

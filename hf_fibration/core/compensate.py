@@ -328,10 +328,15 @@ def span_representatives(hidden: torch.Tensor, down_weight: torch.Tensor, k: int
 def _span_grams(hidden: torch.Tensor, down_weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """HᵀH, and ΦᵀΦ from it with Φ = (H − mean H)·diag(‖W_down[:, i]‖): one pass over the tokens for both."""
     h = hidden.to(torch.float64)
-    gram, n = h.T @ h, h.shape[0]
-    mean = h.sum(0) / max(n, 1)
+    gram = h.T @ h
+    return gram, _weighted_gram(gram, h.sum(0), h.shape[0], down_weight)
+
+
+def _weighted_gram(gram: torch.Tensor, total: torch.Tensor, n: int, down_weight: torch.Tensor) -> torch.Tensor:
+    """ΦᵀΦ of ``_span_grams`` from the sums HᵀH, ΣH over n tokens."""
+    mean = total / max(n, 1)
     scale = down_weight.to(torch.float64).norm(dim=0)
-    return gram, (gram - torch.outer(mean, mean).mul_(n)) * torch.outer(scale, scale)
+    return (gram - torch.outer(mean, mean).mul_(n)) * torch.outer(scale, scale)
 
 
 def _span_pivots(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -369,6 +374,16 @@ class SpanDendrogram:
     def __init__(self, hidden: torch.Tensor, down_weight: torch.Tensor) -> None:
         self.gram, weighted = _span_grams(hidden, down_weight)  # every cut folds from self.gram (``fold_into``)
         self.order, self.residual = _span_pivots(weighted)
+
+    @classmethod
+    def from_sums(cls, gram: torch.Tensor, total: torch.Tensor, n: int, down_weight: torch.Tensor
+                  ) -> SpanDendrogram:
+        """The same dendrogram from the sums HᵀH (float64) and ΣH over n tokens, which a caller may accumulate a
+        chunk of tokens at a time."""
+        dendrogram = cls.__new__(cls)
+        dendrogram.gram = gram
+        dendrogram.order, dendrogram.residual = _span_pivots(_weighted_gram(gram, total, n, down_weight))
+        return dendrogram
 
     @property
     def num_units(self) -> int:

@@ -18,7 +18,7 @@ from hf_fibration.core.merging import inout_rows
 from hf_fibration.methods.afde_glue import afde_dendrogram
 from hf_fibration.models.sites import Site
 from hf_fibration.models.surgery import get_module, linear_weight
-from hf_fibration.repair.calibration import Calibration, original_hidden
+from hf_fibration.repair.calibration import Calibration, original_hidden, original_sums
 
 
 def weights_dendrogram(site: Site, model: nn.Module, config: FibrationConfig,
@@ -51,7 +51,7 @@ def span_dendrogram(site: Site, model: nn.Module, config: FibrationConfig,
         raise ValueError("fibers_from='span' forms fibers from calibration activations: pass eval data (tokenizer=, "
                          "dataset= or evalset=; --dataset) or choose a data-free source such as 'weights'.")
     down = linear_weight(site.originals(model)[site.modules[-1]])[0].cpu()
-    return SpanDendrogram(original_hidden(site, model, calibration.inputs), down)
+    return SpanDendrogram.from_sums(*original_sums(site, model, calibration), down)
 
 
 register_fiber_source(

@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_fibration.config import FibrationConfig, loss_bound
+from hf_fibration.core.modules import FiberLinear
 from hf_fibration.core.report import CompressionReport
 from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum, evaluate_loss
 from hf_fibration.models.architectures import mlp_activation
@@ -37,6 +38,7 @@ from hf_fibration.models.surgery import get_module, set_module
 from hf_fibration.pipeline.blocks import block_of, first_output, stacks_of
 from hf_fibration.pipeline.fisher import output_fisher
 from hf_fibration.pipeline.loop import finish_report, start_report
+from hf_fibration.pipeline.spill import SpillFolder
 from hf_fibration.policies.bound import HoldoutMargin, SearchBound
 from hf_fibration.repair.calibration import capture_calibration, refitter
 
@@ -100,10 +102,12 @@ def _first_tokens(evalset: EvalSet, tokens: int) -> EvalSet:
 
 
 def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSet, sites: list[Site],
-                      progress: bool = True, by_count: bool = False, grid: int = GRID) -> dict[str, list[dict]]:
+                      progress: bool = True, by_count: bool = False, grid: int = GRID, keep_refits: bool = True
+                      ) -> dict[str, list[dict]]:
     """Per site, one entry per distinct cut of its ε grid (``by_count``: of the counts that keep (grid−1)/grid …
     1/grid of its units, whatever their ε): ε, partition, parameters after, relative block error (on the first
-    ``ERROR_TOKENS`` tokens of ``evalset``), the refit that compensated it. MLP sites that calibrate
+    ``ERROR_TOKENS`` tokens of ``evalset``), the refit that compensated it (``keep_refits``: replayed from disk when
+    the cut is applied again; else None, for a caller that only reads the errors). MLP sites that calibrate
     (``config.calibrates_mlps``) take their calibration from the carried block inputs of the first
     ``config.calibration_tokens`` tokens."""
     stacks, position = stacks_of(model)
@@ -122,6 +126,7 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
         if pos is not None:
             by_block.setdefault(pos, []).append(site)
     curves: dict[str, list[dict]] = {}
+    spill = SpillFolder() if keep_refits else None  # each cut's refit consumer (gone once the curves are dropped)
     local = config.cut_pricing == "local"
     bar = tqdm(total=len(by_block), desc="block errors", disable=not progress, unit="block")
     with torch.no_grad():
@@ -141,7 +146,7 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
                 for site in block_sites:
                     local_output = _SiteOutput(model, site, site_inputs.rows[site.name]) if local else None
                     curves[site.name] = _site_curve(model, config, site, block, calls, hidden, measure, scale,
-                                                    local_output, by_count, grid)
+                                                    local_output, by_count, grid, spill)
                 hidden = reference
                 if (s, b) in by_block:
                     bar.update(1)
@@ -233,7 +238,7 @@ class _SiteOutput:
 
 def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn.Module, calls: list,
                 hidden: list[torch.Tensor], block_error: _BlockError, scale: float, local: _SiteOutput | None,
-                by_count: bool, grid: int) -> list[dict]:
+                by_count: bool, grid: int, spill: SpillFolder | None) -> list[dict]:
     """The site's cuts with their block errors: each measured by ``block_error`` (a block run per cut), or with
     ``local`` each cut's site-output error, scaled to the block's error by the one cut nearest half the units
     (the most compressed cut whose site output changes, when that one is exact)."""
@@ -254,7 +259,7 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn
         if part.num_fibers in curve or part.is_trivial:
             continue
         result = site.apply(model, part, refit)
-        replay = None if refit is None else _RecordedRefit(site, model, result)
+        replay = None if refit is None or spill is None else _RecordedRefit(site, model, result, spill)
         if local is None:
             error = block_error()
         else:
@@ -269,7 +274,7 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn
         changed = [cut for cut in curve.values() if cut["error"] > 0]
         if ratio is None and changed:
             cut = min(changed, key=lambda c: c["params"])
-            site.apply(model, cut["partition"], cut["refit"])
+            site.apply(model, cut["partition"], cut["refit"] or refit)
             ratio = block_error() / cut["error"]
             site.restore(model)
             site.commit()
@@ -283,17 +288,22 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn
 
 
 class _RecordedRefit:
-    """A cut's refit as measured: re-applying the cut puts back the consumer its refit solved (the modules are
-    never changed in place), so the allocation's evaluations neither keep the site's calibration and statistics
-    nor solve again."""
+    """A cut's refit as measured: re-applying the cut puts back the consumer its refit solved, read from ``spill``
+    (on disk: a search holds one per cut of every MLP), so the allocation's evaluations neither keep the site's
+    calibration and statistics nor solve again."""
 
-    def __init__(self, site: Site, model: nn.Module, result: dict[str, object] | None) -> None:
-        self.result = result
-        self.consumer = get_module(model, site.modules[-1]) if result is not None and result.get("refit") else None
+    def __init__(self, site: Site, model: nn.Module, result: dict[str, object] | None, spill: SpillFolder) -> None:
+        self.result, self.spill, self.key = result, spill, None
+        if result is not None and result.get("refit"):
+            consumer = get_module(model, site.modules[-1])
+            tensors = {"weight": consumer.weight, "bias": consumer.bias, "fiber_index": consumer.fiber_index}
+            self.key = spill.save({name: t for name, t in tensors.items() if t is not None})
 
     def __call__(self, site: Site, model: nn.Module) -> dict[str, object] | None:
-        if self.consumer is not None:
-            set_module(model, site.modules[-1], self.consumer)
+        if self.key is not None:
+            t = self.spill.load(self.key)
+            set_module(model, site.modules[-1], FiberLinear.from_weights(t["weight"], t.get("bias"),
+                                                                         t.get("fiber_index")))
         return self.result
 
 

@@ -146,7 +146,7 @@ def _block_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSet, s
                   progress: bool) -> list[SiteCurve]:
     """Each site's curve from the relative block-output error of its cuts (``block_search.site_error_curves``);
     sites outside the blocks (none here: embeddings are not counted) keep their full width."""
-    measured = site_error_curves(model, config, evalset, sites, progress, by_count=True)
+    measured = site_error_curves(model, config, evalset, sites, progress, by_count=True, keep_refits=False)
     curves = []
     for site in sites:
         cuts = measured.get(site.name) or []

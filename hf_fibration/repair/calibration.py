@@ -96,6 +96,18 @@ def capture_inputs(model: nn.Module, site: Site, run_batch: Callable[[int], obje
     return capture_calibration(model, site, run_batch, num_batches, max_tokens).inputs
 
 
+def original_sums(site: Site, model: nn.Module, cal: Calibration) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """HᵀH and ΣH (float64) of the uncompressed site's hidden units over the calibration tokens, read
+    ``REFIT_CHUNK_TOKENS`` at a time (memory ∝ chunk × width, not tokens × width), and the token count."""
+    inputs, act = _f64_inputs(site, site.originals(model)), mlp_activation(model)[1]
+    gram = total = None
+    for start in range(0, len(cal), REFIT_CHUNK_TOKENS):
+        h = mlp_hidden(cal.rows(slice(start, start + REFIT_CHUNK_TOKENS)), inputs, act)
+        gram = h.T @ h if gram is None else gram.addmm_(h.T, h)
+        total = h.sum(0) if total is None else total.add_(h.sum(0))
+    return gram, total, len(cal)
+
+
 def original_hidden(site: Site, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """H of the uncompressed site (its original modules) on the calibration inputs."""
     return mlp_hidden(x, _f64_inputs(site, site.originals(model)), mlp_activation(model)[1])
