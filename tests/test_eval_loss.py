@@ -30,7 +30,7 @@ def test_chunked_head_loss_equals_the_models_own(family, task, monkeypatch):
     monkeypatch.setattr(E, "HEAD_CHUNK_TOKENS", 4)  # several chunks per batch
     model = tiny_model(family)
     data = _evalset(task)
-    assert E._reads_head(model)
+    assert E._reads_head(model, task)
     head_rows = []
     model.get_output_embeddings().register_forward_hook(lambda m, a, o: head_rows.append(a[0].shape[0]))
     with torch.no_grad():
@@ -46,4 +46,4 @@ def test_chunked_head_loss_equals_the_models_own(family, task, monkeypatch):
 
 def test_a_head_with_a_bias_added_after_it_reads_the_whole_logits():
     model = tiny_model("marian")  # logits = lm_head(h) + final_logits_bias: the chunked read would miss the bias
-    assert not E._reads_head(model)
+    assert not E._reads_head(model, "causal")  # even asked as a causal LM: the table says no

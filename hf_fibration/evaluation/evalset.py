@@ -286,7 +286,7 @@ def batch_loss_sum(model: nn.Module, evalset: EvalSet, index: int) -> float:
     """Sum of the batch's loss terms (mean loss × its weight), so the running total bounds the final mean."""
     if evalset.weights[index] == 0:
         return 0.0
-    if evalset.task in ("causal", "masked") and _reads_head(model):
+    if _reads_head(model, evalset.task):
         return float(_token_terms(model, evalset, index).sum(dtype=torch.float64))
     return float(task_loss(model, evalset, index)) * evalset.weights[index]
 
@@ -312,9 +312,12 @@ class _HeadInput(Exception):
         self.hidden = hidden
 
 
-def _reads_head(model: nn.Module) -> bool:
-    """Whether the logits are the output embeddings' output (the table's ``head_logits``), so that the loss can
-    read the head on the labelled tokens only, a chunk at a time, instead of the batch's whole logits."""
+def _reads_head(model: nn.Module, task: str) -> bool:
+    """Whether the task's loss is a cross-entropy of the output embeddings' output (a causal or masked LM whose
+    table row says ``head_logits``), so that it can read the head on the labelled tokens only, a chunk at a time,
+    instead of the batch's whole logits."""
+    if task not in ("causal", "masked"):
+        return False
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None:
         return False
@@ -337,7 +340,7 @@ def _token_terms(model: nn.Module, evalset: EvalSet, index: int) -> torch.Tensor
     batch = evalset.batches[index]
     targets = _targets(evalset.task, batch)
     kwargs = {"use_cache": False} if evalset.task in ("causal", "seq2seq") else {}
-    if not (evalset.task in ("causal", "masked") and _reads_head(model)):
+    if not _reads_head(model, evalset.task):
         logits = model(**batch, **kwargs).logits
         # classes on the last, contiguous axis: over a large vocabulary 2-3× faster than the (N, C, L) layout
         return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),

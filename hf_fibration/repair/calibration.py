@@ -97,15 +97,21 @@ def capture_inputs(model: nn.Module, site: Site, run_batch: Callable[[int], obje
 
 
 def original_sums(site: Site, model: nn.Module, cal: Calibration) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """HᵀH and ΣH (float64) of the uncompressed site's hidden units over the calibration tokens, read
-    ``REFIT_CHUNK_TOKENS`` at a time (memory ∝ chunk × width, not tokens × width), and the token count."""
-    inputs, act = _f64_inputs(site, site.originals(model)), mlp_activation(model)[1]
+    """HᵀH and ΣH (float64) of the uncompressed site's hidden units over the calibration tokens (read a chunk at a
+    time: memory ∝ chunk × width, not tokens × width), and the token count."""
     gram = total = None
-    for start in range(0, len(cal), REFIT_CHUNK_TOKENS):
-        h = mlp_hidden(cal.rows(slice(start, start + REFIT_CHUNK_TOKENS)), inputs, act)
+    for _, h in _original_hidden_chunks(site, model, cal):
         gram = h.T @ h if gram is None else gram.addmm_(h.T, h)
         total = h.sum(0) if total is None else total.add_(h.sum(0))
     return gram, total, len(cal)
+
+
+def _original_hidden_chunks(site: Site, model: nn.Module, cal: Calibration) -> Iterator[tuple[slice, torch.Tensor]]:
+    """(token rows, H of the uncompressed site on them) for ``REFIT_CHUNK_TOKENS`` calibration tokens at a time."""
+    inputs, act = _f64_inputs(site, site.originals(model)), mlp_activation(model)[1]
+    for start in range(0, len(cal), REFIT_CHUNK_TOKENS):
+        rows = slice(start, start + REFIT_CHUNK_TOKENS)
+        yield rows, mlp_hidden(cal.rows(rows), inputs, act)
 
 
 def original_hidden(site: Site, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -202,14 +208,12 @@ def _cells(cal: Calibration, cross_fit: bool) -> torch.Tensor:
 
 
 def _unit_stats(site: Site, model: nn.Module, cal: Calibration, cross_fit: bool) -> UnitStats:
-    originals = site.originals(model)
     w_orig, b_orig = (t if t is None else t.to(torch.float64).cpu()
-                      for t in linear_weight(originals[site.modules[-1]]))
-    original_in, act, cell = _f64_inputs(site, originals), mlp_activation(model)[1], _cells(cal, cross_fit)
+                      for t in linear_weight(site.originals(model)[site.modules[-1]]))
+    cell = _cells(cal, cross_fit)
     stats = UnitStats(4, w_orig, b_orig)
-    for start in range(0, len(cal), REFIT_CHUNK_TOKENS):
-        rows = slice(start, start + REFIT_CHUNK_TOKENS)
-        stats.add(mlp_hidden(cal.rows(rows), original_in, act), cell[rows])
+    for rows, hidden in _original_hidden_chunks(site, model, cal):
+        stats.add(hidden, cell[rows])
     return stats
 
 
