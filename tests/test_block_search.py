@@ -13,7 +13,7 @@ from hf_fibration.models.sites import build_sites
 from hf_fibration.models.surgery import get_module
 from hf_fibration.policies.block_search import allocate, allocation_ladder, block_search, site_error_curves
 from hf_fibration.policies.search import greedy_search
-from hf_fibration.repair.calibration import Refitter
+from hf_fibration.repair.calibration import PrefixRefits
 
 PLAIN = dict(compensate=False, holdout_fraction=0.0, parts=("attention", "mlp"))
 
@@ -181,15 +181,15 @@ def test_a_cut_applied_again_gets_back_from_disk_the_consumer_its_refit_solved(m
     evalset = EvalSet(full.task, full.batches[:3], full.weights[:3])
     config = FibrationConfig(calibration_tokens=1024, parts=("mlp",), fibers_from="span")
     site = [s for s in build_sites(model, config) if s.kind == "mlp"][0]
-    solved, solve = {}, Refitter.__call__
+    solved, install = {}, PrefixRefits.install
 
-    def recording(self, s, m):
-        result = solve(self, s, m)
+    def recording(self, s, m, decision):
+        result = install(self, s, m, decision)
         if result.get("refit"):
             solved[s._applied.num_fibers] = get_module(m, s.modules[-1]).weight.detach().clone()
         return result
 
-    monkeypatch.setattr(Refitter, "__call__", recording)
+    monkeypatch.setattr(PrefixRefits, "install", recording)  # span cuts are priced at once, solved when kept
     curves = site_error_curves(model, config, evalset, [site], progress=False, by_count=True)
     replayed = 0
     for cut in curves[site.name]:

@@ -193,7 +193,8 @@ def test_refit_from_unit_sums_equals_the_refit_from_tokens(family):
     cal = capture_calibration(model, site, lambda i: batch_loss_sum(model, evalset, i), len(evalset.batches), 1024)
     assert isinstance(cal, Calibration)
     dendro = site.dendrogram(model, config, cal)
-    from_sums, from_tokens = Refitter(cal, None, 1.0, cross_fit=True, many_cuts=True), Refitter(cal, None, 1.0,
+    tokens_cal = Calibration(cal.stored, cal.sequence, cal.batch)  # no sums cached: this one reads the tokens
+    from_sums, from_tokens = Refitter(cal, None, 1.0, cross_fit=True, many_cuts=True), Refitter(tokens_cal, None, 1.0,
                                                                                                 cross_fit=True)
     decided = set()
     for count in (dendro.num_units - 1, dendro.num_units // 2, dendro.num_units // 4, 2):
@@ -212,7 +213,8 @@ def test_refit_from_unit_sums_equals_the_refit_from_tokens(family):
             assert sums["ridge"] == tokens["ridge"]
             for fa, fb in zip(sums["folds"], tokens["folds"], strict=True):
                 torch.testing.assert_close(fa.weight, fb.weight, rtol=1e-4, atol=1e-5)
-    assert from_sums.unit_stats and True in decided  # the sums were used, and some cut was refit
+    assert cal.has_original_stats() and not tokens_cal.has_original_stats()  # each path was the one under test
+    assert True in decided  # some cut was refit
 
 
 def test_calibration_keeps_the_captured_dtype_and_gives_float64():
@@ -247,3 +249,58 @@ def test_span_pivots_are_the_greedy_pivots_with_their_projection_residuals():
         chosen.append(int(left.argmax()))
         assert int(dendro.order[t]) == chosen[-1]
     assert float(dendro.residual[30]) < 1e-6 and sorted(dendro.order[30:].tolist()) == dendro.order[30:].tolist()
+
+
+def test_prefix_held_errors_equal_each_prefix_refit_scored_alone():
+    from hf_fibration.core.compensate import UnitStats, prefix_held_errors
+
+    g = torch.Generator().manual_seed(0)
+    n, d, tokens = 30, 5, 700
+    hidden = (torch.randn(tokens, 8, generator=g) @ torch.randn(8, n, generator=g)
+              + 0.1 * torch.randn(tokens, n, generator=g) + 0.5).double()
+    weight, bias = torch.randn(d, n, generator=g).double(), torch.randn(d, generator=g).double()
+    cell = torch.randint(0, 4, (tokens,), generator=g)
+    stats = UnitStats(4, weight, bias)
+    stats.add(hidden[:300], cell[:300])  # accumulated in two chunks, as the refits read the tokens
+    stats.add(hidden[300:], cell[300:])
+    order, ridges = torch.randperm(n, generator=g), (1e-4, 1e-2, 1.0)
+    errors = prefix_held_errors(stats, order, (0, 1), (2, 3), ridges)
+    held, target = cell >= 2, hidden @ weight.T + bias
+    for k in (1, 7, 19, n):
+        for i, (w, b) in enumerate(stats.ridge_stats(order[:k]).path((0, 1), ridges)):
+            direct = float((hidden[held][:, order[:k]] @ w.T + b - target[held]).pow(2).sum())
+            assert float(errors[i, k - 1]) == pytest.approx(direct, rel=1e-8)
+    with pytest.raises(ValueError, match="ridge > 0"):
+        prefix_held_errors(stats, order, (0, 1), (2, 3), (0.0,))
+
+
+def test_prefix_refits_decide_and_install_every_span_cut_as_the_refitter_does():
+    from hf_fibration.repair.calibration import Refitter
+
+    model = tiny_model("llama")
+    config = FibrationConfig(parts=("mlp",), fibers_from="span")
+    evalset = causal_evalset(model, n_batches=12)
+    site = next(s for s in build_sites(model, config) if s.kind == "mlp")
+    cal = capture_calibration(model, site, lambda i: batch_loss_sum(model, evalset, i), len(evalset.batches), 1024)
+    dendro = site.dendrogram(model, config, cal)
+    refitter = Refitter(cal, None, 1.0, many_cuts=True)
+    prefix = refitter.prefixes(site, model, dendro.order)
+    refit_seen = set()
+    for count in (dendro.num_units - 1, dendro.num_units // 2, dendro.num_units // 4, 2):
+        site.apply(model, dendro.cut_to_count(count), None)
+        decision = prefix.install(site, model, prefix.decide(site, model))
+        installed = linear_weight(get_module(model, site.modules[-1]))
+        site.restore(model)
+        result = site.apply(model, dendro.cut_to_count(count), refitter)
+        solved = linear_weight(get_module(model, site.modules[-1]))
+        site.restore(model)
+        assert decision["refit"] == result["refit"]
+        assert decision["plain"] == pytest.approx(result["plain"], rel=1e-9)
+        assert decision["error"] == pytest.approx(result["held_out_refit"] if result["refit"] else result["plain"],
+                                                  rel=1e-9)
+        if result["refit"]:
+            assert decision["ridge"] == result["ridge"]
+        for a, b in zip(installed, solved, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+        refit_seen.add(result["refit"])
+    assert True in refit_seen

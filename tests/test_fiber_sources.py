@@ -23,28 +23,29 @@ from hf_fibration.repair import calibration
 from hf_fibration.repair.calibration import Calibration
 from hf_fibration.training.retune import compress_retune
 
-# Measured with the code before the registry (commit 0d73fa0's fiber paths) on these tiny models: the units kept per
-# site by the target size, its ε's, and the search and held-out losses.
+# Measured with the code before the registry (commit 0d73fa0's fiber paths) on these tiny models, then re-measured
+# once when the refit's λ became relative to the site's original units (UnitScale) instead of the kept ones: the
+# units kept per site by the target size, its ε's, and the search and held-out losses.
 TARGET_BEFORE = {
     ("llama", "weights"): ([12, 5, 3, 1, 8], [0.683066, 1.250436, 1.320906, 1.418357, 0.814089],
-                           4.166107892990112, 4.184439539909363),
-    ("llama", "activations"): ([5, 23, 48], [1.351368, 0.686093, 0.681514], 4.171006917953491, 4.18779456615448),
+                           4.1661095884111194, 4.184431460168627),
+    ("llama", "activations"): ([5, 23, 48], [1.351368, 0.686093, 0.681484], 4.1710206303331585, 4.187797129154205),
     ("llama", "inout"): ([17, 12, 3, 1, 8, 10], [0.792014, 0.683066, 1.320906, 1.418357, 0.814089, 1.132394],
-                         4.165735960006714, 4.184431314468384),
+                         4.16575265261862, 4.184481693638696),
     ("llama", "afde"): ([3, 13, 12, 3, 1, 8, 16], [1.341488, 0.651942, 0.683066, 1.320906, 1.418357, 0.814089,
-                                                   0.512022], 4.165910124778748, 4.185346841812134),
+                                                   0.512022], 4.165910462538402, 4.185346719291475),
 }
 SEARCH_BEFORE = {  # the default τ search (compensation on) at τ = 0.05
     "weights": [12, 11, 8, 5, 10, 18, 9, 9, 6, 7, 10, 18, 9],
-    "activations": [12, 11, 8, 5, 10, 14, 9, 9, 6, 7, 10, 13, 5],
+    "activations": [12, 11, 8, 5, 10, 14, 8, 9, 6, 7, 10, 14, 9],
     "inout": [12, 11, 8, 5, 10, 17, 9, 9, 6, 7, 10, 19, 9],
-    "afde": [12, 11, 8, 5, 10, 10, 7, 9, 6, 7, 10, 9, 9],
+    "afde": [12, 11, 8, 5, 10, 10, 6, 9, 6, 7, 10, 9, 7],
 }
 BASELINES_BEFORE = {  # compress_mlps(..., 0.4) on 12 batches, loss after, without and with compensation
-    ("llama", "fibration-span"): (4.175959825515747, 4.175737778345744),
-    ("llama", "fibration-activations"): (4.1761234998703, 4.175958037376404),
-    ("gpt2", "fibration-span"): (4.168848037719727, 4.167151014010112),
-    ("gpt2", "fibration-activations"): (4.167417645454407, 4.167184750239055),
+    ("llama", "fibration-span"): (4.175959914922714, 4.175737745382569),
+    ("llama", "fibration-activations"): (4.176123476841233, 4.175958083886089),
+    ("gpt2", "fibration-span"): (4.168848064361197, 4.167149608333905),
+    ("gpt2", "fibration-activations"): (4.167417621070689, 4.167186854012085),
 }
 
 

@@ -51,16 +51,47 @@ def ridge_refit(hidden: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3
 RIDGE_CANDIDATES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
+class UnitScale:
+    """Per-cell Σh² and Σh of every hidden unit of the uncompressed site: the ridge's scale over a union of cells is
+    the mean of the units' centered Σ(h − h̄)², so λ means the same penalty whichever units a cut keeps (and the
+    refits of nested cuts share one factorization per λ, ``prefix_held_errors``)."""
+
+    def __init__(self, cells: int) -> None:
+        self.squares: dict[int, torch.Tensor] = {}
+        self.sums: dict[int, torch.Tensor] = {}
+        self.n = [0] * cells
+
+    @property
+    def empty(self) -> bool:
+        return not self.sums
+
+    def add(self, hidden: torch.Tensor, cell: torch.Tensor) -> None:
+        h = hidden.to(torch.float64)
+        for c, rows in _cell_rows(cell, len(self.n)):
+            _add(self.squares, c, h[rows].pow(2).sum(0))
+            _add(self.sums, c, h[rows].sum(0))
+            self.n[c] += int(rows.sum())
+
+    def __call__(self, cells: tuple[int, ...]) -> torch.Tensor:
+        cells = tuple(c for c in cells if c in self.sums)
+        n = max(sum(self.n[c] for c in cells), 1)
+        total = _total(self.sums, cells)
+        return (_total(self.squares, cells) - total * total / n).mean().clamp_min(1e-12)
+
+
 class RidgeStats:
     """Sufficient statistics of a ridge refit (Σhhᵀ, Σh, Σhyᵀ, Σy, n) for disjoint cells of tokens, so that a refit
-    on any union of cells costs one k×k solve instead of a pass over the tokens."""
+    on any union of cells costs one k×k solve instead of a pass over the tokens. λ is relative to ``scale`` (the
+    site's original units, ``UnitScale``) or, without it, to the mean diagonal of the kept units' centered Gram."""
 
-    def __init__(self, hidden: torch.Tensor, target: torch.Tensor, cell: torch.Tensor, cells: int) -> None:
+    def __init__(self, hidden: torch.Tensor, target: torch.Tensor, cell: torch.Tensor, cells: int,
+                 scale: UnitScale | None = None) -> None:
         self.hh: dict[int, torch.Tensor] = {}  # a cell's statistics exist once it has tokens
         self.h: dict[int, torch.Tensor] = {}
         self.hy: dict[int, torch.Tensor] = {}
         self.y: dict[int, torch.Tensor] = {}
         self.n = [0] * cells
+        self.scale = scale
         self.add(hidden, target, cell)
 
     def add(self, hidden: torch.Tensor, target: torch.Tensor, cell: torch.Tensor) -> None:
@@ -88,15 +119,14 @@ class RidgeStats:
     def solve(self, cells: tuple[int, ...], ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
         """``ridge_refit`` on the tokens of ``cells``."""
         gram, cross, h_mean, y_mean = self._centered(cells)
-        lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
-        gram.diagonal().add_(lam)
+        gram.diagonal().add_(ridge * self._scale(cells, gram))
         weight = torch.linalg.solve(gram, cross).T
         return weight, y_mean - weight @ h_mean
 
     def path(self, cells: tuple[int, ...], ridges: tuple[float, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """``solve`` at every λ from one eigendecomposition."""
         gram, cross, h_mean, y_mean = self._centered(cells)
-        scale = gram.diagonal().mean().clamp_min(1e-12)
+        scale = self._scale(cells, gram)
         evals, evecs = torch.linalg.eigh(gram)
         projected = evecs.T @ cross
         fits = []
@@ -105,12 +135,16 @@ class RidgeStats:
             fits.append((weight, y_mean - weight @ h_mean))
         return fits
 
+    def _scale(self, cells: tuple[int, ...], gram: torch.Tensor) -> torch.Tensor:
+        """What λ is relative to on ``cells`` (``gram``: the kept units' centered Gram there)."""
+        return gram.diagonal().mean().clamp_min(1e-12) if self.scale is None else self.scale(cells)
+
     @classmethod
     def from_sums(cls, hh: dict[int, torch.Tensor], h: dict[int, torch.Tensor], hy: dict[int, torch.Tensor],
-                  y: dict[int, torch.Tensor], n: list[int]) -> RidgeStats:
+                  y: dict[int, torch.Tensor], n: list[int], scale: UnitScale | None = None) -> RidgeStats:
         """The statistics from per-cell sums already at hand (``UnitStats.ridge_stats``)."""
         stats = cls.__new__(cls)
-        stats.hh, stats.h, stats.hy, stats.y, stats.n = hh, h, hy, y, list(n)
+        stats.hh, stats.h, stats.hy, stats.y, stats.n, stats.scale = hh, h, hy, y, list(n), scale
         return stats
 
     def squared_error(self, cells: tuple[int, ...], weight: torch.Tensor, bias: torch.Tensor | None,
@@ -141,6 +175,7 @@ class UnitStats:
         self.n = [0] * cells
         self._squares: dict[tuple[int, ...], float] = {}
         self._gram_weight: dict[int, torch.Tensor] = {}  # Σ h yᵀ of every unit, without the bias: (Σ hhᵀ) Wᵀ
+        self.scale = UnitScale(cells)
 
     def add(self, hidden: torch.Tensor, cell: torch.Tensor) -> None:
         h = hidden.to(torch.float64)
@@ -149,8 +184,39 @@ class UnitStats:
             _add_product(self.gram, c, hc.T, hc)
             _add(self.sum, c, hc.sum(0))
             self.n[c] += int(rows.sum())
+            scale = self.scale  # the same sums: the diagonal of each cell's Gram
+            scale.squares[c], scale.sums[c], scale.n[c] = self.gram[c].diagonal(), self.sum[c], self.n[c]
         self._squares.clear()
         self._gram_weight.clear()
+
+    def merged(self, cells: tuple[int, ...]) -> UnitStats:
+        """One cell holding the sums of ``cells`` (a caller scoring many consumers on them reads one Gram)."""
+        cells = tuple(c for c in cells if c in self.gram)
+        merged = UnitStats(1, self.weight, self.bias)
+        merged.gram[0], merged.sum[0] = _total(self.gram, cells), _total(self.sum, cells)
+        merged.n[0] = sum(self.n[c] for c in cells)
+        return merged
+
+    def total(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """HᵀH, ΣH and the token count over every cell."""
+        cells = tuple(self.gram)
+        return _total(self.gram, cells), _total(self.sum, cells), sum(self.n)
+
+    def fit_and_held(self, fit: tuple[int, ...], held: tuple[int, ...]
+                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The centered Gram of the ``fit`` cells' tokens (all units), the ``held`` cells' Gram centered at the fit
+        mean, and the fit mean: what every refit fitted on ``fit`` and scored on ``held`` reads."""
+        fit = tuple(c for c in fit if c in self.gram)
+        held = tuple(c for c in held if c in self.gram)
+        n_fit, n_held = sum(self.n[c] for c in fit), sum(self.n[c] for c in held)
+        mean = _total(self.sum, fit) / max(n_fit, 1)
+        gram_fit = _total(self.gram, fit).sub_(torch.outer(mean, mean).mul_(n_fit))
+        if not held:
+            return gram_fit, torch.zeros_like(gram_fit), mean
+        held_sum = _total(self.sum, held)
+        cross = torch.outer(held_sum, mean)
+        gram_held = _total(self.gram, held).sub_(cross).sub_(cross.T).add_(torch.outer(mean, mean).mul_(n_held))
+        return gram_fit, gram_held, mean
 
     def ridge_stats(self, kept: torch.Tensor) -> RidgeStats:
         """``RidgeStats`` of the units ``kept`` (in that order) against the original output y = W h + b."""
@@ -165,7 +231,7 @@ class UnitStats:
             if self.bias is not None:
                 hy[c] += torch.outer(h[c], self.bias)
                 y[c] += self.n[c] * self.bias
-        return RidgeStats.from_sums(hh, h, hy, y, self.n)
+        return RidgeStats.from_sums(hh, h, hy, y, self.n, self.scale)
 
     def target_squares(self, cells: tuple[int, ...]) -> float:
         """Σ‖y‖² of the original output over the tokens of ``cells``."""
@@ -175,6 +241,44 @@ class UnitStats:
                     for c in cells if c in self.gram)
         self._squares[cells] = total
         return total
+
+
+def prefix_held_errors(stats: UnitStats, order: torch.Tensor, fit: tuple[int, ...], held: tuple[int, ...],
+                       ridges: tuple[float, ...]) -> torch.Tensor:
+    """Σ‖W_k h + b_k − y‖² over the ``held`` cells' tokens, where (W_k, b_k) is the ridge refit on the ``fit`` cells
+    (λ relative to ``stats.scale``) of the consumer reading only the units ``order[:k]``: for every k = 1..n and
+    every λ > 0 in ``ridges``, as a (ridges × n) tensor — what ``RidgeStats.path`` and ``squared_error`` give one
+    kept set at a time.
+
+    Nested cuts (span) keep prefixes of one order, and a prefix's Gram is the leading block of the permuted Gram:
+    the Cholesky factor L of G + μI factors every prefix at once. With Z = L⁻¹C (C = G Wᵀ, the fit cross-products),
+    W_kᵀ = L_k⁻ᵀ Z_k, so the held-out error tr(W_k A W_kᵀ) − 2 tr(W_k B) + c (A, B the held-out Gram and
+    cross-products at the fit mean) is a prefix sum over i, j ≤ k of (L⁻¹AL⁻ᵀ)_ij (ZZᵀ)_ij and over i ≤ k of
+    ⟨Z_i, (L⁻¹B)_i⟩: O(n³) per λ for all n cuts, instead of O(k³) for each."""
+    if any(r <= 0 for r in ridges):
+        raise ValueError("prefix_held_errors needs every ridge > 0 (a factorization per λ).")
+    gram_fit, gram_held, _ = stats.fit_and_held(fit, held)
+    weight = stats.weight
+    order = order.to(torch.long)
+    cross_fit, cross_held = (gram_fit @ weight.T)[order], (gram_held @ weight.T)[order]
+    constant = float(((weight @ gram_held) * weight).sum())
+    gram_fit, gram_held = gram_fit[order][:, order], gram_held[order][:, order]
+    mu = stats.scale(fit)
+    n = order.numel()
+    errors = torch.empty(len(ridges), n, dtype=torch.float64)
+    for i, ridge in enumerate(ridges):
+        factor = gram_fit.clone()
+        factor.diagonal().add_(ridge * mu)
+        factor = torch.linalg.cholesky(factor)
+        z = torch.linalg.solve_triangular(factor, cross_fit, upper=False)
+        b_hat = torch.linalg.solve_triangular(factor, cross_held, upper=False)
+        a_hat = torch.linalg.solve_triangular(factor, torch.linalg.solve_triangular(factor, gram_held, upper=False).T,
+                                              upper=False)
+        products = (z @ z.T).mul_(a_hat)
+        quadratic = (2 * products.tril(-1).sum(1) + products.diagonal()).cumsum(0)
+        linear = (z * b_hat).sum(1).cumsum(0)
+        errors[i] = quadratic - 2 * linear + constant
+    return errors
 
 
 def _cell_rows(cell: torch.Tensor, cells: int) -> Iterator[tuple[int, torch.Tensor]]:
@@ -370,6 +474,8 @@ class SpanDendrogram:
     partition carries the consumer's fold. ε is the relative residual ‖Φ − P_k Φ‖_F / ‖Φ‖_F of the output-weighted
     activations outside the span of the k kept units: in [0, 1], and a cut at ε keeps the fewest units within it
     (ε = 0 keeps every unit unless the activations are rank-deficient)."""
+
+    nested = True  # every cut keeps a prefix of ``order`` (``prefix_held_errors`` prices them all at once)
 
     def __init__(self, hidden: torch.Tensor, down_weight: torch.Tensor) -> None:
         self.gram, weighted = _span_grams(hidden, down_weight)  # every cut folds from self.gram (``fold_into``)

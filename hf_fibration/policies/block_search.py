@@ -255,17 +255,25 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn
                                                               for eps in _epsilon_grid(dendro, units, config, grid)]
     curve: dict[int, dict] = {}
     ratio = None  # block error per unit of site-output error
+    # nested cuts (span) with local pricing: each cut priced by its refit's held-out error, all cuts from one
+    # factorization per λ; a consumer is solved only where a cut is applied or kept
+    prefix = None if local is None or refit is None or not getattr(dendro, "nested", False) else refit.prefixes(
+        site, model, dendro.order)
     for eps, part in cuts:
         if part.num_fibers in curve or part.is_trivial:
             continue
-        result = site.apply(model, part, refit)
-        replay = None if refit is None or spill is None else _RecordedRefit(site, model, result, spill)
-        if local is None:
-            error = block_error()
+        if prefix is not None:
+            site.apply(model, part, None)
+            result = prefix.decide(site, model)
+            error = result["error"]
+            if spill is not None or (ratio is None and error > 0 and part.num_fibers <= units / 2):
+                prefix.install(site, model, result)
         else:
-            error = local.error(model)
-            if ratio is None and error > 0 and part.num_fibers <= units / 2:
-                ratio = block_error() / error
+            result = site.apply(model, part, refit)
+            error = block_error() if local is None else local.error(model)
+        if local is not None and ratio is None and error > 0 and part.num_fibers <= units / 2:
+            ratio = block_error() / error
+        replay = None if refit is None or spill is None else _RecordedRefit(site, model, result, spill)
         curve[part.num_fibers] = {"epsilon": eps, "partition": part, "params": site_parameters(model, site),
                                   "params_before": params_before, "error": error, "refit": replay}
         site.restore(model)

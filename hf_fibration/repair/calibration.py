@@ -3,12 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from hf_fibration.core.compensate import RIDGE_CANDIDATES, RidgeStats, UnitStats, mlp_hidden, reconstruction_error
+from hf_fibration.core.compensate import (
+    RIDGE_CANDIDATES,
+    RidgeStats,
+    UnitScale,
+    UnitStats,
+    mlp_hidden,
+    prefix_held_errors,
+    reconstruction_error,
+)
 from hf_fibration.core.modules import FiberLinear
 from hf_fibration.models.architectures import mlp_activation
 from hf_fibration.models.sites import Site
@@ -28,11 +36,14 @@ class Calibration:
 
     The tokens are kept in the dtype they were captured in (a search keeps one calibration per MLP site until it
     applies its cuts: float32 or bfloat16 halves or quarters that memory, and loses nothing, since those are the
-    values the model computed); ``inputs`` and ``rows`` give them in float64, where the refits compute."""
+    values the model computed); ``inputs`` and ``rows`` give them in float64, where the refits compute.
+    ``original_stats`` keeps the per-cell sums of the site's original hidden units once computed: the span fibers
+    and every refit of the site read them (one pass over the tokens for both)."""
 
     stored: torch.Tensor
     sequence: torch.Tensor
     batch: torch.Tensor | None = None  # the eval batch each token came from (for cross-fitting)
+    _stats: UnitStats | None = field(default=None, repr=False, compare=False)
 
     @property
     def inputs(self) -> torch.Tensor:
@@ -52,6 +63,19 @@ class Calibration:
 
     def __len__(self) -> int:
         return self.stored.shape[0]
+
+    def original_stats(self, site: Site, model: nn.Module) -> UnitStats:
+        """``UnitStats`` of the site's original hidden units on these tokens, in the cells of ``_cells`` with batch
+        parity (a refit that does not cross-fit reads the unions), computed once."""
+        if self._stats is None:
+            self._stats = _unit_stats(site, model, self)
+        return self._stats
+
+    def has_original_stats(self) -> bool:
+        return self._stats is not None
+
+    def release(self) -> None:
+        self._stats = None
 
 
 def capture_calibration(model: nn.Module, site: Site, run_batch: Callable[[int], object], num_batches: int,
@@ -98,7 +122,10 @@ def capture_inputs(model: nn.Module, site: Site, run_batch: Callable[[int], obje
 
 def original_sums(site: Site, model: nn.Module, cal: Calibration) -> tuple[torch.Tensor, torch.Tensor, int]:
     """HᵀH and ΣH (float64) of the uncompressed site's hidden units over the calibration tokens (read a chunk at a
-    time: memory ∝ chunk × width, not tokens × width), and the token count."""
+    time: memory ∝ chunk × width, not tokens × width), and the token count; from ``cal.original_stats`` where the
+    site is narrow enough for the refits to read them too (``GRAM_BYTES_MAX``)."""
+    if _stats_fit(site, model):
+        return cal.original_stats(site, model).total()
     gram = total = None
     for _, h in _original_hidden_chunks(site, model, cal):
         gram = h.T @ h if gram is None else gram.addmm_(h.T, h)
@@ -121,7 +148,8 @@ def original_hidden(site: Site, model: nn.Module, x: torch.Tensor) -> torch.Tens
 
 def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Calibration, ridge: float | None = None,
                    min_tokens_per_unit: float = 4.0, cross_fit: bool = False,
-                   targets: dict[tuple[str, int], torch.Tensor] | None = None) -> dict[str, object]:
+                   targets: dict[tuple[str, int], torch.Tensor] | None = None, scale: UnitScale | None = None
+                   ) -> dict[str, object]:
     """After ``site.apply``: refit the consumer's columns and bias so its output matches the original's.
 
     The refit is validated on held-out calibration sequences so that it cannot simply memorize them: λ is chosen
@@ -129,8 +157,9 @@ def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Cal
     fibers stay exact), and no refit is tried with fewer than ``min_tokens_per_unit`` fitting tokens per kept
     unit. The accepted refit is then solved on all tokens. Returns what was decided, with held-out errors; with
     ``cross_fit``, also ``folds``: the consumer refit without the even, and without the odd, calibration batches
-    (so a search can score each batch with a refit that never saw it). ``targets`` caches the original output per
-    calibration chunk, for a caller that refits many cuts of one site (``Refitter``)."""
+    (so a search can score each batch with a refit that never saw it). λ is relative to the original units'
+    ``UnitScale``. ``targets`` caches the original output per calibration chunk and ``scale`` that scale, for a
+    caller that refits many cuts of one site (``Refitter``)."""
     cal = calibration if isinstance(calibration, Calibration) else Calibration.from_tokens(calibration)
     out_name = site.modules[-1]
     originals = site.originals(model)
@@ -138,51 +167,107 @@ def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Cal
     original_in = _f64_inputs(site, originals)
     current_in = _f64_inputs(site, {m: get_module(model, m) for m in site.modules})
     act = mlp_activation(model)[1]
+    scale = UnitScale(4) if scale is None else scale
+    filling, cell = scale.empty, _cells(cal, True)
 
     def chunks() -> Iterator[tuple[slice, torch.Tensor, torch.Tensor]]:
         for start in range(0, len(cal), REFIT_CHUNK_TOKENS):
             rows = slice(start, start + REFIT_CHUNK_TOKENS)
             x = cal.rows(rows)
             target = None if targets is None else targets.get((out_name, start))
-            if target is None:
-                target = mlp_hidden(x, original_in, act) @ w_orig.T
+            if target is None or filling:
+                original = mlp_hidden(x, original_in, act)
+                if filling:
+                    scale.add(original, cell[rows])
+                target = original @ w_orig.T
                 if b_orig is not None:
                     target += b_orig
                 if targets is not None:
                     targets[(out_name, start)] = target
             yield rows, mlp_hidden(x, current_in, act), target
 
-    data = _RefitData.collect(chunks(), cal, min_tokens_per_unit, cross_fit)
+    data = _RefitData.collect(chunks(), cal, min_tokens_per_unit, cross_fit, scale)
     return _refit(model, out_name, data, cal, ridge, cross_fit)
 
 
 class Refitter:
     """The compensation ``Site.apply`` runs after each collapse: ``compensate_mlp`` on one calibration with the
     config's ridge settings, for a caller that may refit many cuts of a site. It keeps what every cut of a site
-    shares: the original output per calibration chunk, and (``many_cuts``, when the site's units are few enough,
-    ``GRAM_BYTES_MAX``) the per-cell sums of the original hidden units (``UnitStats``), from which a cut that keeps
-    its representatives' rows (span, activations) is refit with no pass over the tokens. ``release`` frees both."""
+    shares: the original output per calibration chunk and the original units' scale, and — when the site's units
+    are few enough (``GRAM_BYTES_MAX``) and it refits many cuts (``many_cuts``) or the calibration already holds them
+    (the span fibers read them) — the per-cell sums of the original hidden units (``Calibration.original_stats``),
+    from which a cut that keeps its representatives' rows (span, activations) is refit with no pass over the
+    tokens. ``release`` frees them."""
 
     def __init__(self, calibration: Calibration, ridge: float | None, min_tokens_per_unit: float,
                  cross_fit: bool = False, many_cuts: bool = False) -> None:
         self.calibration, self.ridge, self.min_tokens_per_unit = calibration, ridge, min_tokens_per_unit
         self.cross_fit, self.many_cuts = cross_fit, many_cuts
         self.targets: dict[tuple[str, int], torch.Tensor] = {}
-        self.unit_stats: dict[str, UnitStats] = {}
+        self.scale = UnitScale(4)
 
     def __call__(self, site: Site, model: nn.Module) -> dict[str, object]:
-        kept = site.kept_units() if self.many_cuts else None
-        if kept is None or 4 * _original_units(site, model) ** 2 * 8 > GRAM_BYTES_MAX:
+        kept = site.kept_units() if self.many_cuts or self.calibration.has_original_stats() else None
+        if kept is None or not _stats_fit(site, model):
             return compensate_mlp(site, model, self.calibration, self.ridge, self.min_tokens_per_unit,
-                                  cross_fit=self.cross_fit, targets=self.targets)
-        if site.name not in self.unit_stats:
-            self.unit_stats[site.name] = _unit_stats(site, model, self.calibration, self.cross_fit)
-        data = _RefitData.of_kept(self.unit_stats[site.name], kept, self.calibration, self.min_tokens_per_unit)
+                                  cross_fit=self.cross_fit, targets=self.targets, scale=self.scale)
+        stats = self.calibration.original_stats(site, model)
+        data = _RefitData.of_kept(stats, kept, self.calibration, self.min_tokens_per_unit)
         return _refit(model, site.modules[-1], data, self.calibration, self.ridge, self.cross_fit)
+
+    def prefixes(self, site: Site, model: nn.Module, order: torch.Tensor) -> PrefixRefits | None:
+        """The refits of every cut that keeps a prefix of ``order`` (nested cuts: span), priced at once; None where
+        the statistics path does not apply (a wide site, a ridge fixed at 0)."""
+        if not _stats_fit(site, model) or self.ridge == 0:
+            return None
+        return PrefixRefits(self, site, model, order)
 
     def release(self) -> None:
         self.targets.clear()
-        self.unit_stats.clear()
+        self.scale = UnitScale(4)
+        self.calibration.release()
+
+
+class PrefixRefits:
+    """The held-out error of the refit of every prefix of a unit order at every candidate λ
+    (``prefix_held_errors``), so a caller pricing many nested cuts of a site decides each cut as ``Refitter`` would
+    (the same λ, the same plain-or-refit choice, the same held-out error) without a solve per cut; ``install``
+    then solves only the cuts it applies."""
+
+    def __init__(self, refitter: Refitter, site: Site, model: nn.Module, order: torch.Tensor) -> None:
+        self.refitter = refitter
+        self.stats = refitter.calibration.original_stats(site, model)
+        self.ridges = RIDGE_CANDIDATES if refitter.ridge is None else (refitter.ridge,)
+        self.held = self.stats.merged((2, 3))
+        self.tokens = max(self.held.n[0] * self.stats.weight.shape[0], 1)
+        self.errors = prefix_held_errors(self.stats, order, (0, 1), (2, 3), self.ridges) / self.tokens
+
+    def decide(self, site: Site, model: nn.Module) -> dict[str, object]:
+        """For the cut just applied without a refit (its kept units a prefix of the order): what ``Refitter``
+        decides, with ``error`` the held-out error of the consumer it would install."""
+        cal, kept = self.refitter.calibration, site.kept_units()
+        w_now, b_now = (t if t is None else t.cpu() for t in linear_weight(get_module(model, site.modules[-1])))
+        squares = self.held.target_squares((0,))  # as ``_RefitData.held_error`` and ``tie``, from the merged cells
+        plain = self.held.ridge_stats(kept).squared_error((0,), w_now, b_now, squares) / self.tokens
+        note = _too_few(cal, kept.numel(), self.refitter.min_tokens_per_unit)
+        if note:
+            return {"refit": False, "plain": plain, "note": note, "error": plain}
+        column = self.errors[:, kept.numel() - 1]
+        best = int(column.argmin())
+        refit = float(column[best])
+        if refit >= plain - 1e-9 * squares / self.tokens:
+            return {"refit": False, "plain": plain, "held_out_refit": refit, "error": plain,
+                    "note": "no refit: plain collapse is better on held-out tokens"}
+        return {"refit": True, "plain": plain, "held_out_refit": refit, "ridge": self.ridges[best], "error": refit,
+                "note": f"refit λ={self.ridges[best]:g}: held-out error {plain:.3g} → {refit:.3g}"}
+
+    def install(self, site: Site, model: nn.Module, decision: dict[str, object]) -> dict[str, object]:
+        """Put the consumer ``decision`` chose in place (solved on every calibration token); returns the decision."""
+        if decision["refit"]:
+            stats = self.stats.ridge_stats(site.kept_units())
+            _install(model, site.modules[-1], stats, float(decision["ridge"]), self.refitter.calibration,
+                     self.refitter.cross_fit, decision)
+        return decision
 
 
 def _original_units(site: Site, model: nn.Module) -> int:
@@ -190,6 +275,11 @@ def _original_units(site: Site, model: nn.Module) -> int:
 
 
 GRAM_BYTES_MAX = 1 << 30  # the statistics path holds four units × units float64 sums; wider MLPs read the tokens
+
+
+def _stats_fit(site: Site, model: nn.Module) -> bool:
+    """Whether the site's original units are few enough for ``UnitStats`` (``GRAM_BYTES_MAX``)."""
+    return 4 * _original_units(site, model) ** 2 * 8 <= GRAM_BYTES_MAX
 
 
 def refitter(calibration: Calibration | None, config, cross_fit: bool = False, many_cuts: bool = False
@@ -207,10 +297,10 @@ def _cells(cal: Calibration, cross_fit: bool) -> torch.Tensor:
     return cal.held_out().long() * 2 + parity
 
 
-def _unit_stats(site: Site, model: nn.Module, cal: Calibration, cross_fit: bool) -> UnitStats:
+def _unit_stats(site: Site, model: nn.Module, cal: Calibration) -> UnitStats:
     w_orig, b_orig = (t if t is None else t.to(torch.float64).cpu()
                       for t in linear_weight(site.originals(model)[site.modules[-1]]))
-    cell = _cells(cal, cross_fit)
+    cell = _cells(cal, True)
     stats = UnitStats(4, w_orig, b_orig)
     for rows, hidden in _original_hidden_chunks(site, model, cal):
         stats.add(hidden, cell[rows])
@@ -247,7 +337,7 @@ class _RefitData:
 
     @classmethod
     def collect(cls, chunks: Iterator[tuple[slice, torch.Tensor, torch.Tensor]], cal: Calibration,
-                min_tokens_per_unit: float, cross_fit: bool = False) -> _RefitData:
+                min_tokens_per_unit: float, cross_fit: bool = False, scale: UnitScale | None = None) -> _RefitData:
         """The statistics of the fitting tokens of (token rows, hidden, target) chunks, accumulated one chunk at a
         time, and the held-out rows (their statistics join only an accepted refit)."""
         held = cal.held_out()
@@ -259,7 +349,7 @@ class _RefitData:
                 note = _too_few(cal, hidden.shape[1], min_tokens_per_unit)
                 if note:
                     return cls(None, note=note)
-                stats = RidgeStats(hidden[fit], target[fit], cell[rows][fit], 4)
+                stats = RidgeStats(hidden[fit], target[fit], cell[rows][fit], 4, scale)
             else:
                 stats.add(hidden[fit], target[fit], cell[rows][fit])
             hidden_held.append(hidden[~fit])
@@ -319,6 +409,16 @@ def _refit(model: nn.Module, out_name: str, data: _RefitData, cal: Calibration, 
         return {"refit": False, "plain": plain, "held_out_refit": refit,
                 "note": "no refit: plain collapse is better on held-out tokens"}
     data.join_held()
+    result = {"refit": True, "plain": plain, "held_out_refit": refit, "ridge": ridge,
+              "note": f"refit λ={ridge:g}: held-out error {plain:.3g} → {refit:.3g}"}
+    return _install(model, out_name, stats, ridge, cal, cross_fit, result)
+
+
+def _install(model: nn.Module, out_name: str, stats: RidgeStats, ridge: float, cal: Calibration, cross_fit: bool,
+             result: dict[str, object]) -> dict[str, object]:
+    """Put the refit consumer (solved on every cell) in place of ``out_name``; with ``cross_fit``, add to ``result``
+    the two folds that each leave out the batches of one parity."""
+    down = get_module(model, out_name)
 
     def consumer(cells: tuple[int, ...]) -> FiberLinear:
         weight, bias = stats.solve(cells, ridge)
@@ -327,8 +427,6 @@ def _refit(model: nn.Module, out_name: str, data: _RefitData, cal: Calibration, 
                                         getattr(down, "fiber_index", None))
 
     set_module(model, out_name, consumer((0, 1, 2, 3)))
-    result = {"refit": True, "plain": plain, "held_out_refit": refit, "ridge": ridge,
-              "note": f"refit λ={ridge:g}: held-out error {plain:.3g} → {refit:.3g}"}
     if cross_fit and cal.batch is not None and len(set(cal.batch.tolist())) > 1:
         result["folds"] = [consumer((1 - p, 3 - p)) for p in (0, 1)]  # without the batches of parity p
         result["calibration_batches"] = set(cal.batch.tolist())
