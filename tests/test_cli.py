@@ -321,8 +321,9 @@ def test_version_and_compress_flags_for_fiber_source_and_compensation(monkeypatc
     with pytest.raises(SystemExit):
         build_parser().parse_args(["compress", "m", "--fibers-from", "nope"])
     assert default.search == config.COMMAND_DEFAULTS["search"] == "block"
-    assert _config(build_parser().parse_args(["compress", "m", "--search", "greedy", "--fibers-from", "weights"])
-                   ) == config.FibrationConfig()
+    assert default.sensitivity == config.COMMAND_DEFAULTS["sensitivity"] == "block"
+    assert _config(build_parser().parse_args(["compress", "m", "--search", "greedy", "--fibers-from", "weights",
+                                              "--sensitivity", "loss"])) == config.FibrationConfig()
 
 
 def test_options_that_set_config_fields_default_to_the_fields_defaults():

@@ -270,6 +270,8 @@ def test_prefix_held_errors_equal_each_prefix_refit_scored_alone():
         for i, (w, b) in enumerate(stats.ridge_stats(order[:k]).path((0, 1), ridges)):
             direct = float((hidden[held][:, order[:k]] @ w.T + b - target[held]).pow(2).sum())
             assert float(errors[i, k - 1]) == pytest.approx(direct, rel=1e-8)
+    torch.testing.assert_close(prefix_held_errors(stats, order, (0, 1), (2, 3), ridges, upto=19), errors[:, :19],
+                               rtol=1e-9, atol=0)
     with pytest.raises(ValueError, match="ridge > 0"):
         prefix_held_errors(stats, order, (0, 1), (2, 3), (0.0,))
 

@@ -244,11 +244,11 @@ class UnitStats:
 
 
 def prefix_held_errors(stats: UnitStats, order: torch.Tensor, fit: tuple[int, ...], held: tuple[int, ...],
-                       ridges: tuple[float, ...]) -> torch.Tensor:
+                       ridges: tuple[float, ...], upto: int | None = None) -> torch.Tensor:
     """Σ‖W_k h + b_k − y‖² over the ``held`` cells' tokens, where (W_k, b_k) is the ridge refit on the ``fit`` cells
-    (λ relative to ``stats.scale``) of the consumer reading only the units ``order[:k]``: for every k = 1..n and
-    every λ > 0 in ``ridges``, as a (ridges × n) tensor — what ``RidgeStats.path`` and ``squared_error`` give one
-    kept set at a time.
+    (λ relative to ``stats.scale``) of the consumer reading only the units ``order[:k]``: for every k = 1..m and
+    every λ > 0 in ``ridges``, as a (ridges × m) tensor, m = ``upto`` or all of ``order`` — what ``RidgeStats.path``
+    and ``squared_error`` give one kept set at a time.
 
     Nested cuts (span) keep prefixes of one order, and a prefix's Gram is the leading block of the permuted Gram:
     the Cholesky factor L of G + μI factors every prefix at once. With Z = L⁻¹C (C = G Wᵀ, the fit cross-products),
@@ -259,7 +259,7 @@ def prefix_held_errors(stats: UnitStats, order: torch.Tensor, fit: tuple[int, ..
         raise ValueError("prefix_held_errors needs every ridge > 0 (a factorization per λ).")
     gram_fit, gram_held, _ = stats.fit_and_held(fit, held)
     weight = stats.weight
-    order = order.to(torch.long)
+    order = order.to(torch.long)[:upto]  # the prefixes up to m read only the leading m × m block
     cross_fit, cross_held = (gram_fit @ weight.T)[order], (gram_held @ weight.T)[order]
     constant = float(((weight @ gram_held) * weight).sum())
     gram_fit, gram_held = gram_fit[order][:, order], gram_held[order][:, order]

@@ -40,7 +40,7 @@ from hf_fibration.pipeline.fisher import output_fisher
 from hf_fibration.pipeline.loop import finish_report, start_report
 from hf_fibration.pipeline.spill import SpillFolder
 from hf_fibration.policies.bound import HoldoutMargin, SearchBound
-from hf_fibration.repair.calibration import capture_calibration, refitter
+from hf_fibration.repair.calibration import Calibration, CalibrationRecorder, refitter
 
 GRID = 16  # cuts per site: the ε's that keep j/16 of its units, j = 15 … 1 (and ε_min)
 # The τ search's cuts: 8 per site was as good as 16 at 1.8× less CPU (results/bench_block_search: MiniLM 1.0104× vs
@@ -135,8 +135,13 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
             for b, block in enumerate(blocks):
                 calls = inputs.calls[s]
                 block_sites = by_block.get((s, b), [])
-                with _SiteInputs(model, block_sites if local else [], measured) as site_inputs:
-                    reference = [_run(block, call, h) for call, h in zip(calls, hidden, strict=True)]
+                calibrating = [site for site in block_sites if site.kind == "mlp" and config.calibrates_mlps]
+                with _SiteInputs(model, block_sites if local else [], measured, calibrating,
+                                 config.calibration_tokens) as site_inputs:
+                    reference = []
+                    for i, (call, h) in enumerate(zip(calls, hidden, strict=True)):
+                        site_inputs.start_batch(i)
+                        reference.append(_run(block, call, h))
                 if fisher is None:  # relative error: ‖δ‖² / ‖Y‖²
                     weights = None
                     scale = 1.0 / max(sum(float(y.double().pow(2).sum()) for y in reference[:measured]), 1e-30)
@@ -145,8 +150,8 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
                 measure = _BlockError(block, calls[:measured], hidden, reference, weights)
                 for site in block_sites:
                     local_output = _SiteOutput(model, site, site_inputs.rows[site.name]) if local else None
-                    curves[site.name] = _site_curve(model, config, site, block, calls, hidden, measure, scale,
-                                                    local_output, by_count, grid, spill)
+                    curves[site.name] = _site_curve(model, config, site, site_inputs.calibrations.get(site.name),
+                                                    measure, scale, local_output, by_count, grid, spill)
                 hidden = reference
                 if (s, b) in by_block:
                     bar.update(1)
@@ -188,18 +193,30 @@ class _BlockError:
 
 
 class _SiteInputs:
-    """While open, records what enters each site's first module on the first ``measured`` block runs."""
+    """While open, records what enters each site's first module on the first ``measured`` block runs (``rows``), and
+    the calibration of each site in ``calibrating`` (``calibrations``: up to ``max_tokens``, ``start_batch`` naming
+    the block run in progress), so the block's reference run is also its sites' calibration pass."""
 
-    def __init__(self, model: nn.Module, sites: list[Site], measured: int) -> None:
+    def __init__(self, model: nn.Module, sites: list[Site], measured: int, calibrating: list[Site] = (),
+                 max_tokens: int = 0) -> None:
         self.rows: dict[str, torch.Tensor] = {}
+        self.calibrations: dict[str, Calibration] = {}
         self._parts: dict[str, list[torch.Tensor]] = {site.name: [] for site in sites}
-        self._model, self._sites, self._measured = model, sites, measured
+        self._recorders = {site.name: CalibrationRecorder(max_tokens) for site in calibrating}
+        self._model, self._sites, self._calibrating, self._measured = model, sites, calibrating, measured
         self._handles: list = []
+
+    def start_batch(self, index: int) -> None:
+        for recorder in self._recorders.values():
+            recorder.batch = index
 
     def __enter__(self) -> _SiteInputs:
         for site in self._sites:
             self._handles.append(get_module(self._model, site.modules[0]).register_forward_pre_hook(
                 self._hook(self._parts[site.name])))
+        for site in self._calibrating:
+            self._handles.append(get_module(self._model, site.modules[0]).register_forward_pre_hook(
+                self._recorders[site.name].hook))
         return self
 
     def _hook(self, parts: list[torch.Tensor]):
@@ -213,6 +230,7 @@ class _SiteInputs:
         for handle in self._handles:
             handle.remove()
         self.rows = {name: torch.cat(parts) for name, parts in self._parts.items() if parts}
+        self.calibrations = {name: r.calibration() for name, r in self._recorders.items() if r.tokens}
 
 
 class _SiteOutput:
@@ -236,16 +254,13 @@ class _SiteOutput:
         return float((self._output(model) - self.reference).double().pow(2).sum())
 
 
-def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn.Module, calls: list,
-                hidden: list[torch.Tensor], block_error: _BlockError, scale: float, local: _SiteOutput | None,
-                by_count: bool, grid: int, spill: SpillFolder | None) -> list[dict]:
+def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, calibration: Calibration | None,
+                block_error: _BlockError, scale: float, local: _SiteOutput | None, by_count: bool, grid: int,
+                spill: SpillFolder | None) -> list[dict]:
     """The site's cuts with their block errors: each measured by ``block_error`` (a block run per cut), or with
     ``local`` each cut's site-output error, scaled to the block's error by the one cut nearest half the units
-    (the most compressed cut whose site output changes, when that one is exact)."""
-    calibration = None
-    if site.kind == "mlp" and config.calibrates_mlps:
-        calibration = capture_calibration(model, site, lambda i: _run(block, calls[i], hidden[i]), len(calls),
-                                          config.calibration_tokens)
+    (the most compressed cut whose site output changes, when that one is exact). ``calibration``: what entered the
+    site on the block's reference run (MLP sites that calibrate)."""
     refit = refitter(calibration, config, many_cuts=True)
     dendro = site.dendrogram(model, config, calibration)
     site.commit()
@@ -258,7 +273,7 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, block: nn
     # nested cuts (span) with local pricing: each cut priced by its refit's held-out error, all cuts from one
     # factorization per λ; a consumer is solved only where a cut is applied or kept
     prefix = None if local is None or refit is None or not getattr(dendro, "nested", False) else refit.prefixes(
-        site, model, dendro.order)
+        site, model, dendro.order, max((part.num_fibers for _, part in cuts), default=1))
     for eps, part in cuts:
         if part.num_fibers in curve or part.is_trivial:
             continue

@@ -78,40 +78,63 @@ class Calibration:
         self._stats = None
 
 
+class CalibrationRecorder:
+    """What enters a module, call by call, up to ``max_tokens`` rows (in the dtype captured, moved to the CPU), with
+    each row's sequence and the index of the batch it came from (``batch``, set by the caller): the hook of
+    ``capture_calibration``, and of any pass that runs the site's block anyway (the block search's reference run)."""
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens, self.batch = max_tokens, 0
+        self.tokens = 0
+        self._rows: list[torch.Tensor] = []
+        self._sequences: list[torch.Tensor] = []
+        self._batches: list[torch.Tensor] = []
+
+    @property
+    def full(self) -> bool:
+        return self.tokens >= self.max_tokens
+
+    def record(self, x: torch.Tensor) -> None:
+        if self.full:
+            return
+        rows = x.detach().reshape(-1, x.shape[-1])[:self.max_tokens - self.tokens].to("cpu", copy=True)
+        start = int(self._sequences[-1].max()) + 1 if self._sequences else 0
+        per_sequence = x.shape[-2] if x.dim() == 3 else 1
+        self._rows.append(rows)
+        self._sequences.append(start + torch.arange(rows.shape[0]) // per_sequence)
+        self._batches.append(torch.full((rows.shape[0],), self.batch))
+        self.tokens += rows.shape[0]
+
+    def hook(self, module: nn.Module, args: tuple) -> None:
+        self.record(args[0])
+
+    def calibration(self) -> Calibration:
+        return Calibration(torch.cat(self._rows), torch.cat(self._sequences), torch.cat(self._batches))
+
+
 def capture_calibration(model: nn.Module, site: Site, run_batch: Callable[[int], object], num_batches: int,
                         max_tokens: int) -> Calibration:
     """What enters the site's first module, from up to ``num_batches`` batches (forward cut short), in order."""
-    captured: list[torch.Tensor] = []
-    sequences: list[torch.Tensor] = []
-    batches: list[torch.Tensor] = []
-    current = [0]
+    recorder = CalibrationRecorder(max_tokens)
 
     def hook(module: nn.Module, args: tuple) -> None:
-        x = args[0].detach()
-        remaining = max_tokens - sum(c.shape[0] for c in captured)  # never more than max_tokens rows in memory
-        rows = x.reshape(-1, x.shape[-1])[:remaining].to("cpu", copy=True)  # as captured: see Calibration
-        start = sum(int(s.max()) + 1 for s in sequences[-1:]) if sequences else 0
-        per_sequence = x.shape[-2] if x.dim() == 3 else 1
-        captured.append(rows)
-        sequences.append(start + torch.arange(rows.shape[0]) // per_sequence)
-        batches.append(torch.full((rows.shape[0],), current[0]))
+        recorder.record(args[0])
         raise _Captured
 
     handle = get_module(model, site.modules[0]).register_forward_pre_hook(hook)
     try:
         for i in range(num_batches):
-            current[0] = i
+            recorder.batch = i
             try:
                 with torch.no_grad():
                     run_batch(i)
             except _Captured:
                 pass
-            if sum(c.shape[0] for c in captured) >= max_tokens:
+            if recorder.full:
                 break
     finally:
         handle.remove()
-    return Calibration(torch.cat(captured)[:max_tokens], torch.cat(sequences)[:max_tokens],
-                       torch.cat(batches)[:max_tokens])
+    return recorder.calibration()
 
 
 def capture_inputs(model: nn.Module, site: Site, run_batch: Callable[[int], object], num_batches: int,
@@ -215,12 +238,13 @@ class Refitter:
         data = _RefitData.of_kept(stats, kept, self.calibration, self.min_tokens_per_unit)
         return _refit(model, site.modules[-1], data, self.calibration, self.ridge, self.cross_fit)
 
-    def prefixes(self, site: Site, model: nn.Module, order: torch.Tensor) -> PrefixRefits | None:
-        """The refits of every cut that keeps a prefix of ``order`` (nested cuts: span), priced at once; None where
-        the statistics path does not apply (a wide site, a ridge fixed at 0)."""
+    def prefixes(self, site: Site, model: nn.Module, order: torch.Tensor, upto: int | None = None
+                 ) -> PrefixRefits | None:
+        """The refits of every cut that keeps a prefix of ``order`` (nested cuts: span) of at most ``upto`` units,
+        priced at once; None where the statistics path does not apply (a wide site, a ridge fixed at 0)."""
         if not _stats_fit(site, model) or self.ridge == 0:
             return None
-        return PrefixRefits(self, site, model, order)
+        return PrefixRefits(self, site, model, order, upto)
 
     def release(self) -> None:
         self.targets.clear()
@@ -234,13 +258,14 @@ class PrefixRefits:
     (the same λ, the same plain-or-refit choice, the same held-out error) without a solve per cut; ``install``
     then solves only the cuts it applies."""
 
-    def __init__(self, refitter: Refitter, site: Site, model: nn.Module, order: torch.Tensor) -> None:
+    def __init__(self, refitter: Refitter, site: Site, model: nn.Module, order: torch.Tensor,
+                 upto: int | None = None) -> None:
         self.refitter = refitter
         self.stats = refitter.calibration.original_stats(site, model)
         self.ridges = RIDGE_CANDIDATES if refitter.ridge is None else (refitter.ridge,)
         self.held = self.stats.merged((2, 3))
         self.tokens = max(self.held.n[0] * self.stats.weight.shape[0], 1)
-        self.errors = prefix_held_errors(self.stats, order, (0, 1), (2, 3), self.ridges) / self.tokens
+        self.errors = prefix_held_errors(self.stats, order, (0, 1), (2, 3), self.ridges, upto) / self.tokens
 
     def decide(self, site: Site, model: nn.Module) -> dict[str, object]:
         """For the cut just applied without a refit (its kept units a prefix of the order): what ``Refitter``
