@@ -55,7 +55,7 @@ DEFAULT_FIBERS_FROM = {"pretrained": "span", "from_scratch": "weights"}
 # (all-MiniLM-L6-v2, τ 0.01, results/cli_minilm): block search + span 1.058× at held-out 1 − cos 0.0051 in 276 CPU s,
 # the greedy search of weight fibers 1.015× at 0.0092 in 1191 s. FibrationConfig() keeps the paper's data-free
 # method (weight fibers, the greedy search of Alg. 3). A target size is priced by block errors: span at 0.5 on
-# MiniLM, 0.8563 cosine on unseen text in 83 CPU s against the loss pricing's 0.8598 in 1352 (results/fiber_sources).
+# MiniLM, 0.8563 cosine on unseen text in 72.5 CPU s against the loss pricing's 0.8598 in 1352 (results/fiber_sources).
 COMMAND_DEFAULTS = {"fibers_from": DEFAULT_FIBERS_FROM["pretrained"], "search": "block", "sensitivity": "block"}
 
 

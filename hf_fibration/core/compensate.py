@@ -202,21 +202,19 @@ class UnitStats:
         cells = tuple(self.gram)
         return _total(self.gram, cells), _total(self.sum, cells), sum(self.n)
 
-    def fit_and_held(self, fit: tuple[int, ...], held: tuple[int, ...]
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The centered Gram of the ``fit`` cells' tokens (all units), the ``held`` cells' Gram centered at the fit
-        mean, and the fit mean: what every refit fitted on ``fit`` and scored on ``held`` reads."""
-        fit = tuple(c for c in fit if c in self.gram)
-        held = tuple(c for c in held if c in self.gram)
-        n_fit, n_held = sum(self.n[c] for c in fit), sum(self.n[c] for c in held)
-        mean = _total(self.sum, fit) / max(n_fit, 1)
-        gram_fit = _total(self.gram, fit).sub_(torch.outer(mean, mean).mul_(n_fit))
-        if not held:
-            return gram_fit, torch.zeros_like(gram_fit), mean
-        held_sum = _total(self.sum, held)
-        cross = torch.outer(held_sum, mean)
-        gram_held = _total(self.gram, held).sub_(cross).sub_(cross.T).add_(torch.outer(mean, mean).mul_(n_held))
-        return gram_fit, gram_held, mean
+    def centered_gram(self, cells: tuple[int, ...], mean: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ (h − m)(h − m)ᵀ over the tokens of ``cells`` (all units), m = ``mean`` or those tokens' own mean."""
+        cells = tuple(c for c in cells if c in self.gram)
+        if not cells:
+            return self.weight.new_zeros(self.weight.shape[1], self.weight.shape[1])
+        n, total = sum(self.n[c] for c in cells), _total(self.sum, cells)
+        mean = total / max(n, 1) if mean is None else mean
+        cross = torch.outer(total, mean)
+        return _total(self.gram, cells).sub_(cross).sub_(cross.T).add_(torch.outer(mean, mean).mul_(n))
+
+    def mean(self, cells: tuple[int, ...]) -> torch.Tensor:
+        cells = tuple(c for c in cells if c in self.gram)
+        return _total(self.sum, cells) / max(sum(self.n[c] for c in cells), 1)
 
     def ridge_stats(self, kept: torch.Tensor) -> RidgeStats:
         """``RidgeStats`` of the units ``kept`` (in that order) against the original output y = W h + b."""
@@ -257,25 +255,34 @@ def prefix_held_errors(stats: UnitStats, order: torch.Tensor, fit: tuple[int, ..
     ⟨Z_i, (L⁻¹B)_i⟩: O(n³) per λ for all n cuts, instead of O(k³) for each."""
     if any(r <= 0 for r in ridges):
         raise ValueError("prefix_held_errors needs every ridge > 0 (a factorization per λ).")
-    gram_fit, gram_held, _ = stats.fit_and_held(fit, held)
-    weight = stats.weight
+    weight, mean = stats.weight, stats.mean(fit)
     order = order.to(torch.long)[:upto]  # the prefixes up to m read only the leading m × m block
-    cross_fit, cross_held = (gram_fit @ weight.T)[order], (gram_held @ weight.T)[order]
-    constant = float(((weight @ gram_held) * weight).sum())
-    gram_fit, gram_held = gram_fit[order][:, order], gram_held[order][:, order]
+    rows, cols = order[:, None], order[None, :]
+    gram = stats.centered_gram(fit, mean)  # one units × units Gram at a time, gathered to the order's m × m
+    cross_fit, gram_fit = (gram @ weight.T)[order], gram[rows, cols]
+    del gram
+    gram = stats.centered_gram(held, mean)  # the held-out tokens centered at the fit mean (the refit's bias)
+    cross_held, gram_held = (gram @ weight.T)[order], gram[rows, cols]
+    constant = float(((weight @ gram) * weight).sum())
+    del gram
     mu = stats.scale(fit)
-    n = order.numel()
-    errors = torch.empty(len(ridges), n, dtype=torch.float64)
+    m = order.numel()
+    # three m × m buffers reused at every λ (with the two Grams, the peak is five, not a new set per λ)
+    factor, work, a_hat = (torch.empty(m, m, dtype=torch.float64) for _ in range(3))
+    info = torch.empty((), dtype=torch.int32)
+    errors = torch.empty(len(ridges), m, dtype=torch.float64)
     for i, ridge in enumerate(ridges):
-        factor = gram_fit.clone()
-        factor.diagonal().add_(ridge * mu)
-        factor = torch.linalg.cholesky(factor)
+        work.copy_(gram_fit).diagonal().add_(ridge * mu)
+        torch.linalg.cholesky_ex(work, out=(factor, info))
+        if int(info):
+            raise ValueError(f"The ridged Gram is not positive definite at λ = {ridge:g} (its units carry no signal).")
         z = torch.linalg.solve_triangular(factor, cross_fit, upper=False)
         b_hat = torch.linalg.solve_triangular(factor, cross_held, upper=False)
-        a_hat = torch.linalg.solve_triangular(factor, torch.linalg.solve_triangular(factor, gram_held, upper=False).T,
-                                              upper=False)
-        products = (z @ z.T).mul_(a_hat)
-        quadratic = (2 * products.tril(-1).sum(1) + products.diagonal()).cumsum(0)
+        torch.linalg.solve_triangular(factor, gram_held, upper=False, out=work)
+        torch.linalg.solve_triangular(factor, work.T, upper=False, out=a_hat)  # L⁻¹ A L⁻ᵀ
+        products = torch.mm(z, z.T, out=work).mul_(a_hat)
+        diagonal = products.diagonal().clone()
+        quadratic = (2 * products.tril_(-1).sum(1) + diagonal).cumsum(0)
         linear = (z * b_hat).sum(1).cumsum(0)
         errors[i] = quadratic - 2 * linear + constant
     return errors
