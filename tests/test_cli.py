@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -165,13 +166,17 @@ def test_same_command_twice_gives_byte_identical_weights(marian_dir, tmp_path):
 def test_sigterm_is_handled_like_ctrl_c(marian_dir, tmp_path):
     """#18.3: SIGTERM (kill, timeout, Slurm) stops the run with no output and no temp directory left."""
     out = tmp_path / "out"
-    proc = subprocess.Popen(CLI + ["compress", str(marian_dir), "--output", str(out), "--no-progress",
-                                   "--max-samples", "64"], stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list(tmp_path.glob(".out.tmp-*")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
+    for _attempt in range(3):  # the save is short: on a loaded machine the run may end before the signal lands
+        proc = subprocess.Popen(CLI + ["compress", str(marian_dir), "--output", str(out), "--no-progress",
+                                       "--max-samples", "64"], stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 120
+        while not list(tmp_path.glob(".out.tmp-*")) and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        if proc.returncode != 0:
+            break
+        shutil.rmtree(out, ignore_errors=True)  # finished first: the whole output of an uninterrupted run
     assert proc.returncode == 143, err[-2000:]  # 128 + SIGTERM, the convention (#27.7)
     assert "interrupted (SIGTERM)" in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".out*"))

@@ -306,3 +306,17 @@ def test_prefix_refits_decide_and_install_every_span_cut_as_the_refitter_does():
             torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
         refit_seen.add(result["refit"])
     assert True in refit_seen
+
+
+def test_calibration_keeps_one_set_of_sums_and_splits_by_parity_only_when_asked():
+    model = tiny_model("llama")
+    config = FibrationConfig(parts=("mlp",), fibers_from="span")
+    evalset = causal_evalset(model, n_batches=12)
+    site = next(s for s in build_sites(model, config) if s.kind == "mlp")
+    cal = capture_calibration(model, site, lambda i: batch_loss_sum(model, evalset, i), len(evalset.batches), 1024)
+    unsplit = cal.original_stats(site, model)
+    assert set(unsplit.gram) == {0, 2} and cal.original_stats(site, model) is unsplit  # fit and held out, once
+    split = cal.original_stats(site, model, parity=True)  # a cross-fitting refit needs the batch parity
+    assert split is not unsplit and set(split.gram) == {0, 1, 2, 3}
+    assert cal.original_stats(site, model) is split  # the split sums serve every refit after
+    torch.testing.assert_close(split.total()[0], unsplit.total()[0], rtol=1e-12, atol=1e-9)

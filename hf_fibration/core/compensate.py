@@ -192,8 +192,9 @@ class UnitStats:
     def merged(self, cells: tuple[int, ...]) -> UnitStats:
         """One cell holding the sums of ``cells`` (a caller scoring many consumers on them reads one Gram)."""
         cells = tuple(c for c in cells if c in self.gram)
-        merged = UnitStats(1, self.weight, self.bias)
-        merged.gram[0], merged.sum[0] = _total(self.gram, cells), _total(self.sum, cells)
+        merged = UnitStats(1, self.weight, self.bias)  # one cell is shared, not copied (nothing writes to it)
+        merged.gram[0] = self.gram[cells[0]] if len(cells) == 1 else _total(self.gram, cells)
+        merged.sum[0] = _total(self.sum, cells)
         merged.n[0] = sum(self.n[c] for c in cells)
         return merged
 
@@ -457,7 +458,9 @@ def _span_pivots(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     residual 0."""
     n = gram.shape[0]
     total = float(gram.diagonal().sum())
-    factor, piv, rank, info = lapack.dpstrf(gram.numpy(), tol=SPAN_ROUNDOFF * total, lower=1)
+    # the transpose of the symmetric Gram is its Fortran-ordered view: LAPACK factors it in place, no copy (callers
+    # pass a Gram made for this call)
+    factor, piv, rank, info = lapack.dpstrf(gram.numpy().T, tol=SPAN_ROUNDOFF * total, lower=1, overwrite_a=1)
     if info < 0:
         raise ValueError(f"LAPACK dpstrf rejected argument {-info} of the span Gram.")
     piv = torch.from_numpy(piv.astype("int64") - 1)

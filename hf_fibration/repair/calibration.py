@@ -44,6 +44,7 @@ class Calibration:
     sequence: torch.Tensor
     batch: torch.Tensor | None = None  # the eval batch each token came from (for cross-fitting)
     _stats: UnitStats | None = field(default=None, repr=False, compare=False)
+    _stats_parity: bool = field(default=False, repr=False, compare=False)
 
     @property
     def inputs(self) -> torch.Tensor:
@@ -64,11 +65,13 @@ class Calibration:
     def __len__(self) -> int:
         return self.stored.shape[0]
 
-    def original_stats(self, site: Site, model: nn.Module) -> UnitStats:
-        """``UnitStats`` of the site's original hidden units on these tokens, in the cells of ``_cells`` with batch
-        parity (a refit that does not cross-fit reads the unions), computed once."""
-        if self._stats is None:
-            self._stats = _unit_stats(site, model, self)
+    def original_stats(self, site: Site, model: nn.Module, parity: bool = False) -> UnitStats:
+        """``UnitStats`` of the site's original hidden units on these tokens, in the cells of ``_cells`` — split by
+        batch parity when ``parity`` (a cross-fitting refit needs it; two cells hold half the memory of four) —
+        computed once, and again only when parity is asked of sums kept without it."""
+        if self._stats is None or (parity and not self._stats_parity):
+            self._stats = None  # freed before the new sums are accumulated
+            self._stats, self._stats_parity = _unit_stats(site, model, self, parity), parity
         return self._stats
 
     def has_original_stats(self) -> bool:
@@ -109,7 +112,10 @@ class CalibrationRecorder:
         self.record(args[0])
 
     def calibration(self) -> Calibration:
-        return Calibration(torch.cat(self._rows), torch.cat(self._sequences), torch.cat(self._batches))
+        """The recorded rows as one ``Calibration`` (the recorder lets go of its pieces: one copy, not two)."""
+        calibration = Calibration(torch.cat(self._rows), torch.cat(self._sequences), torch.cat(self._batches))
+        self._rows.clear()
+        return calibration
 
 
 def capture_calibration(model: nn.Module, site: Site, run_batch: Callable[[int], object], num_batches: int,
@@ -234,7 +240,7 @@ class Refitter:
         if kept is None or not _stats_fit(site, model):
             return compensate_mlp(site, model, self.calibration, self.ridge, self.min_tokens_per_unit,
                                   cross_fit=self.cross_fit, targets=self.targets, scale=self.scale)
-        stats = self.calibration.original_stats(site, model)
+        stats = self.calibration.original_stats(site, model, self.cross_fit)
         data = _RefitData.of_kept(stats, kept, self.calibration, self.min_tokens_per_unit)
         return _refit(model, site.modules[-1], data, self.calibration, self.ridge, self.cross_fit)
 
@@ -261,7 +267,7 @@ class PrefixRefits:
     def __init__(self, refitter: Refitter, site: Site, model: nn.Module, order: torch.Tensor,
                  upto: int | None = None) -> None:
         self.refitter = refitter
-        self.stats = refitter.calibration.original_stats(site, model)
+        self.stats = refitter.calibration.original_stats(site, model, refitter.cross_fit)
         self.ridges = RIDGE_CANDIDATES if refitter.ridge is None else (refitter.ridge,)
         self.held = self.stats.merged((2, 3))
         self.tokens = max(self.held.n[0] * self.stats.weight.shape[0], 1)
@@ -322,10 +328,10 @@ def _cells(cal: Calibration, cross_fit: bool) -> torch.Tensor:
     return cal.held_out().long() * 2 + parity
 
 
-def _unit_stats(site: Site, model: nn.Module, cal: Calibration) -> UnitStats:
+def _unit_stats(site: Site, model: nn.Module, cal: Calibration, parity: bool) -> UnitStats:
     w_orig, b_orig = (t if t is None else t.to(torch.float64).cpu()
                       for t in linear_weight(site.originals(model)[site.modules[-1]]))
-    cell = _cells(cal, True)
+    cell = _cells(cal, parity)
     stats = UnitStats(4, w_orig, b_orig)
     for rows, hidden in _original_hidden_chunks(site, model, cal):
         stats.add(hidden, cell[rows])
