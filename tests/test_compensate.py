@@ -182,15 +182,21 @@ def test_span_cut_from_the_gram_equals_the_fold_from_the_tokens():
                                    torch.where(torch.isin(torch.arange(40), reps), 1.0, coef).double())
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
-def test_refit_from_unit_sums_equals_the_refit_from_tokens(family):
-    from hf_fibration.repair.calibration import Calibration, Refitter
-
+def _span_mlp_calibration(family: str = "llama"):
+    """A tiny model, a span config, its first MLP site and 1024 calibration tokens entering it (12 batches)."""
     model = tiny_model(family)
     config = FibrationConfig(parts=("mlp",), fibers_from="span")
     evalset = causal_evalset(model, n_batches=12)
     site = next(s for s in build_sites(model, config) if s.kind == "mlp")
     cal = capture_calibration(model, site, lambda i: batch_loss_sum(model, evalset, i), len(evalset.batches), 1024)
+    return model, config, site, cal
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_refit_from_unit_sums_equals_the_refit_from_tokens(family):
+    from hf_fibration.repair.calibration import Calibration, Refitter
+
+    model, config, site, cal = _span_mlp_calibration(family)
     assert isinstance(cal, Calibration)
     dendro = site.dendrogram(model, config, cal)
     tokens_cal = Calibration(cal.stored, cal.sequence, cal.batch)  # no sums cached: this one reads the tokens
@@ -279,11 +285,7 @@ def test_prefix_held_errors_equal_each_prefix_refit_scored_alone():
 def test_prefix_refits_decide_and_install_every_span_cut_as_the_refitter_does():
     from hf_fibration.repair.calibration import Refitter
 
-    model = tiny_model("llama")
-    config = FibrationConfig(parts=("mlp",), fibers_from="span")
-    evalset = causal_evalset(model, n_batches=12)
-    site = next(s for s in build_sites(model, config) if s.kind == "mlp")
-    cal = capture_calibration(model, site, lambda i: batch_loss_sum(model, evalset, i), len(evalset.batches), 1024)
+    model, config, site, cal = _span_mlp_calibration()
     dendro = site.dendrogram(model, config, cal)
     refitter = Refitter(cal, None, 1.0, many_cuts=True)
     prefix = refitter.prefixes(site, model, dendro.order)
@@ -309,11 +311,7 @@ def test_prefix_refits_decide_and_install_every_span_cut_as_the_refitter_does():
 
 
 def test_calibration_keeps_one_set_of_sums_and_splits_by_parity_only_when_asked():
-    model = tiny_model("llama")
-    config = FibrationConfig(parts=("mlp",), fibers_from="span")
-    evalset = causal_evalset(model, n_batches=12)
-    site = next(s for s in build_sites(model, config) if s.kind == "mlp")
-    cal = capture_calibration(model, site, lambda i: batch_loss_sum(model, evalset, i), len(evalset.batches), 1024)
+    model, config, site, cal = _span_mlp_calibration()
     unsplit = cal.original_stats(site, model)
     assert set(unsplit.gram) == {0, 2} and cal.original_stats(site, model) is unsplit  # fit and held out, once
     split = cal.original_stats(site, model, parity=True)  # a cross-fitting refit needs the batch parity

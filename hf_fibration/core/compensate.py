@@ -190,12 +190,13 @@ class UnitStats:
         self._gram_weight.clear()
 
     def merged(self, cells: tuple[int, ...]) -> UnitStats:
-        """One cell holding the sums of ``cells`` (a caller scoring many consumers on them reads one Gram)."""
+        """The sums of ``cells`` held in the first of them, the other cells empty (a caller scoring many consumers
+        on those tokens reads one Gram, with the same cell numbers)."""
         cells = tuple(c for c in cells if c in self.gram)
-        merged = UnitStats(1, self.weight, self.bias)  # one cell is shared, not copied (nothing writes to it)
-        merged.gram[0] = self.gram[cells[0]] if len(cells) == 1 else _total(self.gram, cells)
-        merged.sum[0] = _total(self.sum, cells)
-        merged.n[0] = sum(self.n[c] for c in cells)
+        merged = UnitStats(len(self.n), self.weight, self.bias)  # one cell is shared, not copied (nothing writes)
+        merged.gram[cells[0]] = self.gram[cells[0]] if len(cells) == 1 else _total(self.gram, cells)
+        merged.sum[cells[0]] = _total(self.sum, cells)
+        merged.n[cells[0]] = sum(self.n[c] for c in cells)
         return merged
 
     def total(self) -> tuple[torch.Tensor, torch.Tensor, int]:

@@ -44,12 +44,17 @@ def finish_report(model: nn.Module, report: CompressionReport, evalset: EvalSet 
     return report
 
 
+def calibrates(site: Site, config: FibrationConfig) -> bool:
+    """Whether the site takes calibration activations: an MLP, when the config's collapse or fibers read them."""
+    return site.kind == "mlp" and config.calibrates_mlps
+
+
 def calibrate(model: nn.Module, config: FibrationConfig, site: Site, evalset: EvalSet | None,
               run: Callable[[int], object] | None = None) -> Calibration | None:
     """What enters an MLP site that calibrates (``config.calibrates_mlps``), from the first eval batches up to
     ``config.calibration_tokens`` tokens (``run(i)`` runs batch i; default: a plain forward pass); None for other
     sites or without data."""
-    if site.kind != "mlp" or not config.calibrates_mlps or evalset is None:
+    if not calibrates(site, config) or evalset is None:
         return None
     run = run or (lambda i: batch_loss_sum(model, evalset, i))
     return capture_calibration(model, site, run, len(evalset.batches), config.calibration_tokens)

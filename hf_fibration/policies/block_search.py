@@ -37,7 +37,7 @@ from hf_fibration.models.sites import Site, SiteSwap, build_sites, layer_report,
 from hf_fibration.models.surgery import get_module, set_module
 from hf_fibration.pipeline.blocks import block_of, first_output, stacks_of
 from hf_fibration.pipeline.fisher import output_fisher
-from hf_fibration.pipeline.loop import finish_report, start_report
+from hf_fibration.pipeline.loop import calibrates, finish_report, start_report
 from hf_fibration.pipeline.spill import SpillFolder
 from hf_fibration.policies.bound import HoldoutMargin, SearchBound
 from hf_fibration.repair.calibration import Calibration, CalibrationRecorder, refitter
@@ -135,7 +135,7 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
             for b, block in enumerate(blocks):
                 calls = inputs.calls[s]
                 block_sites = by_block.get((s, b), [])
-                calibrating = [site for site in block_sites if site.kind == "mlp" and config.calibrates_mlps]
+                calibrating = [site for site in block_sites if calibrates(site, config)]
                 with _SiteInputs(model, block_sites if local else [], measured, calibrating,
                                  config.calibration_tokens) as site_inputs:
                     reference = []
@@ -281,12 +281,13 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, calibrati
             site.apply(model, part, None)
             result = prefix.decide(site, model)
             error = result["error"]
-            if spill is not None or (ratio is None and error > 0 and part.num_fibers <= units / 2):
-                prefix.install(site, model, result)
         else:
             result = site.apply(model, part, refit)
             error = block_error() if local is None else local.error(model)
-        if local is not None and ratio is None and error > 0 and part.num_fibers <= units / 2:
+        sets_ratio = local is not None and ratio is None and error > 0 and part.num_fibers <= units / 2
+        if prefix is not None and (spill is not None or sets_ratio):  # this cut's consumer is kept or measured
+            prefix.install(site, model, result)
+        if sets_ratio:
             ratio = block_error() / error
         replay = None if refit is None or spill is None else _RecordedRefit(site, model, result, spill)
         curve[part.num_fibers] = {"epsilon": eps, "partition": part, "params": site_parameters(model, site),

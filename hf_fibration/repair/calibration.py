@@ -270,23 +270,23 @@ class PrefixRefits:
         self.stats = refitter.calibration.original_stats(site, model, refitter.cross_fit)
         self.ridges = RIDGE_CANDIDATES if refitter.ridge is None else (refitter.ridge,)
         self.held = self.stats.merged((2, 3))
-        self.tokens = max(self.held.n[0] * self.stats.weight.shape[0], 1)
-        self.errors = prefix_held_errors(self.stats, order, (0, 1), (2, 3), self.ridges, upto) / self.tokens
+        tokens = max(sum(self.held.n) * self.stats.weight.shape[0], 1)  # as ``_RefitData.held_error`` divides
+        self.errors = prefix_held_errors(self.stats, order, (0, 1), (2, 3), self.ridges, upto) / tokens
 
     def decide(self, site: Site, model: nn.Module) -> dict[str, object]:
         """For the cut just applied without a refit (its kept units a prefix of the order): what ``Refitter``
         decides, with ``error`` the held-out error of the consumer it would install."""
         cal, kept = self.refitter.calibration, site.kept_units()
         w_now, b_now = (t if t is None else t.cpu() for t in linear_weight(get_module(model, site.modules[-1])))
-        squares = self.held.target_squares((0,))  # as ``_RefitData.held_error`` and ``tie``, from the merged cells
-        plain = self.held.ridge_stats(kept).squared_error((0,), w_now, b_now, squares) / self.tokens
+        data = _RefitData(self.held.ridge_stats(kept), unit_stats=self.held)  # the held-out tokens' sums only
+        plain = data.held_error(w_now, b_now)
         note = _too_few(cal, kept.numel(), self.refitter.min_tokens_per_unit)
         if note:
             return {"refit": False, "plain": plain, "note": note, "error": plain}
         column = self.errors[:, kept.numel() - 1]
         best = int(column.argmin())
         refit = float(column[best])
-        if refit >= plain - 1e-9 * squares / self.tokens:
+        if refit >= plain - data.tie():
             return {"refit": False, "plain": plain, "held_out_refit": refit, "error": plain,
                     "note": "no refit: plain collapse is better on held-out tokens"}
         return {"refit": True, "plain": plain, "held_out_refit": refit, "ridge": self.ridges[best], "error": refit,
