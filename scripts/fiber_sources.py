@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import cProfile
+import io
 import json
+import pstats
 import random
 import time
 from pathlib import Path
@@ -36,6 +39,13 @@ def lines(path: Path) -> list[str]:
     return [line for line in out if len(line.split()) >= 4 and not line.startswith("=")]
 
 
+def write_profile(profiler: cProfile.Profile, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("cumulative").print_stats(60)
+    path.write_text(text.getvalue())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sources", nargs="+", default=["weights", "span"], help="fibers_from values to compare")
@@ -53,6 +63,8 @@ def main() -> None:
     ap.add_argument("--baselines", nargs="*", default=[], metavar="METHOD",
                     help="also baselines.compress_to_size with these methods (e.g. flap wanda-sp) at the same keep "
                          "and calibration, timed in the same run")
+    ap.add_argument("--profile", default=None, metavar="DIR",
+                    help="also write each job's cProfile (cumulative time, top 60 calls) to DIR/<source>-<mode>.txt")
     args = ap.parse_args()
     head = print_preamble(load=True)
     import datasets
@@ -79,6 +91,9 @@ def main() -> None:
                and r["calib"] == args.calib and r.get("run") == args.run for r in rows):
             continue
         model = copy.deepcopy(teacher)
+        profiler = cProfile.Profile() if args.profile else None
+        if profiler:
+            profiler.enable()
         load, start, cpu = load_average(), time.perf_counter(), time.process_time()
         if sensitivity == "baseline":  # the whole calibration set: a baseline has no held-out check
             report, compensate = compress_to_size(model, source, args.keep, calib), False
@@ -88,6 +103,9 @@ def main() -> None:
                                      cut_pricing=args.cut_pricing)
             report, compensate = compress_pretrained(model, config, evalset=calib, progress=False), config.compensate
         seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+        if profiler:
+            profiler.disable()
+            write_profile(profiler, Path(args.profile) / f"{source}-{sensitivity}.txt")
         holdout = report.holdout_final_loss
         row = {"fibers_from": source, "sensitivity": sensitivity, "cut_pricing": args.cut_pricing, "run": args.run,
                "keep": args.keep, "calib": args.calib, "test": args.test,

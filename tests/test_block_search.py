@@ -11,6 +11,7 @@ from hf_fibration import FibrationConfig
 from hf_fibration.evaluation.evalset import EvalSet, build_eval_set, evaluate_loss, loss_terms, task_of
 from hf_fibration.models.sites import build_sites
 from hf_fibration.models.surgery import get_module
+from hf_fibration.policies import block_search as block_search_module
 from hf_fibration.policies.block_search import allocate, allocation_ladder, block_search, site_error_curves
 from hf_fibration.policies.search import greedy_search
 from hf_fibration.repair.calibration import PrefixRefits
@@ -205,3 +206,14 @@ def test_a_cut_applied_again_gets_back_from_disk_the_consumer_its_refit_solved(m
     del curves, cut
     gc.collect()
     assert not folder.exists()  # the spilled consumers go with the curves
+
+
+@pytest.mark.parametrize("calibration_tokens,covers", [(8192, True), (30, False)])
+def test_the_curves_pass_gives_the_base_loss_when_it_covers_the_eval_set(calibration_tokens, covers, monkeypatch):
+    monkeypatch.setattr(block_search_module, "ERROR_TOKENS", 30)  # the carried tokens: 40 a batch, 3 batches
+    model = tiny_model("llama")
+    evalset = _random_evalset(model, batches=3)
+    config = FibrationConfig(calibration_tokens=calibration_tokens, **PLAIN)
+    base: list[float] = []
+    site_error_curves(model, config, evalset, build_sites(model, config), progress=False, base=base)
+    assert base == ([evaluate_loss(model, evalset)] if covers else [])

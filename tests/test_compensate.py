@@ -5,7 +5,7 @@ import torch
 from tiny_models import inputs, plant_fibers, tiny_model
 
 from hf_fibration import FibrationConfig
-from hf_fibration.core.compensate import activation_fibers, ridge_refit, span_representatives
+from hf_fibration.core.compensate import UnitStats, activation_fibers, ridge_refit, span_representatives
 from hf_fibration.core.fibers import FiberDendrogram
 from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum
 from hf_fibration.methods.baselines import METHODS, compress_mlps
@@ -317,4 +317,23 @@ def test_calibration_keeps_one_set_of_sums_and_splits_by_parity_only_when_asked(
     split = cal.original_stats(site, model, parity=True)  # a cross-fitting refit needs the batch parity
     assert split is not unsplit and set(split.gram) == {0, 1, 2, 3}
     assert cal.original_stats(site, model) is split  # the split sums serve every refit after
-    torch.testing.assert_close(split.total()[0], unsplit.total()[0], rtol=1e-12, atol=1e-9)
+    gram = unsplit.total()[0]  # float32 products, summed in other groupings: float32's precision
+    torch.testing.assert_close(split.total()[0], gram, rtol=1e-5, atol=1e-6 * float(gram.diagonal().mean()))
+
+
+def test_unit_stats_float32_chunks_keep_the_centered_gram_of_units_with_large_means():
+    torch.manual_seed(0)
+    hidden = 500.0 + torch.randn(4096, 24, dtype=torch.float64) @ torch.randn(24, 24, dtype=torch.float64)
+    cell = torch.arange(4096) % 2
+    exact, fast = (UnitStats(2, torch.eye(24, dtype=torch.float64), None) for _ in range(2))
+    for rows in torch.arange(4096).split(1024):
+        exact.add(hidden[rows], cell[rows])
+        fast.add(hidden[rows].to(torch.float32), cell[rows])
+    reference = exact.centered_gram((0, 1))
+    # a raw float32 Gram of these units loses the centered one to cancellation (mean² ≈ 10⁴ × the variance)
+    raw = hidden.to(torch.float32).T @ hidden.to(torch.float32)
+    n, mean = hidden.shape[0], hidden.mean(0)
+    naive = raw.to(torch.float64) - n * torch.outer(mean, mean)
+    scale = float(reference.diagonal().mean())
+    assert float((naive - reference).abs().max()) > 1e-4 * scale
+    torch.testing.assert_close(fast.centered_gram((0, 1)), reference, rtol=0, atol=1e-5 * scale)

@@ -10,6 +10,7 @@ from tiny_models import FAMILIES, tiny_model
 from hf_fibration import FibrationConfig, compress_pretrained
 from hf_fibration.evaluation.evalset import EvalSet, embed, evaluate_loss
 from hf_fibration.models.surgery import non_embedding_parameters
+from hf_fibration.pipeline import blocks
 from hf_fibration.policies.target import SiteCurve, allocate
 
 
@@ -100,3 +101,35 @@ def test_block_sensitivity_sizes_a_bare_encoder_on_the_fidelity_task():
     report = compress_pretrained(model, config, evalset=evalset, progress=False)
     assert abs(non_embedding_parameters(model) / before - 0.6) <= 0.01 * 0.6
     assert 0 < report.final_loss == pytest.approx(evaluate_loss(model, evalset), rel=1e-6)
+
+
+@pytest.mark.parametrize("family", ["marian", "llama", "bert"])
+@pytest.mark.parametrize("calibration_tokens", [25, 8192])  # stops inside the first batch / reads every batch
+def test_collapse_replays_final_blocks_for_calibration_with_the_same_result(family, calibration_tokens, monkeypatch):
+    config = FibrationConfig(target_params=0.5, holdout_fraction=0, sensitivity="block", fibers_from="span",
+                             calibration_tokens=calibration_tokens)
+    results, runs = [], []
+    init = blocks.CalibrationPasses.__init__
+    for replay in (True, False):
+        model = tiny_model(family, layers=4)
+        counter = [0]
+
+        def count(*_, counter=counter):
+            counter[0] += 1
+
+        for stack in blocks.stacks_of(model)[0]:
+            for block in stack:  # a replayed block does not run its modules
+                next(block.children()).register_forward_pre_hook(count)
+
+        def patched(self, *args, replay=replay, **kw):
+            init(self, *args, **kw)
+            self.enabled = self.enabled and replay
+
+        monkeypatch.setattr(blocks.CalibrationPasses, "__init__", patched)
+        evalset = _evalset(model)
+        compress_pretrained(model, config, evalset=evalset, progress=False)
+        results.append(model.state_dict())
+        runs.append(counter[0])
+    for name, tensor in results[1].items():
+        torch.testing.assert_close(results[0][name], tensor, rtol=0, atol=0, msg=name)
+    assert runs[0] < runs[1]

@@ -12,29 +12,30 @@ from hf_fibration.models.surgery import get_module
 VOCAB = 64
 
 
-def _seq2seq(config_cls, **kw):
-    return config_cls(vocab_size=VOCAB, d_model=32, encoder_layers=2, decoder_layers=2, encoder_attention_heads=4,
-                      decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64,
-                      pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=0, **kw)
+def _seq2seq(config_cls, layers=2, **kw):
+    return config_cls(vocab_size=VOCAB, d_model=32, encoder_layers=layers, decoder_layers=layers,
+                      encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                      max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                      decoder_start_token_id=0, **kw)
 
 
-def _decoder(config_cls, **kw):
-    return config_cls(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+def _decoder(config_cls, layers=2, **kw):
+    return config_cls(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=layers, num_attention_heads=4,
                       num_key_value_heads=2, intermediate_size=64, max_position_embeddings=64, pad_token_id=0,
                       bos_token_id=1, eos_token_id=2, **kw)
 
 
 FAMILIES = {
-    "marian": lambda: T.MarianMTModel(_seq2seq(T.MarianConfig)),
-    "bart": lambda: T.BartForConditionalGeneration(_seq2seq(T.BartConfig)),
-    "bert": lambda: T.BertForMaskedLM(T.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2,
-                                                    num_attention_heads=4, intermediate_size=64,
-                                                    max_position_embeddings=64)),
-    "gpt2": lambda: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                                                   bos_token_id=1, eos_token_id=2)),
-    "llama": lambda: T.LlamaForCausalLM(_decoder(T.LlamaConfig, tie_word_embeddings=False)),
-    "qwen2": lambda: T.Qwen2ForCausalLM(_decoder(T.Qwen2Config, tie_word_embeddings=True)),
-    "mistral": lambda: T.MistralForCausalLM(_decoder(T.MistralConfig)),
+    "marian": lambda layers=2: T.MarianMTModel(_seq2seq(T.MarianConfig, layers)),
+    "bart": lambda layers=2: T.BartForConditionalGeneration(_seq2seq(T.BartConfig, layers)),
+    "bert": lambda layers=2: T.BertForMaskedLM(T.BertConfig(vocab_size=VOCAB, hidden_size=32,
+                                                            num_hidden_layers=layers, num_attention_heads=4,
+                                                            intermediate_size=64, max_position_embeddings=64)),
+    "gpt2": lambda layers=2: T.GPT2LMHeadModel(T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=layers, n_head=4,
+                                                            n_positions=64, bos_token_id=1, eos_token_id=2)),
+    "llama": lambda layers=2: T.LlamaForCausalLM(_decoder(T.LlamaConfig, layers, tie_word_embeddings=False)),
+    "qwen2": lambda layers=2: T.Qwen2ForCausalLM(_decoder(T.Qwen2Config, layers, tie_word_embeddings=True)),
+    "mistral": lambda layers=2: T.MistralForCausalLM(_decoder(T.MistralConfig, layers)),
 }
 AUTO_CLASSES = {
     "marian": T.AutoModelForSeq2SeqLM, "bart": T.AutoModelForSeq2SeqLM, "bert": T.AutoModelForMaskedLM,
@@ -44,9 +45,9 @@ AUTO_CLASSES = {
 GENERATES = ("marian", "bart", "gpt2", "llama", "qwen2", "mistral")
 
 
-def tiny_model(family: str, seed: int = 0) -> T.PreTrainedModel:
+def tiny_model(family: str, seed: int = 0, layers: int = 2) -> T.PreTrainedModel:
     torch.manual_seed(seed)
-    return FAMILIES[family]().eval()
+    return FAMILIES[family](layers).eval()
 
 
 def inputs(model: T.PreTrainedModel, seed: int = 1) -> dict[str, torch.Tensor]:

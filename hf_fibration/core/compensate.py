@@ -170,24 +170,61 @@ class UnitStats:
     def __init__(self, cells: int, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
         self.weight = weight.to(torch.float64)
         self.bias = None if bias is None else bias.to(torch.float64)
-        self.gram: dict[int, torch.Tensor] = {}
+        self._gram: dict[int, torch.Tensor] = {}
+        self._pending: dict[int, tuple[torch.Tensor, int]] = {}  # cell → (Σ(h − shift), n) not yet in its Gram
         self.sum: dict[int, torch.Tensor] = {}
         self.n = [0] * cells
         self._squares: dict[tuple[int, ...], float] = {}
         self._gram_weight: dict[int, torch.Tensor] = {}  # Σ h yᵀ of every unit, without the bias: (Σ hhᵀ) Wᵀ
-        self.scale = UnitScale(cells)
+        self._shift: torch.Tensor | None = None
+        self._scale = UnitScale(cells)
 
     def add(self, hidden: torch.Tensor, cell: torch.Tensor) -> None:
-        h = hidden.to(torch.float64)
+        """Add a chunk of tokens' hidden units. A float32 chunk's products are taken in float32 about a fixed shift
+        (the first chunk's mean: the centered sums keep float32's relative precision, where raw products of
+        units with large means would cancel) and summed in float64: half the cost of float64 products. The shift's
+        terms are linear in the chunks' shifted sums, so they are added once, when the sums are first read."""
+        if hidden.dtype == torch.float64:
+            shift, h = None, hidden
+        else:
+            if self._shift is None:
+                self._shift = hidden.mean(0)
+            shift, h = self._shift.to(torch.float64), hidden - self._shift
         for c, rows in _cell_rows(cell, len(self.n)):
-            hc = h[rows]
-            _add_product(self.gram, c, hc.T, hc)
-            _add(self.sum, c, hc.sum(0))
-            self.n[c] += int(rows.sum())
-            scale = self.scale  # the same sums: the diagonal of each cell's Gram
-            scale.squares[c], scale.sums[c], scale.n[c] = self.gram[c].diagonal(), self.sum[c], self.n[c]
+            hc, count = h[rows], int(rows.sum())
+            total = hc.sum(0, dtype=torch.float64)
+            _add(self._gram, c, (hc.T @ hc).to(torch.float64))
+            if shift is not None:  # Σ h hᵀ = Σ (h − s)(h − s)ᵀ + s Σ(h − s)ᵀ + Σ(h − s) sᵀ + n s sᵀ
+                pending, n = self._pending.get(c, (0.0, 0))
+                self._pending[c] = (total + pending, n + count)
+                total = total + shift * count
+            _add(self.sum, c, total)
+            self.n[c] += count
+            scale = self._scale  # the same sums: the diagonal of each cell's Gram
+            scale.squares[c], scale.sums[c], scale.n[c] = self._gram[c].diagonal(), self.sum[c], self.n[c]
         self._squares.clear()
         self._gram_weight.clear()
+
+    @property
+    def gram(self) -> dict[int, torch.Tensor]:
+        """Per-cell Σ h hᵀ (float64)."""
+        self._settle()
+        return self._gram
+
+    @property
+    def scale(self) -> UnitScale:
+        self._settle()  # its Σh² are the Grams' diagonals
+        return self._scale
+
+    def _settle(self) -> None:
+        """Add the shift's terms of the chunks summed since the last read."""
+        if not self._pending:
+            return
+        shift = self._shift.to(torch.float64)
+        for c, (total, n) in self._pending.items():
+            cross = torch.outer(shift, total)
+            self._gram[c].add_(cross).add_(cross.T).add_(torch.outer(shift, shift).mul_(n))
+        self._pending.clear()
 
     def merged(self, cells: tuple[int, ...]) -> UnitStats:
         """The sums of ``cells`` held in the first of them, the other cells empty (a caller scoring many consumers
@@ -243,51 +280,60 @@ class UnitStats:
         return total
 
 
-def prefix_held_errors(stats: UnitStats, order: torch.Tensor, fit: tuple[int, ...], held: tuple[int, ...],
-                       ridges: tuple[float, ...], upto: int | None = None) -> torch.Tensor:
+class PrefixHeldErrors:
     """Σ‖W_k h + b_k − y‖² over the ``held`` cells' tokens, where (W_k, b_k) is the ridge refit on the ``fit`` cells
-    (λ relative to ``stats.scale``) of the consumer reading only the units ``order[:k]``: for every k = 1..m and
-    every λ > 0 in ``ridges``, as a (ridges × m) tensor, m = ``upto`` or all of ``order`` — what ``RidgeStats.path``
-    and ``squared_error`` give one kept set at a time.
+    (λ relative to ``stats.scale``) of the consumer reading only the units ``order[:k]``: called with a λ > 0, the
+    errors of every k = 1..m as an m-vector, m = ``upto`` or all of ``order`` — what ``RidgeStats.path`` and
+    ``squared_error`` give one kept set at a time.
 
     Nested cuts (span) keep prefixes of one order, and a prefix's Gram is the leading block of the permuted Gram:
     the Cholesky factor L of G + μI factors every prefix at once. With Z = L⁻¹C (C = G Wᵀ, the fit cross-products),
     W_kᵀ = L_k⁻ᵀ Z_k, so the held-out error tr(W_k A W_kᵀ) − 2 tr(W_k B) + c (A, B the held-out Gram and
     cross-products at the fit mean) is a prefix sum over i, j ≤ k of (L⁻¹AL⁻ᵀ)_ij (ZZᵀ)_ij and over i ≤ k of
     ⟨Z_i, (L⁻¹B)_i⟩: O(n³) per λ for all n cuts, instead of O(k³) for each."""
-    if any(r <= 0 for r in ridges):
-        raise ValueError("prefix_held_errors needs every ridge > 0 (a factorization per λ).")
-    weight, mean = stats.weight, stats.mean(fit)
-    order = order.to(torch.long)[:upto]  # the prefixes up to m read only the leading m × m block
-    rows, cols = order[:, None], order[None, :]
-    gram = stats.centered_gram(fit, mean)  # one units × units Gram at a time, gathered to the order's m × m
-    cross_fit, gram_fit = (gram @ weight.T)[order], gram[rows, cols]
-    del gram
-    gram = stats.centered_gram(held, mean)  # the held-out tokens centered at the fit mean (the refit's bias)
-    cross_held, gram_held = (gram @ weight.T)[order], gram[rows, cols]
-    constant = float(((weight @ gram) * weight).sum())
-    del gram
-    mu = stats.scale(fit)
-    m = order.numel()
-    # three m × m buffers reused at every λ (with the two Grams, the peak is five, not a new set per λ)
-    factor, work, a_hat = (torch.empty(m, m, dtype=torch.float64) for _ in range(3))
-    info = torch.empty((), dtype=torch.int32)
-    errors = torch.empty(len(ridges), m, dtype=torch.float64)
-    for i, ridge in enumerate(ridges):
-        work.copy_(gram_fit).diagonal().add_(ridge * mu)
-        torch.linalg.cholesky_ex(work, out=(factor, info))
-        if int(info):
+
+    def __init__(self, stats: UnitStats, order: torch.Tensor, fit: tuple[int, ...], held: tuple[int, ...],
+                 upto: int | None = None) -> None:
+        weight, mean = stats.weight, stats.mean(fit)
+        order = order.to(torch.long)[:upto]  # the prefixes up to m read only the leading m × m block
+        rows, cols = order[:, None], order[None, :]
+        gram = stats.centered_gram(fit, mean)  # one units × units Gram at a time, gathered to the order's m × m
+        self.cross_fit, self.gram_fit = (gram @ weight.T)[order], gram[rows, cols]
+        del gram
+        gram = stats.centered_gram(held, mean)  # the held-out tokens centered at the fit mean (the refit's bias)
+        self.cross_held, self.gram_held = (gram @ weight.T)[order], gram[rows, cols]
+        self.constant = float(((weight @ gram) * weight).sum())
+        del gram
+        self.mu = stats.scale(fit)
+        m = order.numel()
+        # three m × m buffers reused at every λ (with the two Grams, the peak is five, not a new set per λ)
+        self._factor, self._work, self._a_hat = (torch.empty(m, m, dtype=torch.float64) for _ in range(3))
+        self._info = torch.empty((), dtype=torch.int32)
+
+    def __call__(self, ridge: float) -> torch.Tensor:
+        if ridge <= 0:
+            raise ValueError("PrefixHeldErrors needs a ridge > 0 (a factorization per λ).")
+        factor, work, a_hat = self._factor, self._work, self._a_hat
+        work.copy_(self.gram_fit).diagonal().add_(ridge * self.mu)
+        torch.linalg.cholesky_ex(work, out=(factor, self._info))
+        if int(self._info):
             raise ValueError(f"The ridged Gram is not positive definite at λ = {ridge:g} (its units carry no signal).")
-        z = torch.linalg.solve_triangular(factor, cross_fit, upper=False)
-        b_hat = torch.linalg.solve_triangular(factor, cross_held, upper=False)
-        torch.linalg.solve_triangular(factor, gram_held, upper=False, out=work)
+        z = torch.linalg.solve_triangular(factor, self.cross_fit, upper=False)
+        b_hat = torch.linalg.solve_triangular(factor, self.cross_held, upper=False)
+        torch.linalg.solve_triangular(factor, self.gram_held, upper=False, out=work)
         torch.linalg.solve_triangular(factor, work.T, upper=False, out=a_hat)  # L⁻¹ A L⁻ᵀ
         products = torch.mm(z, z.T, out=work).mul_(a_hat)
         diagonal = products.diagonal().clone()
         quadratic = (2 * products.tril_(-1).sum(1) + diagonal).cumsum(0)
         linear = (z * b_hat).sum(1).cumsum(0)
-        errors[i] = quadratic - 2 * linear + constant
-    return errors
+        return quadratic - 2 * linear + self.constant
+
+
+def prefix_held_errors(stats: UnitStats, order: torch.Tensor, fit: tuple[int, ...], held: tuple[int, ...],
+                       ridges: tuple[float, ...], upto: int | None = None) -> torch.Tensor:
+    """``PrefixHeldErrors`` at every λ of ``ridges``: a (ridges × m) tensor."""
+    errors = PrefixHeldErrors(stats, order, fit, held, upto)
+    return torch.stack([errors(ridge) for ridge in ridges])
 
 
 def _cell_rows(cell: torch.Tensor, cells: int) -> Iterator[tuple[int, torch.Tensor]]:

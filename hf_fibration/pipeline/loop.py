@@ -21,6 +21,7 @@ from hf_fibration.core.report import CompressionReport, LayerReport
 from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum, evaluate_loss
 from hf_fibration.models.sites import Site, build_sites, site_parameters
 from hf_fibration.models.surgery import non_embedding_parameters
+from hf_fibration.pipeline.blocks import CalibrationPasses
 from hf_fibration.repair.calibration import Calibration, capture_calibration, refitter
 
 Cut = Callable[[Site, Dendrogram], "tuple[FiberPartition, float] | None"]
@@ -64,22 +65,29 @@ def collapse_sites(model: nn.Module, config: FibrationConfig, sites: list[Site],
                    evalset: EvalSet | None = None, progress: bool = False, desc: str = "collapse"
                    ) -> list[LayerReport]:
     """Collapse each site where ``cut`` says, compensated as the config says when ``evalset`` gives calibration."""
-    layers = []
-    for site in tqdm(sites, desc=desc, disable=not progress, unit="site"):
-        calibration = calibrate(model, config, site, evalset)
-        dendrogram = site.dendrogram(model, config, calibration)
-        chosen = cut(site, dendrogram)
-        if chosen is None or chosen[0].is_trivial:
-            site.commit()
-            continue
-        partition, epsilon = chosen
-        units, params_before = site.units(model), site_parameters(model, site)
-        result = site.apply(model, partition, refitter(calibration, config))
-        layers.append(LayerReport(site.name, units, partition.num_fibers, float(epsilon), params_before,
-                                  site_parameters(model, site),
-                                  compensation=None if result is None else str(result["note"])))
+    passes = CalibrationPasses(model, sites, lambda i: batch_loss_sum(model, evalset, i))
+    return [layer for site in tqdm(sites, desc=desc, disable=not progress, unit="site")
+            for layer in _collapse_site(model, config, site, cut, evalset, passes)]
+
+
+def _collapse_site(model: nn.Module, config: FibrationConfig, site: Site, cut: Cut, evalset: EvalSet | None,
+                   passes: CalibrationPasses) -> list[LayerReport]:
+    calibration = None
+    if calibrates(site, config) and evalset is not None:
+        with passes.capturing(site) as run:
+            calibration = calibrate(model, config, site, evalset, run)
+    dendrogram = site.dendrogram(model, config, calibration)
+    chosen = cut(site, dendrogram)
+    if chosen is None or chosen[0].is_trivial:
         site.commit()
-    return layers
+        return []
+    partition, epsilon = chosen
+    units, params_before = site.units(model), site_parameters(model, site)
+    result = site.apply(model, partition, refitter(calibration, config))
+    layer = LayerReport(site.name, units, partition.num_fibers, float(epsilon), params_before,
+                        site_parameters(model, site), compensation=None if result is None else str(result["note"]))
+    site.commit()
+    return [layer]
 
 
 def compress_with_epsilons(model: nn.Module, config: FibrationConfig, evalset: EvalSet | None = None,

@@ -56,6 +56,7 @@ class _StackInputs:
 
     def __init__(self, model: nn.Module, stacks: list[list[nn.Module]], evalset: EvalSet) -> None:
         self.calls: list[list[tuple[tuple, dict]]] = [[] for _ in stacks]
+        self.loss_sums: list[float] = []  # each batch's ``batch_loss_sum``: the pass runs the whole model anyway
         handles = [blocks[0].register_forward_pre_hook(self._hook(s), with_kwargs=True)
                    for s, blocks in enumerate(stacks)]
         try:
@@ -63,7 +64,7 @@ class _StackInputs:
                 was_training = model.training
                 model.eval()
                 for i in range(len(evalset.batches)):
-                    batch_loss_sum(model, evalset, i)
+                    self.loss_sums.append(batch_loss_sum(model, evalset, i))
                 model.train(was_training)
         finally:
             for h in handles:
@@ -102,17 +103,20 @@ def _first_tokens(evalset: EvalSet, tokens: int) -> EvalSet:
 
 
 def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSet, sites: list[Site],
-                      progress: bool = True, by_count: bool = False, grid: int = GRID, keep_refits: bool = True
-                      ) -> dict[str, list[dict]]:
+                      progress: bool = True, by_count: bool = False, grid: int = GRID, keep_refits: bool = True,
+                      base: list[float] | None = None) -> dict[str, list[dict]]:
     """Per site, one entry per distinct cut of its ε grid (``by_count``: of the counts that keep (grid−1)/grid …
     1/grid of its units, whatever their ε): ε, partition, parameters after, relative block error (on the first
     ``ERROR_TOKENS`` tokens of ``evalset``), the refit that compensated it (``keep_refits``: replayed from disk when
     the cut is applied again; else None, for a caller that only reads the errors). MLP sites that calibrate
     (``config.calibrates_mlps``) take their calibration from the carried block inputs of the first
-    ``config.calibration_tokens`` tokens."""
+    ``config.calibration_tokens`` tokens. ``base`` (a list) receives the eval loss of the model as it came when the
+    carried tokens are the whole of ``evalset`` (their pass ran the whole model: no evaluation of its own)."""
     stacks, position = stacks_of(model)
     carried = _first_tokens(evalset, max(config.calibration_tokens, ERROR_TOKENS))
     inputs = _StackInputs(model, stacks, carried)
+    if base is not None and len(carried.batches) == len(evalset.batches):
+        base.append(sum(inputs.loss_sums) / evalset.total_weight)
     measured = len(_first_tokens(carried, ERROR_TOKENS).batches)
     fisher = None
     if config.block_error == "fisher":
@@ -273,7 +277,7 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, calibrati
     # nested cuts (span) with local pricing: each cut priced by its refit's held-out error, all cuts from one
     # factorization per λ; a consumer is solved only where a cut is applied or kept
     prefix = None if local is None or refit is None or not getattr(dendro, "nested", False) else refit.prefixes(
-        site, model, dendro.order, max((part.num_fibers for _, part in cuts), default=1))
+        site, model, dendro.order, sorted({part.num_fibers for _, part in cuts}))
     for eps, part in cuts:
         if part.num_fibers in curve or part.is_trivial:
             continue
@@ -421,16 +425,16 @@ def block_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
     an allocation is accepted only when it leaves the held-out check its margin (``SearchBound``). ``trail`` collects
     the applied sites' swaps (undone, they give back the model as it came)."""
     report = start_report(model)
-    base = evaluate_loss(model, evalset)
-    bound = SearchBound(loss_bound(base, config.tolerance, evalset.task), base, margin)
-    report.base_loss = base
     sites = [s for s in build_sites(model, config) if s.kind != "embedding"]
     key = (config.compensate, config.fibers_from, config.linkage, grid)
-    curves = None if cache is None else cache.get(key)
+    curves, recorded = None if cache is None else cache.get(key), []
     if curves is None:
-        curves = site_error_curves(model, config, evalset, sites, progress, grid=grid)
+        curves = site_error_curves(model, config, evalset, sites, progress, grid=grid, base=recorded)
         if cache is not None:
             cache[key] = curves
+    base = recorded[0] if recorded else evaluate_loss(model, evalset)
+    bound = SearchBound(loss_bound(base, config.tolerance, evalset.task), base, margin)
+    report.base_loss = base
     errors = [c["error"] for curve in curves.values() for c in curve if c["error"] > 0]
     saved = [c["params_before"] - c["params"] for curve in curves.values() for c in curve]
     if not errors:

@@ -68,12 +68,14 @@ def compress_to_target(model: nn.Module, config: FibrationConfig, evalset: EvalS
     if not config.parts:
         raise ValueError("target_params counts non-embedding parameters: include 'attention' or 'mlp' in parts.")
     before = non_embedding_parameters(model)
-    base = evaluate_loss(model, evalset)
     holdout_base = None if holdout is None else evaluate_loss(model, holdout)
     sites = _target_sites(model, config)
     if config.sensitivity == "block":
-        curves = _block_curves(model, config, evalset, sites, progress)
+        recorded: list[float] = []
+        curves = _block_curves(model, config, evalset, sites, progress, recorded)
+        base = recorded[0] if recorded else evaluate_loss(model, evalset)
     else:
+        base = evaluate_loss(model, evalset)
         curves = [_curve(model, config, site, evalset, base) for site in
                   tqdm(sites, desc="site sensitivity", disable=not progress, unit="site")]
     counts = allocate(curves, before - round(config.target_params * before))
@@ -143,10 +145,12 @@ def allocate(curves: list[SiteCurve], saving: int) -> dict[str, int]:
 
 
 def _block_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSet, sites: list[Site],
-                  progress: bool) -> list[SiteCurve]:
-    """Each site's curve from the relative block-output error of its cuts (``block_search.site_error_curves``);
-    sites outside the blocks (none here: embeddings are not counted) keep their full width."""
-    measured = site_error_curves(model, config, evalset, sites, progress, by_count=True, keep_refits=False)
+                  progress: bool, base: list[float]) -> list[SiteCurve]:
+    """Each site's curve from the relative block-output error of its cuts (``block_search.site_error_curves``,
+    which puts the base loss in ``base`` when its pass covers the eval set); sites outside the blocks (none here:
+    embeddings are not counted) keep their full width."""
+    measured = site_error_curves(model, config, evalset, sites, progress, by_count=True, keep_refits=False,
+                                 base=base)
     curves = []
     for site in sites:
         cuts = measured.get(site.name) or []

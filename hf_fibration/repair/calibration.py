@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
@@ -10,11 +11,11 @@ from torch import nn
 
 from hf_fibration.core.compensate import (
     RIDGE_CANDIDATES,
+    PrefixHeldErrors,
     RidgeStats,
     UnitScale,
     UnitStats,
     mlp_hidden,
-    prefix_held_errors,
     reconstruction_error,
 )
 from hf_fibration.core.modules import FiberLinear
@@ -50,9 +51,9 @@ class Calibration:
     def inputs(self) -> torch.Tensor:
         return self.stored.to(torch.float64)
 
-    def rows(self, rows: slice) -> torch.Tensor:
+    def rows(self, rows: slice, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """``inputs[rows]`` without converting the other rows."""
-        return self.stored[rows].to(torch.float64)
+        return self.stored[rows].to(dtype)
 
     @classmethod
     def from_tokens(cls, inputs: torch.Tensor, block: int = 32) -> Calibration:
@@ -162,17 +163,18 @@ def original_sums(site: Site, model: nn.Module, cal: Calibration) -> tuple[torch
     return gram, total, len(cal)
 
 
-def _original_hidden_chunks(site: Site, model: nn.Module, cal: Calibration) -> Iterator[tuple[slice, torch.Tensor]]:
+def _original_hidden_chunks(site: Site, model: nn.Module, cal: Calibration, dtype: torch.dtype = torch.float64
+                            ) -> Iterator[tuple[slice, torch.Tensor]]:
     """(token rows, H of the uncompressed site on them) for ``REFIT_CHUNK_TOKENS`` calibration tokens at a time."""
-    inputs, act = _f64_inputs(site, site.originals(model)), mlp_activation(model)[1]
+    inputs, act = _inputs_as(site, site.originals(model), dtype), mlp_activation(model)[1]
     for start in range(0, len(cal), REFIT_CHUNK_TOKENS):
         rows = slice(start, start + REFIT_CHUNK_TOKENS)
-        yield rows, mlp_hidden(cal.rows(rows), inputs, act)
+        yield rows, mlp_hidden(cal.rows(rows, dtype), inputs, act)
 
 
 def original_hidden(site: Site, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """H of the uncompressed site (its original modules) on the calibration inputs."""
-    return mlp_hidden(x, _f64_inputs(site, site.originals(model)), mlp_activation(model)[1])
+    return mlp_hidden(x, _inputs_as(site, site.originals(model)), mlp_activation(model)[1])
 
 
 def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Calibration, ridge: float | None = None,
@@ -193,8 +195,8 @@ def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Cal
     out_name = site.modules[-1]
     originals = site.originals(model)
     w_orig, b_orig = (t if t is None else t.to(torch.float64).cpu() for t in linear_weight(originals[out_name]))
-    original_in = _f64_inputs(site, originals)
-    current_in = _f64_inputs(site, {m: get_module(model, m) for m in site.modules})
+    original_in = _inputs_as(site, originals)
+    current_in = _inputs_as(site, {m: get_module(model, m) for m in site.modules})
     act = mlp_activation(model)[1]
     scale = UnitScale(4) if scale is None else scale
     filling, cell = scale.empty, _cells(cal, True)
@@ -244,13 +246,17 @@ class Refitter:
         data = _RefitData.of_kept(stats, kept, self.calibration, self.min_tokens_per_unit)
         return _refit(model, site.modules[-1], data, self.calibration, self.ridge, self.cross_fit)
 
-    def prefixes(self, site: Site, model: nn.Module, order: torch.Tensor, upto: int | None = None
+    def prefixes(self, site: Site, model: nn.Module, order: torch.Tensor, counts: list[int] | None = None
                  ) -> PrefixRefits | None:
-        """The refits of every cut that keeps a prefix of ``order`` (nested cuts: span) of at most ``upto`` units,
-        priced at once; None where the statistics path does not apply (a wide site, a ridge fixed at 0)."""
+        """The refits of the cuts that keep a prefix of ``order`` (nested cuts: span) of ``counts`` units (default:
+        every prefix), priced at once; None where the statistics path does not apply (a wide site, a ridge fixed at
+        0, no held-out tokens)."""
         if not _stats_fit(site, model) or self.ridge == 0:
             return None
-        return PrefixRefits(self, site, model, order, upto)
+        stats = self.calibration.original_stats(site, model, self.cross_fit)
+        if not any(stats.n[c] for c in (2, 3)) or not any(stats.n[c] for c in (0, 1)):
+            return None
+        return PrefixRefits(self, site, model, order, counts)
 
     def release(self) -> None:
         self.targets.clear()
@@ -259,19 +265,37 @@ class Refitter:
 
 
 class PrefixRefits:
-    """The held-out error of the refit of every prefix of a unit order at every candidate λ
-    (``prefix_held_errors``), so a caller pricing many nested cuts of a site decides each cut as ``Refitter`` would
-    (the same λ, the same plain-or-refit choice, the same held-out error) without a solve per cut; ``install``
-    then solves only the cuts it applies."""
+    """The held-out error of the refit of every prefix of a unit order at the candidate λ's (``PrefixHeldErrors``),
+    so a caller pricing many nested cuts of a site decides each cut as ``Refitter`` would (the same λ, the same
+    plain-or-refit choice, the same held-out error) without a solve per cut; ``install`` then solves only the cuts
+    it applies. The λ's are factored outward from the middle of the grid while a cut in ``counts`` (default: every
+    prefix) is best at the outermost one factored: the whole grid's choice wherever a cut's held-out error is
+    unimodal in λ, a ridge's usual shape, at a fraction of its factorizations (a prefix outside ``counts`` may
+    miss its best λ; the λ's not factored read +inf)."""
 
     def __init__(self, refitter: Refitter, site: Site, model: nn.Module, order: torch.Tensor,
-                 upto: int | None = None) -> None:
+                 counts: list[int] | None = None) -> None:
         self.refitter = refitter
         self.stats = refitter.calibration.original_stats(site, model, refitter.cross_fit)
         self.ridges = RIDGE_CANDIDATES if refitter.ridge is None else (refitter.ridge,)
         self.held = self.stats.merged((2, 3))
         tokens = max(sum(self.held.n) * self.stats.weight.shape[0], 1)  # as ``_RefitData.held_error`` divides
-        self.errors = prefix_held_errors(self.stats, order, (0, 1), (2, 3), self.ridges, upto) / tokens
+        at = PrefixHeldErrors(self.stats, order, (0, 1), (2, 3), max(counts) if counts else None)
+        m = at.gram_fit.shape[0]
+        self.errors = torch.full((len(self.ridges), m), math.inf, dtype=torch.float64)
+        columns = torch.tensor([c - 1 for c in counts if 0 < c <= m] if counts else range(m), dtype=torch.long)
+        lo = hi = max(len(self.ridges) // 2 - 1, 0)
+        self.errors[lo] = at(self.ridges[lo]) / tokens
+        while True:
+            best = self.errors[:, columns].argmin(0)
+            if lo > 0 and bool((best == lo).any()):
+                lo -= 1
+                self.errors[lo] = at(self.ridges[lo]) / tokens
+            elif hi < len(self.ridges) - 1 and bool((best == hi).any()):
+                hi += 1
+                self.errors[hi] = at(self.ridges[hi]) / tokens
+            else:
+                break
 
     def decide(self, site: Site, model: nn.Module) -> dict[str, object]:
         """For the cut just applied without a refit (its kept units a prefix of the order): what ``Refitter``
@@ -333,7 +357,7 @@ def _unit_stats(site: Site, model: nn.Module, cal: Calibration, parity: bool) ->
                       for t in linear_weight(site.originals(model)[site.modules[-1]]))
     cell = _cells(cal, parity)
     stats = UnitStats(4, w_orig, b_orig)
-    for rows, hidden in _original_hidden_chunks(site, model, cal):
+    for rows, hidden in _original_hidden_chunks(site, model, cal, torch.float32):  # UnitStats.add: float64 sums
         stats.add(hidden, cell[rows])
     return stats
 
@@ -464,9 +488,10 @@ def _install(model: nn.Module, out_name: str, stats: RidgeStats, ridge: float, c
     return result
 
 
-def _f64_inputs(site: Site, modules: dict[str, nn.Module]) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+def _inputs_as(site: Site, modules: dict[str, nn.Module], dtype: torch.dtype = torch.float64
+                ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     pairs = []
     for m in site.modules_in():
         w, b = linear_weight(modules[m])
-        pairs.append((w.to(torch.float64).cpu(), None if b is None else b.to(torch.float64).cpu()))
+        pairs.append((w.to(dtype).cpu(), None if b is None else b.to(dtype).cpu()))
     return pairs
