@@ -217,3 +217,20 @@ def test_the_curves_pass_gives_the_base_loss_when_it_covers_the_eval_set(calibra
     base: list[float] = []
     site_error_curves(model, config, evalset, build_sites(model, config), progress=False, base=base)
     assert base == ([evaluate_loss(model, evalset)] if covers else [])
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])
+def test_a_rows_site_error_read_from_the_input_gram_equals_the_projected_tokens(family):
+    from hf_fibration.policies.block_search import _SiteOutput
+
+    model = tiny_model(family)
+    config = FibrationConfig(**PLAIN)
+    site = next(s for s in build_sites(model, config) if s.kind == "rows")
+    inputs = torch.randn(50, get_module(model, site.modules[0]).weight.shape[1 if family != "gpt2" else 0]) + 0.5
+    measure = _SiteOutput(model, site, inputs)
+    dendro = site.dendrogram(model, config, None)
+    site.apply(model, dendro.cut_to_count(max(1, site.units(model) // 3)), None)
+    projected = float((measure._output(model) - measure.reference).double().pow(2).sum())
+    assert projected > 0
+    measure._output = lambda model: pytest.fail("the error projected the tokens again")
+    assert measure.error(model) == pytest.approx(projected, rel=1e-5)

@@ -34,7 +34,7 @@ from hf_fibration.core.report import CompressionReport
 from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum, evaluate_loss
 from hf_fibration.models.architectures import mlp_activation
 from hf_fibration.models.sites import Site, SiteSwap, build_sites, layer_report, site_parameters
-from hf_fibration.models.surgery import get_module, set_module
+from hf_fibration.models.surgery import get_module, linear_weight, set_module
 from hf_fibration.pipeline.blocks import block_of, first_output, stacks_of
 from hf_fibration.pipeline.fisher import output_fisher
 from hf_fibration.pipeline.loop import calibrates, finish_report, start_report
@@ -238,12 +238,18 @@ class _SiteInputs:
 
 
 class _SiteOutput:
-    """A site's own output on cached inputs: a rows site's projection, an MLP's consumer output."""
+    """A site's own output on cached inputs: a rows site's projection, an MLP's consumer output. A rows site's error
+    is read from the inputs' Gram: Σ‖ΔW x + Δb‖² = tr(ΔW G ΔWᵀ) + 2 Δbᵀ ΔW Σx + n‖Δb‖² (a d_in² product per cut
+    instead of a projection of every token)."""
 
     def __init__(self, model: nn.Module, site: Site, inputs: torch.Tensor) -> None:
         self.site, self.inputs = site, inputs
         self.act = mlp_activation(model)[1] if site.kind == "mlp" else None
         self.reference = self._output(model)
+        if site.kind == "rows":
+            x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float64)
+            self.gram, self.total, self.tokens = x.T @ x, x.sum(0), x.shape[0]
+            self.weight, self.bias = _dense_weights(get_module(model, site.modules[0]))
 
     def _output(self, model: nn.Module) -> torch.Tensor:
         if self.site.kind == "rows":
@@ -255,7 +261,23 @@ class _SiteOutput:
         return get_module(model, self.site.modules[-1])(hidden)
 
     def error(self, model: nn.Module) -> float:
+        if self.site.kind == "rows":
+            weight, bias = _dense_weights(get_module(model, self.site.modules[0]))
+            if weight.shape == self.weight.shape:
+                dw, db = weight - self.weight, bias - self.bias
+                return float(((dw @ self.gram) * dw).sum() + 2 * db @ (dw @ self.total) + self.tokens * db @ db)
         return float((self._output(model) - self.reference).double().pow(2).sum())
+
+
+def _dense_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (out, in) weight and bias (zeros when it has none) of a linear layer as one dense map, float64: a
+    ``FiberLinear``'s fiber rows repeated to its full width."""
+    weight, bias = linear_weight(module)
+    bias = torch.zeros(weight.shape[0], dtype=weight.dtype, device=weight.device) if bias is None else bias
+    index = getattr(module, "fiber_index", None)
+    if index is not None:
+        weight, bias = weight[index], bias[index]
+    return weight.to(torch.float64).cpu(), bias.to(torch.float64).cpu()
 
 
 def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, calibration: Calibration | None,
