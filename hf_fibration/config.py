@@ -52,10 +52,10 @@ FIBER_SOURCES: dict[str, FiberSource] = {}  # name → source; methods/fiber_sou
 DEFAULT_FIBERS_FROM = {"pretrained": "span", "from_scratch": "weights"}
 # What `hf-fibration compress` does by default where it differs from FibrationConfig(): the command compresses
 # checkpoints (hub ids, local paths) and always has eval data, so it takes the best measured on them — the main job
-# (all-MiniLM-L6-v2, τ 0.01, results/cli_minilm): block search + span 1.058× at held-out 1 − cos 0.0051 in 276 CPU s,
+# (all-MiniLM-L6-v2, τ 0.01, results/cli_minilm): block search + span 1.058× at held-out 1 − cos 0.0051 in 127 CPU s,
 # the greedy search of weight fibers 1.015× at 0.0092 in 1191 s. FibrationConfig() keeps the paper's data-free
 # method (weight fibers, the greedy search of Alg. 3). A target size is priced by block errors: span at 0.5 on
-# MiniLM, 0.8563 cosine on unseen text in 72.5 CPU s against the loss pricing's 0.8598 in 1352 (results/fiber_sources).
+# MiniLM, 0.8563 cosine on unseen text in 52.2 CPU s against the loss pricing's 0.8598 in 1352 (results/fiber_sources).
 COMMAND_DEFAULTS = {"fibers_from": DEFAULT_FIBERS_FROM["pretrained"], "search": "block", "sensitivity": "block"}
 
 
