@@ -19,6 +19,7 @@ from hf_fibration.core.fibers import FiberPartition
 from hf_fibration.core.modules import count_parameters
 from hf_fibration.core.report import CompressionReport, LayerReport
 from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum, evaluate_loss
+from hf_fibration.integrations.memory import trim_heap
 from hf_fibration.models.sites import Site, build_sites, site_parameters
 from hf_fibration.models.surgery import non_embedding_parameters
 from hf_fibration.pipeline.blocks import CalibrationPasses
@@ -87,6 +88,8 @@ def _collapse_site(model: nn.Module, config: FibrationConfig, site: Site, cut: C
     layer = LayerReport(site.name, units, partition.num_fibers, float(epsilon), params_before,
                         site_parameters(model, site), compensation=None if result is None else str(result["note"]))
     site.commit()
+    del calibration, dendrogram
+    trim_heap()  # the site's calibration and sums, freed: the next site starts from the same resident size
     return [layer]
 
 

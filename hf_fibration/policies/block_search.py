@@ -32,6 +32,7 @@ from hf_fibration.config import FibrationConfig, loss_bound
 from hf_fibration.core.modules import FiberLinear
 from hf_fibration.core.report import CompressionReport
 from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum, evaluate_loss
+from hf_fibration.integrations.memory import trim_heap
 from hf_fibration.models.architectures import mlp_activation
 from hf_fibration.models.sites import Site, SiteSwap, build_sites, layer_report, site_parameters
 from hf_fibration.models.surgery import get_module, linear_weight, set_module
@@ -334,6 +335,7 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, calibrati
         cut["error"] *= scale
     if refit is not None:
         refit.release()  # the curves keep each cut's refit consumer, not the calibration or its statistics
+    trim_heap()  # the site's row captures and sums, freed: the next site starts from the same resident size
     return sorted(curve.values(), key=lambda c: c["params"], reverse=True)
 
 
@@ -394,6 +396,7 @@ def _loss_with(model: nn.Module, sites: list[Site], chosen: dict, evalset: EvalS
         return bound.check(model, evalset)
     finally:
         _undo(model, applied)
+        trim_heap()
 
 
 def allocation_ladder(curves: dict[str, list[dict]], lo: float, hi: float, samples: int = 256) -> list[dict]:
