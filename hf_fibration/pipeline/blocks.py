@@ -124,7 +124,7 @@ class CalibrationPasses:
             return
         self.replay.install()
         try:
-            if pos[1] > 0:
+            if pos[1] > self.replay.frozen.get(pos[0], 0):  # else the block before is replayed already
                 self.replay.record(pos[0], pos[1] - 1)
             yield self.run
             if self.replay.recording is not None:

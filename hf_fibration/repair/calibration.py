@@ -166,7 +166,7 @@ def original_sums(site: Site, model: nn.Module, cal: Calibration) -> tuple[torch
 def _original_hidden_chunks(site: Site, model: nn.Module, cal: Calibration, dtype: torch.dtype = torch.float64
                             ) -> Iterator[tuple[slice, torch.Tensor]]:
     """(token rows, H of the uncompressed site on them) for ``REFIT_CHUNK_TOKENS`` calibration tokens at a time."""
-    inputs, act = _inputs_as(site, site.originals(model), dtype), mlp_activation(model)[1]
+    inputs, act = _input_weights(site, site.originals(model), dtype), mlp_activation(model)[1]
     for start in range(0, len(cal), REFIT_CHUNK_TOKENS):
         rows = slice(start, start + REFIT_CHUNK_TOKENS)
         yield rows, mlp_hidden(cal.rows(rows, dtype), inputs, act)
@@ -174,7 +174,7 @@ def _original_hidden_chunks(site: Site, model: nn.Module, cal: Calibration, dtyp
 
 def original_hidden(site: Site, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """H of the uncompressed site (its original modules) on the calibration inputs."""
-    return mlp_hidden(x, _inputs_as(site, site.originals(model)), mlp_activation(model)[1])
+    return mlp_hidden(x, _input_weights(site, site.originals(model)), mlp_activation(model)[1])
 
 
 def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Calibration, ridge: float | None = None,
@@ -195,8 +195,8 @@ def compensate_mlp(site: Site, model: nn.Module, calibration: torch.Tensor | Cal
     out_name = site.modules[-1]
     originals = site.originals(model)
     w_orig, b_orig = (t if t is None else t.to(torch.float64).cpu() for t in linear_weight(originals[out_name]))
-    original_in = _inputs_as(site, originals)
-    current_in = _inputs_as(site, {m: get_module(model, m) for m in site.modules})
+    original_in = _input_weights(site, originals)
+    current_in = _input_weights(site, {m: get_module(model, m) for m in site.modules})
     act = mlp_activation(model)[1]
     scale = UnitScale(4) if scale is None else scale
     filling, cell = scale.empty, _cells(cal, True)
@@ -488,8 +488,8 @@ def _install(model: nn.Module, out_name: str, stats: RidgeStats, ridge: float, c
     return result
 
 
-def _inputs_as(site: Site, modules: dict[str, nn.Module], dtype: torch.dtype = torch.float64
-                ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+def _input_weights(site: Site, modules: dict[str, nn.Module], dtype: torch.dtype = torch.float64
+                   ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
     pairs = []
     for m in site.modules_in():
         w, b = linear_weight(modules[m])
