@@ -92,6 +92,12 @@ def _hidden(call: tuple[tuple, dict]) -> torch.Tensor:
     return args[0] if args else kwargs["hidden_states"]
 
 
+def _without_hidden(call: tuple[tuple, dict]) -> tuple[tuple, dict]:
+    """The call less its hidden states (``_run`` passes the block's input itself)."""
+    args, kwargs = call
+    return ((None, *args[1:]), kwargs) if args else ((), {k: v for k, v in kwargs.items() if k != "hidden_states"})
+
+
 def _first_tokens(evalset: EvalSet, tokens: int) -> EvalSet:
     """The leading batches of ``evalset`` that hold about ``tokens`` input tokens (at least one batch)."""
     count, taken = 0, 0
@@ -137,6 +143,7 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
     with torch.no_grad():
         for s, blocks in enumerate(stacks):
             hidden = [_hidden(call) for call in inputs.calls[s]]
+            inputs.calls[s] = [_without_hidden(call) for call in inputs.calls[s]]  # freed once block 0 has run
             for b, block in enumerate(blocks):
                 calls = inputs.calls[s]
                 block_sites = by_block.get((s, b), [])

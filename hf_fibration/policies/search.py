@@ -28,6 +28,7 @@ from hf_fibration.evaluation.evalset import (
     example_losses,
     loss_increase,
 )
+from hf_fibration.integrations.memory import trim_heap
 from hf_fibration.models.sites import Site, SiteSwap, build_sites, site_parameters, undo_all
 from hf_fibration.models.surgery import get_module, non_embedding_parameters, set_module
 from hf_fibration.pipeline.blocks import BlockReplay, block_of, stacks_of
@@ -194,6 +195,8 @@ def _search_once(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
                                           cross_fit, trail)
             if layer is not None:
                 report.layers.append(layer)
+            del calibration
+            trim_heap()  # the site's calibration and trial buffers, freed: each site starts from the same size
             bar.set_postfix(loss=f"{current:.4f}", bound=f"{site_bound.limit:.4f}")
         report.final_loss = current
     finally:
