@@ -257,8 +257,12 @@ def test_span_pivots_are_the_greedy_pivots_with_their_projection_residuals():
     assert float(dendro.residual[30]) < 1e-6 and sorted(dendro.order[30:].tolist()) == dendro.order[30:].tolist()
 
 
-def test_prefix_held_errors_equal_each_prefix_refit_scored_alone():
+@pytest.mark.parametrize("row_block", [7, 128])  # several row blocks of L⁻¹AL⁻ᵀ, and one
+def test_prefix_held_errors_equal_each_prefix_refit_scored_alone(monkeypatch, row_block):
+    from hf_fibration.core import compensate
     from hf_fibration.core.compensate import UnitStats, prefix_held_errors
+
+    monkeypatch.setattr(compensate, "PREFIX_ROW_BLOCK", row_block)
 
     g = torch.Generator().manual_seed(0)
     n, d, tokens = 30, 5, 700

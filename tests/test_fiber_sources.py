@@ -115,10 +115,18 @@ def test_span_from_sums_read_a_chunk_at_a_time_is_the_span_of_the_whole_activati
     monkeypatch.setattr(calibration, "REFIT_CHUNK_TOKENS", 7)  # 15 chunks, the last one short
     down = linear_weight(get_module(model, site.modules[-1]))[0]
     whole = SpanDendrogram(calibration.original_hidden(site, model, cal.inputs), down)
-    chunked = SpanDendrogram.from_sums(*calibration.original_sums(site, model, cal), down)
+    sums = calibration.original_sums(site, model, cal)
+    chunked = SpanDendrogram.from_sums(*sums, down)
     assert torch.equal(chunked.order, whole.order)
     assert torch.allclose(chunked.residual, whole.residual, atol=1e-6)  # √(round-off) where nothing is left
-    assert torch.allclose(chunked.gram, whole.gram, rtol=1e-12)
+    parts = chunked.gram if isinstance(chunked.gram, tuple) else (chunked.gram,)
+    assert len(parts) >= 2  # the statistics' cells, read where they are
+    assert torch.allclose(sum(parts), whole.gram, rtol=1e-12)
+    summed = SpanDendrogram.from_sums(sum(parts), *sums[1:], down)
+    for count in (3, 17, 40):  # every cut folds the same from the cells as from their sum
+        a, b = chunked.cut_to_count(count), summed.cut_to_count(count)
+        assert torch.equal(a.labels, b.labels) and torch.equal(a.labels, whole.cut_to_count(count).labels)
+        torch.testing.assert_close(a.fold.to_dense(), b.fold.to_dense(), rtol=1e-12, atol=0)
 
 
 def test_span_needs_data_in_one_line():

@@ -51,6 +51,8 @@ def ridge_refit(hidden: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3
 RIDGE_CANDIDATES = (1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
 
 
+PREFIX_ROW_BLOCK = 128  # rows of L⁻¹AL⁻ᵀ and of ZZᵀ formed at a time (row block × units floats, not units²)
+
 class UnitScale:
     """Per-cell Σh² and Σh of every hidden unit of the uncompressed site: the ridge's scale over a union of cells is
     the mean of the units' centered Σ(h − h̄)², so λ means the same penalty whichever units a cut keeps (and the
@@ -241,6 +243,11 @@ class UnitStats:
         cells = tuple(self.gram)
         return _total(self.gram, cells), _total(self.sum, cells), sum(self.n)
 
+    def parts(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor, int]:
+        """``total`` with HᵀH left as the cells' Grams that sum to it (shared, not copied)."""
+        cells = tuple(self.gram)
+        return tuple(self.gram[c] for c in cells), _total(self.sum, cells), sum(self.n)
+
     def centered_gram(self, cells: tuple[int, ...], mean: torch.Tensor | None = None) -> torch.Tensor:
         """Σ (h − m)(h − m)ᵀ over the tokens of ``cells`` (all units), m = ``mean`` or those tokens' own mean."""
         cells = tuple(c for c in cells if c in self.gram)
@@ -290,43 +297,67 @@ class PrefixHeldErrors:
     the Cholesky factor L of G + μI factors every prefix at once. With Z = L⁻¹C (C = G Wᵀ, the fit cross-products),
     W_kᵀ = L_k⁻ᵀ Z_k, so the held-out error tr(W_k A W_kᵀ) − 2 tr(W_k B) + c (A, B the held-out Gram and
     cross-products at the fit mean) is a prefix sum over i, j ≤ k of (L⁻¹AL⁻ᵀ)_ij (ZZᵀ)_ij and over i ≤ k of
-    ⟨Z_i, (L⁻¹B)_i⟩: O(n³) per λ for all n cuts, instead of O(k³) for each."""
+    ⟨Z_i, (L⁻¹B)_i⟩: O(n³) per λ for all n cuts, instead of O(k³) for each.
+
+    Memory: three m × m float64 buffers — the two symmetric Grams share one (G's lower triangle, A's strict upper),
+    the factor, and L⁻¹A solved in place; L⁻¹AL⁻ᵀ and ZZᵀ are formed ``PREFIX_ROW_BLOCK`` rows at a time."""
 
     def __init__(self, stats: UnitStats, order: torch.Tensor, fit: tuple[int, ...], held: tuple[int, ...],
                  upto: int | None = None) -> None:
         weight, mean = stats.weight, stats.mean(fit)
         order = order.to(torch.long)[:upto]  # the prefixes up to m read only the leading m × m block
-        rows, cols = order[:, None], order[None, :]
         gram = stats.centered_gram(fit, mean)  # one units × units Gram at a time, gathered to the order's m × m
-        self.cross_fit, self.gram_fit = (gram @ weight.T)[order], gram[rows, cols]
+        self.cross_fit, self._grams = (gram @ weight.T)[order], gram[order[:, None], order[None, :]]
         del gram
         gram = stats.centered_gram(held, mean)  # the held-out tokens centered at the fit mean (the refit's bias)
-        self.cross_held, self.gram_held = (gram @ weight.T)[order], gram[rows, cols]
+        self.cross_held = (gram @ weight.T)[order]
         self.constant = float(((weight @ gram) * weight).sum())
+        self._held_diagonal = gram.diagonal()[order]
+        self.size = m = order.numel()
+        columns = torch.arange(m)
+        for rows in _row_blocks(m):
+            upper = columns[None, :] > columns[rows, None]
+            self._grams[rows] = torch.where(upper, gram[order[rows]][:, order], self._grams[rows])
         del gram
         self.mu = stats.scale(fit)
-        m = order.numel()
-        # three m × m buffers reused at every λ (with the two Grams, the peak is five, not a new set per λ)
-        self._factor, self._work, self._a_hat = (torch.empty(m, m, dtype=torch.float64) for _ in range(3))
+        self._factor, self._solved = (torch.empty(m, m, dtype=torch.float64) for _ in range(2))
         self._info = torch.empty((), dtype=torch.int32)
+
+    def _held_gram_into(self, out: torch.Tensor) -> torch.Tensor:
+        """A (the held-out Gram) written whole into ``out`` from the shared buffer's strict upper triangle."""
+        m, grams = out.shape[0], self._grams
+        columns = torch.arange(m)
+        for rows in _row_blocks(m):
+            upper = columns[None, :] > columns[rows, None]
+            torch.where(upper, grams[rows], grams[:, rows].T, out=out[rows])
+        out.diagonal().copy_(self._held_diagonal)
+        return out
 
     def __call__(self, ridge: float) -> torch.Tensor:
         if ridge <= 0:
             raise ValueError("PrefixHeldErrors needs a ridge > 0 (a factorization per λ).")
-        factor, work, a_hat = self._factor, self._work, self._a_hat
-        work.copy_(self.gram_fit).diagonal().add_(ridge * self.mu)
-        torch.linalg.cholesky_ex(work, out=(factor, self._info))
+        factor = self._factor
+        factor.copy_(self._grams).diagonal().add_(ridge * self.mu)  # the factorization reads the lower triangle
+        torch.linalg.cholesky_ex(factor, out=(factor, self._info))
         if int(self._info):
             raise ValueError(f"The ridged Gram is not positive definite at λ = {ridge:g} (its units carry no signal).")
         z = torch.linalg.solve_triangular(factor, self.cross_fit, upper=False)
         b_hat = torch.linalg.solve_triangular(factor, self.cross_held, upper=False)
-        torch.linalg.solve_triangular(factor, self.gram_held, upper=False, out=work)
-        torch.linalg.solve_triangular(factor, work.T, upper=False, out=a_hat)  # L⁻¹ A L⁻ᵀ
-        products = torch.mm(z, z.T, out=work).mul_(a_hat)
-        diagonal = products.diagonal().clone()
-        quadratic = (2 * products.tril_(-1).sum(1) + diagonal).cumsum(0)
+        solved = self._held_gram_into(self._solved)
+        torch.linalg.solve_triangular(factor, solved, upper=False, out=solved)  # L⁻¹A, in place
+        quadratic = torch.empty(z.shape[0], dtype=torch.float64)
+        for rows in _row_blocks(z.shape[0]):
+            # rows of L⁻¹AL⁻ᵀ = (L⁻¹ (L⁻¹A)[rows]ᵀ)ᵀ; only their lower triangle (j ≤ i) is summed
+            a_hat = torch.linalg.solve_triangular(factor, solved[rows].T.contiguous(), upper=False).T
+            products = (z[rows] @ z.T).mul_(a_hat)
+            diagonal = products.diagonal(offset=rows.start).clone()
+            quadratic[rows] = 2 * products.tril_(rows.start - 1).sum(1) + diagonal
         linear = (z * b_hat).sum(1).cumsum(0)
-        return quadratic - 2 * linear + self.constant
+        return quadratic.cumsum_(0) - 2 * linear + self.constant
+
+
+def _row_blocks(m: int) -> Iterator[slice]:
+    return (slice(start, min(start + PREFIX_ROW_BLOCK, m)) for start in range(0, m, PREFIX_ROW_BLOCK))
 
 
 def prefix_held_errors(stats: UnitStats, order: torch.Tensor, fit: tuple[int, ...], held: tuple[int, ...],
@@ -446,15 +477,23 @@ def activation_fibers(hidden: torch.Tensor, scores: torch.Tensor, k: int, linkag
     return _folded_partition(fibers, reps, coef)
 
 
-def fold_into(gram: torch.Tensor, representatives: torch.Tensor) -> tuple[FiberPartition, torch.Tensor]:
-    """``activation_fibers`` around given representatives, from the Gram HᵀH of the activations (units × units):
-    each unit joins the representative of largest cosine and folds into it by a_j = ⟨h_j, h_rep⟩ / ‖h_rep‖², so
-    cutting one site at many counts reads one Gram instead of the tokens at every count."""
+def fold_into(gram: torch.Tensor | tuple[torch.Tensor, ...], representatives: torch.Tensor
+              ) -> tuple[FiberPartition, torch.Tensor]:
+    """``activation_fibers`` around given representatives, from the Gram HᵀH of the activations (units × units; or
+    the parts it sums, read without forming it): each unit joins the representative of largest cosine and folds
+    into it by a_j = ⟨h_j, h_rep⟩ / ‖h_rep‖², so cutting one site at many counts reads one Gram instead of the
+    tokens at every count."""
     reps = representatives.to(torch.long)
-    norms = gram.diagonal().clamp_min(0).sqrt().clamp_min(1e-30)
-    fibers = (gram[:, reps] / norms[reps]).argmax(dim=1)  # cosine up to each row's own (positive) norm
+    parts = (gram,) if isinstance(gram, torch.Tensor) else tuple(gram)
+    columns = parts[0][:, reps]  # a copy: the other parts add into it
+    diagonal = parts[0].diagonal().clone()
+    for part in parts[1:]:
+        columns += part[:, reps]
+        diagonal += part.diagonal()
+    norms = diagonal.clamp_min(0).sqrt().clamp_min(1e-30)
+    fibers = (columns / norms[reps]).argmax(dim=1)  # cosine up to each row's own (positive) norm
     fibers[reps] = torch.arange(reps.numel())
-    coef = gram[torch.arange(gram.shape[0]), reps[fibers]] / gram.diagonal()[reps].clamp_min(1e-30)[fibers]
+    coef = columns[torch.arange(columns.shape[0]), fibers] / diagonal[reps].clamp_min(1e-30)[fibers]
     return _folded_partition(fibers, reps, coef)
 
 
@@ -491,11 +530,17 @@ def _span_grams(hidden: torch.Tensor, down_weight: torch.Tensor) -> tuple[torch.
     return gram, _weighted_gram(gram, h.sum(0), h.shape[0], down_weight)
 
 
-def _weighted_gram(gram: torch.Tensor, total: torch.Tensor, n: int, down_weight: torch.Tensor) -> torch.Tensor:
-    """ΦᵀΦ of ``_span_grams`` from the sums HᵀH, ΣH over n tokens."""
+def _weighted_gram(gram: torch.Tensor | tuple[torch.Tensor, ...], total: torch.Tensor, n: int,
+                   down_weight: torch.Tensor) -> torch.Tensor:
+    """ΦᵀΦ of ``_span_grams`` from the sums HᵀH (or the parts it sums), ΣH over n tokens: a new matrix, formed in
+    place (one units × units temporary besides it)."""
+    parts = (gram,) if isinstance(gram, torch.Tensor) else tuple(gram)
+    weighted = parts[0].clone()
+    for part in parts[1:]:
+        weighted += part
     mean = total / max(n, 1)
     scale = down_weight.to(torch.float64).norm(dim=0)
-    return (gram - torch.outer(mean, mean).mul_(n)) * torch.outer(scale, scale)
+    return weighted.sub_(torch.outer(mean, mean).mul_(n)).mul_(torch.outer(scale, scale))
 
 
 def _span_pivots(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -539,10 +584,11 @@ class SpanDendrogram:
         self.order, self.residual = _span_pivots(weighted)
 
     @classmethod
-    def from_sums(cls, gram: torch.Tensor, total: torch.Tensor, n: int, down_weight: torch.Tensor
-                  ) -> SpanDendrogram:
+    def from_sums(cls, gram: torch.Tensor | tuple[torch.Tensor, ...], total: torch.Tensor, n: int,
+                  down_weight: torch.Tensor) -> SpanDendrogram:
         """The same dendrogram from the sums HᵀH (float64) and ΣH over n tokens, which a caller may accumulate a
-        chunk of tokens at a time."""
+        chunk of tokens at a time. ``gram`` may be the parts HᵀH sums (cells of ``UnitStats``): the cuts read them
+        as they are, and the dendrogram holds no sum of its own (nothing may write them while it is cut)."""
         dendrogram = cls.__new__(cls)
         dendrogram.gram = gram
         dendrogram.order, dendrogram.residual = _span_pivots(_weighted_gram(gram, total, n, down_weight))

@@ -302,7 +302,7 @@ def batch_example_losses(model: nn.Module, evalset: EvalSet, index: int) -> tupl
     return terms.sum(1, dtype=torch.float64).cpu(), (_targets(evalset.task, batch) != -100).sum(1).double().cpu()
 
 
-HEAD_CHUNK_TOKENS = 256  # the head's logits are formed this many tokens at a time (chunk × vocabulary floats)
+HEAD_CHUNK_TOKENS = 128  # the head's logits are formed this many tokens at a time (chunk × vocabulary floats)
 
 
 class _HeadInput(Exception):

@@ -150,12 +150,14 @@ def capture_inputs(model: nn.Module, site: Site, run_batch: Callable[[int], obje
     return capture_calibration(model, site, run_batch, num_batches, max_tokens).inputs
 
 
-def original_sums(site: Site, model: nn.Module, cal: Calibration) -> tuple[torch.Tensor, torch.Tensor, int]:
+def original_sums(site: Site, model: nn.Module, cal: Calibration
+                  ) -> tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor, int]:
     """HᵀH and ΣH (float64) of the uncompressed site's hidden units over the calibration tokens (read a chunk at a
     time: memory ∝ chunk × width, not tokens × width), and the token count; from ``cal.original_stats`` where the
-    site is narrow enough for the refits to read them too (``GRAM_BYTES_MAX``)."""
+    site is narrow enough for the refits to read them too (``GRAM_BYTES_MAX``): then HᵀH is the statistics' cells
+    that sum to it, shared rather than summed into another units × units matrix."""
     if _stats_fit(site, model):
-        return cal.original_stats(site, model).total()
+        return cal.original_stats(site, model).parts()
     gram = total = None
     for _, h in _original_hidden_chunks(site, model, cal):
         gram = h.T @ h if gram is None else gram.addmm_(h.T, h)
@@ -281,7 +283,7 @@ class PrefixRefits:
         self.held = self.stats.merged((2, 3))
         tokens = max(sum(self.held.n) * self.stats.weight.shape[0], 1)  # as ``_RefitData.held_error`` divides
         at = PrefixHeldErrors(self.stats, order, (0, 1), (2, 3), max(counts) if counts else None)
-        m = at.gram_fit.shape[0]
+        m = at.size
         self.errors = torch.full((len(self.ridges), m), math.inf, dtype=torch.float64)
         columns = torch.tensor([c - 1 for c in counts if 0 < c <= m] if counts else range(m), dtype=torch.long)
         lo = hi = max(len(self.ridges) // 2 - 1, 0)
