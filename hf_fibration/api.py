@@ -31,6 +31,7 @@ def compress_pretrained(
     base_loss: float | None = None,
     base_model: str | None = None,
     holdout: EvalSet | None = None,
+    holdout_losses: tuple[torch.Tensor, torch.Tensor] | None = None,
     execution_device: str | torch.device | None = None,
 ) -> CompressionReport:
     """Compress a transformers model in place by fibration symmetry and return the per-layer report.
@@ -44,7 +45,9 @@ def compress_pretrained(
     ``save_pretrained`` writes a checkpoint that ``from_pretrained`` loads after ``import hf_fibration``, and
     ``hf_fibration.push_to_hub`` publishes it with a model card. ``base_model`` (a hub id or path) records what
     it was compressed from (default: what it was loaded from). The search confirms its bound on ``holdout`` (default:
-    a ``config.holdout_fraction`` of the eval data that it then never uses otherwise). With ``execution_device``
+    a ``config.holdout_fraction`` of the eval data that it then never uses otherwise); ``holdout_losses`` are the
+    model's per-example losses on ``holdout`` when the caller has them (``evaluate_loss(..., examples=)``, joined by
+    ``join_examples``): the search skips that evaluation. With ``execution_device``
     (e.g. ``"cuda"`` for a model loaded on the CPU), the blocks rest where the model is and run one at a time on
     that device (``pipeline.offload``): a model larger than the device's memory compresses."""
     config = config or FibrationConfig()
@@ -60,13 +63,14 @@ def compress_pretrained(
     if execution_device is not None:
         evalset, holdout = (None if e is None else e.to(execution_device) for e in (evalset, holdout))
     with streamed_blocks(model, execution_device):
-        report = _compress(model, config, evalset, progress, layer_losses, base_loss, holdout)
+        report = _compress(model, config, evalset, progress, layer_losses, base_loss, holdout, holdout_losses)
     mark_compressed(model, config.to_dict(), report.to_dict(), base_model=base_model)
     return report
 
 
 def _compress(model: nn.Module, config: FibrationConfig, evalset: EvalSet | None, progress: bool,
-              layer_losses: bool, base_loss: float | None, holdout: EvalSet | None) -> CompressionReport:
+              layer_losses: bool, base_loss: float | None, holdout: EvalSet | None,
+              holdout_losses: tuple[torch.Tensor, torch.Tensor] | None) -> CompressionReport:
     fixed = config.is_fixed
     if config.lossless:
         report = compress_lossless_config(model, config, evalset)
@@ -74,7 +78,8 @@ def _compress(model: nn.Module, config: FibrationConfig, evalset: EvalSet | None
         if evalset is None:
             raise ValueError("A target size is allocated by measured loss: pass tokenizer= (and optionally dataset=) "
                              "or evalset=.")
-        report = compress_to_target(model, config, evalset, progress=progress, holdout=holdout)
+        report = compress_to_target(model, config, evalset, progress=progress, holdout=holdout,
+                                    holdout_losses=holdout_losses)
     elif evalset is None:
         if not fixed:
             raise ValueError("The ε search needs eval data: pass tokenizer= (and optionally dataset=) or evalset=, "
@@ -83,7 +88,8 @@ def _compress(model: nn.Module, config: FibrationConfig, evalset: EvalSet | None
     elif fixed and not layer_losses:
         report = compress_with_epsilons(model, config, evalset, base_loss)
     else:
-        report = greedy_search(model, config, evalset, progress=progress, holdout=holdout)
+        report = greedy_search(model, config, evalset, progress=progress, holdout=holdout,
+                               holdout_losses=holdout_losses)
     return report
 
 

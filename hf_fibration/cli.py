@@ -22,7 +22,14 @@ import torch
 from hf_fibration import FibrationConfig, __version__, compress_pretrained, config
 from hf_fibration.core.modules import count_parameters
 from hf_fibration.core.report import CompressionReport
-from hf_fibration.evaluation.evalset import DEFAULT_PAIRS, build_eval_set, evaluate_loss, load_split, task_of
+from hf_fibration.evaluation.evalset import (
+    DEFAULT_PAIRS,
+    build_eval_set,
+    evaluate_loss,
+    join_examples,
+    load_split,
+    task_of,
+)
 from hf_fibration.evaluation.metrics import quality
 from hf_fibration.integrations.checkpoint_io import default_model, hub_id_of, is_hub_id, loadable, looks_like_path
 from hf_fibration.integrations.loading import (
@@ -505,7 +512,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
         measured = holdout if holdout is not None else evalset  # the record's metrics: data the search never saw
         offloaded.enter_context(streamed_blocks(model, execution))
         start = time.perf_counter()
-        before = _finite(quality(model, measured, tokenizer), "the uncompressed model")
+        examples: list | None = None if holdout is None else []  # the held-out base losses, handed to the search
+        before = _finite(quality(model, measured, tokenizer, examples=examples), "the uncompressed model")
+        holdout_losses = join_examples(examples) if examples else None
         rounds = None
         if args.retune:
 
@@ -515,7 +524,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
             if config.target_params is not None:  # the asked-for size, then one retuning (no Alg. 2 rounds)
 
                 report = compress_pretrained(model, config, evalset=search, holdout=holdout,
-                                             progress=not args.no_progress, base_model=base_id or source)
+                                             holdout_losses=holdout_losses, progress=not args.no_progress,
+                                             base_model=base_id or source)
                 model.requires_grad_(True)
                 result = retune(model, train, search, progress=not args.no_progress, **kwargs)
                 rounds = [{"round": "target", "params": report.params_after, "loss_compressed": result.initial_loss,
@@ -529,7 +539,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
             report = _compress_plain(args, config, model, search, holdout)
         else:
             report = compress_pretrained(model, config, evalset=search, holdout=holdout,
-                                         progress=not args.no_progress, layer_losses=args.layer_losses,
+                                         holdout_losses=holdout_losses, progress=not args.no_progress,
+                                         layer_losses=args.layer_losses,
                                          base_loss=before["loss"] if holdout is None else None,
                                          base_model=base_id or source)
         seconds = time.perf_counter() - start

@@ -215,8 +215,16 @@ def test_the_curves_pass_gives_the_base_loss_when_it_covers_the_eval_set(calibra
     evalset = _random_evalset(model, batches=3)
     config = FibrationConfig(calibration_tokens=calibration_tokens, **PLAIN)
     base: list[float] = []
-    site_error_curves(model, config, evalset, build_sites(model, config), progress=False, base=base)
-    assert base == ([evaluate_loss(model, evalset)] if covers else [])
+    examples: list = []
+    site_error_curves(model, config, evalset, build_sites(model, config), progress=False, base=base,
+                      examples=examples)
+    assert base == ([pytest.approx(evaluate_loss(model, evalset), rel=1e-12)] if covers else [])
+    measured: list = []
+    evaluate_loss(model, evalset, examples=measured)
+    assert len(examples) == (len(measured) if covers else 0)  # the per-example losses the held-out margin reads
+    for (sums, counts), (want_sums, want_counts) in zip(examples, measured[:len(examples)], strict=True):
+        torch.testing.assert_close(sums, want_sums, rtol=1e-12, atol=0)
+        assert torch.equal(counts, want_counts)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "bert"])

@@ -100,6 +100,39 @@ def test_the_search_leaves_the_check_its_margin_and_searches_once(trained, monke
     assert evaluate_loss(model, unseen) <= evaluate_loss(trained, unseen) * (1 + tau)
 
 
+def test_the_block_search_evaluates_the_uncompressed_model_once_per_split(trained, monkeypatch):
+    """The held-out base losses come from the caller's own evaluation (``holdout_losses``) and the search
+    examples' from the curves' recording pass: before the first allocation is tried, each split has run once."""
+    from hf_fibration.evaluation.evalset import join_examples
+    from hf_fibration.policies import bound as bound_module
+
+    model, search_set, holdout = copy.deepcopy(trained), _evalset(24, 0), _evalset(16, 5)
+    runs = {"search": 0, "holdout": 0}
+    at_first_check: dict = {}
+
+    def count(module, args, kwargs):
+        ids = kwargs.get("input_ids")
+        runs["search"] += ids is search_set.batches[0]["input_ids"]
+        runs["holdout"] += ids is holdout.batches[0]["input_ids"]
+
+    check = bound_module.SearchBound.check
+    monkeypatch.setattr(bound_module.SearchBound, "check",
+                        lambda *a, **k: at_first_check.setdefault("runs", dict(runs)) and check(*a, **k))
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    examples: list = []
+    evaluate_loss(model, holdout, examples=examples)  # what the CLI measures before compressing
+    config = FibrationConfig(tolerance=0.02, parts=("mlp",), search="block")
+    report = greedy_search(model, config, search_set, progress=False, holdout=holdout,
+                           holdout_losses=join_examples(examples))
+    assert at_first_check["runs"] == {"search": 1, "holdout": 1}
+    assert runs["holdout"] == 1 + len(report.attempts)  # the caller's pass, then one check per attempt
+    assert report.holdout_base_loss == pytest.approx(evaluate_loss(trained, holdout), rel=1e-9)
+    assert report.non_embedding_params_after < report.non_embedding_params_before
+    with pytest.raises(ValueError, match="pass holdout="):
+        greedy_search(copy.deepcopy(trained), config, search_set, progress=False,
+                      holdout_losses=join_examples(examples))
+
+
 def test_a_failed_check_cuts_the_search_back_instead_of_searching_again(trained, monkeypatch):
     """48 search examples overfit at τ 2% when the search keeps only its own mean within τ (no margin): the next
     attempt keeps the sites the search took within the tighter bound (no second search) and confirms it on the

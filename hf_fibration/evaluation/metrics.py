@@ -30,11 +30,12 @@ def bleu(model: nn.Module, tokenizer, sources: list[str], references: list[str],
 
 
 def quality(model: nn.Module, evalset: EvalSet, tokenizer=None, pairs: tuple[list[str], list[str]] | None = None,
-            loss: float | None = None) -> dict[str, float]:
+            loss: float | None = None, examples: list | None = None) -> dict[str, float]:
     """Eval loss, plus perplexity for language models and BLEU for translation (when ``pairs`` is given).
 
-    ``loss``: the eval loss when it was just measured on ``evalset`` (saves an evaluation)."""
-    loss = evaluate_loss(model, evalset) if loss is None else float(loss)
+    ``loss``: the eval loss when it was just measured on ``evalset`` (saves an evaluation). ``examples`` (a list):
+    receives the per-example loss terms of that evaluation (``evaluate_loss``), for a caller that needs them too."""
+    loss = evaluate_loss(model, evalset, examples=examples) if loss is None else float(loss)
     result = {"loss": loss}
     if evalset.task in ("causal", "masked", "seq2seq"):
         result["perplexity"] = math.exp(min(loss, 50.0))

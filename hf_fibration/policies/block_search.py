@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from hf_fibration.config import FibrationConfig, loss_bound
 from hf_fibration.core.modules import FiberLinear
 from hf_fibration.core.report import CompressionReport
-from hf_fibration.evaluation.evalset import EvalSet, batch_loss_sum, evaluate_loss
+from hf_fibration.evaluation.evalset import EvalSet, batch_example_losses, evaluate_loss, join_examples
 from hf_fibration.integrations.memory import trim_heap
 from hf_fibration.models.architectures import mlp_activation
 from hf_fibration.models.sites import Site, SiteSwap, build_sites, layer_report, site_parameters
@@ -57,7 +57,8 @@ class _StackInputs:
 
     def __init__(self, model: nn.Module, stacks: list[list[nn.Module]], evalset: EvalSet) -> None:
         self.calls: list[list[tuple[tuple, dict]]] = [[] for _ in stacks]
-        self.loss_sums: list[float] = []  # each batch's ``batch_loss_sum``: the pass runs the whole model anyway
+        self.examples: list[tuple[torch.Tensor, torch.Tensor]] = []  # each batch's ``batch_example_losses``: the
+        # pass runs the whole model anyway
         handles = [blocks[0].register_forward_pre_hook(self._hook(s), with_kwargs=True)
                    for s, blocks in enumerate(stacks)]
         try:
@@ -65,7 +66,7 @@ class _StackInputs:
                 was_training = model.training
                 model.eval()
                 for i in range(len(evalset.batches)):
-                    self.loss_sums.append(batch_loss_sum(model, evalset, i))
+                    self.examples.append(batch_example_losses(model, evalset, i))
                 model.train(was_training)
         finally:
             for h in handles:
@@ -111,19 +112,23 @@ def _first_tokens(evalset: EvalSet, tokens: int) -> EvalSet:
 
 def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSet, sites: list[Site],
                       progress: bool = True, by_count: bool = False, grid: int = GRID, keep_refits: bool = True,
-                      base: list[float] | None = None) -> dict[str, list[dict]]:
+                      base: list[float] | None = None, examples: list | None = None) -> dict[str, list[dict]]:
     """Per site, one entry per distinct cut of its ε grid (``by_count``: of the counts that keep (grid−1)/grid …
     1/grid of its units, whatever their ε): ε, partition, parameters after, relative block error (on the first
     ``ERROR_TOKENS`` tokens of ``evalset``), the refit that compensated it (``keep_refits``: replayed from disk when
     the cut is applied again; else None, for a caller that only reads the errors). MLP sites that calibrate
     (``config.calibrates_mlps``) take their calibration from the carried block inputs of the first
     ``config.calibration_tokens`` tokens. ``base`` (a list) receives the eval loss of the model as it came when the
-    carried tokens are the whole of ``evalset`` (their pass ran the whole model: no evaluation of its own)."""
+    carried tokens are the whole of ``evalset`` (their pass ran the whole model: no evaluation of its own), and
+    ``examples`` (a list) each batch's per-example losses then (``evaluate_loss``'s ``examples``)."""
     stacks, position = stacks_of(model)
     carried = _first_tokens(evalset, max(config.calibration_tokens, ERROR_TOKENS))
     inputs = _StackInputs(model, stacks, carried)
-    if base is not None and len(carried.batches) == len(evalset.batches):
-        base.append(sum(inputs.loss_sums) / evalset.total_weight)
+    if len(carried.batches) == len(evalset.batches):
+        if base is not None:
+            base.append(sum(float(terms[0].sum()) for terms in inputs.examples) / evalset.total_weight)
+        if examples is not None:
+            examples.extend(inputs.examples)
     measured = len(_first_tokens(carried, ERROR_TOKENS).batches)
     fisher = None
     if config.block_error == "fisher":
@@ -459,12 +464,21 @@ def block_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
     report = start_report(model)
     sites = [s for s in build_sites(model, config) if s.kind != "embedding"]
     key = (config.compensate, config.fibers_from, config.linkage, grid)
-    curves, recorded = None if cache is None else cache.get(key), []
-    if curves is None:
-        curves = site_error_curves(model, config, evalset, sites, progress, grid=grid, base=recorded)
+    cached = None if cache is None else cache.get(key)
+    if cached is None:
+        recorded, examples = [], []
+        curves = site_error_curves(model, config, evalset, sites, progress, grid=grid, base=recorded,
+                                   examples=examples)
+        # the base loss and per-example losses of the model as it came (a retry restores that model)
+        cached = (curves, recorded[0] if recorded else None, join_examples(examples) if examples else None)
         if cache is not None:
-            cache[key] = curves
-    base = recorded[0] if recorded else evaluate_loss(model, evalset)
+            cache[key] = cached
+    curves, base, terms = cached
+    if base is None or (margin is not None and margin.base_terms is None and terms is None):
+        measured: list = []
+        base, terms = evaluate_loss(model, evalset, examples=measured), join_examples(measured)
+    if margin is not None and margin.base_terms is None:
+        margin = margin.with_base(terms)
     bound = SearchBound(loss_bound(base, config.tolerance, evalset.task), base, margin)
     report.base_loss = base
     errors = [c["error"] for curve in curves.values() for c in curve if c["error"] > 0]

@@ -25,12 +25,18 @@ class HoldoutMargin:
     plus z held-out standard errors (projected from the candidate's per-example increases to the held-out count)
     plus z standard errors of the difference between the two samples' means."""
 
-    base_terms: Terms  # the uncompressed model's per-example losses on the search examples
+    base_terms: Terms | None  # the uncompressed model's per-example losses on the search examples (None: not yet)
     holdout_examples: int
     holdout_weight: float  # Σ loss terms of the held-out examples
     z: float
 
+    def with_base(self, base_terms: Terms) -> HoldoutMargin:
+        """This margin with the search examples' base losses, which the search measures on its first pass."""
+        return dataclasses.replace(self, base_terms=base_terms)
+
     def needed(self, terms: Terms) -> float:
+        if self.base_terms is None:
+            raise ValueError("HoldoutMargin.needed before the search examples' base losses: call with_base first.")
         diff = terms[0] - self.base_terms[0]
         if len(diff) < 2:
             return math.inf

@@ -26,6 +26,7 @@ from hf_fibration.evaluation.evalset import (
     batch_loss_sum,
     evaluate_loss,
     example_losses,
+    join_examples,
     loss_increase,
 )
 from hf_fibration.integrations.memory import trim_heap
@@ -34,7 +35,7 @@ from hf_fibration.models.surgery import get_module, non_embedding_parameters, se
 from hf_fibration.pipeline.blocks import BlockReplay, block_of, stacks_of
 from hf_fibration.pipeline.loop import calibrate, finish_report, start_report
 from hf_fibration.policies.block_search import block_search
-from hf_fibration.policies.bound import HoldoutMargin, SearchBound
+from hf_fibration.policies.bound import HoldoutMargin, SearchBound, Terms
 from hf_fibration.repair.calibration import Calibration, refitter
 
 MIN_HOLDOUT_EXAMPLES = 8  # below this the standard error of the held-out loss means nothing
@@ -51,8 +52,12 @@ def greedy_search(
     evalset: EvalSet,
     progress: bool = True,
     holdout: EvalSet | None = None,
+    holdout_losses: Terms | None = None,
 ) -> CompressionReport:
     """Compress ``model`` in place, site by site, at the largest ε that keeps the eval loss within τ.
+
+    ``holdout_losses``: the model's per-example losses on ``holdout`` as it comes (``example_losses``), when the
+    caller has measured them already (the search then skips that evaluation).
 
     The promise is checked on data the search never saw: ``holdout`` (or a ``config.holdout_fraction`` of
     ``evalset``) takes no part in choosing ε's or fitting refits. Every candidate must leave that check its margin
@@ -64,6 +69,8 @@ def greedy_search(
     attempt breaks τ, the model is left uncompressed and ``HoldoutError`` says how much data to pass."""
     if config.is_fixed:  # no ε to choose, no τ to promise: the losses are reported as they come
         return _search_once(model, config, evalset, progress)
+    if holdout_losses is not None and holdout is None:
+        raise ValueError("holdout_losses are the losses on a given holdout: pass holdout= with them.")
     if holdout is None and config.holdout_fraction > 0:
         evalset, holdout = evalset.split(config.holdout_fraction, config.seed)
     if holdout is None:
@@ -72,11 +79,12 @@ def greedy_search(
         raise DataError(f"The held-out check needs at least {MIN_HOLDOUT_EXAMPLES} examples, got "
                         f"{holdout.num_examples}: pass more eval data (--max-samples) or holdout_fraction=0 to "
                         "search without a check on unseen data.")
-    base_terms = example_losses(model, holdout)
+    base_terms = example_losses(model, holdout) if holdout_losses is None else holdout_losses
     holdout_base = float(base_terms[0].sum() / base_terms[1].sum())
     allowed = loss_bound(holdout_base, config.tolerance, holdout.task) - holdout_base
+    # the search examples' base losses come from the search's own first pass (``with_base``)
     margin = None if config.holdout_z == 0 else HoldoutMargin(
-        example_losses(model, evalset), holdout.num_examples, float(base_terms[1].sum()), config.holdout_z)
+        None, holdout.num_examples, float(base_terms[1].sum()), config.holdout_z)
     attempts: list[dict] = []
     tolerance, compensate = config.tolerance, config.compensate
     trail: list[SiteSwap] = []  # the swaps of the search now in the model: undone, they give back the original
@@ -173,7 +181,12 @@ def _search_once(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
                 set_module(model, cross_fit["module"], cross_fit["full"])
 
     try:
-        base = loss()[0]
+        if margin is not None and margin.base_terms is None:
+            examples: list[Terms] = []
+            base = evaluate_loss(model, evalset, before_batch=before_batch, examples=examples)
+            margin = margin.with_base(join_examples(examples))
+        else:
+            base = loss()[0]
         bound = SearchBound(loss_bound(base, config.tolerance, evalset.task), base, margin)
         report.base_loss = base
         sites = build_sites(model, config)

@@ -18,6 +18,7 @@ import copy
 import math
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -59,8 +60,12 @@ class SiteCurve:
 
 
 def compress_to_target(model: nn.Module, config: FibrationConfig, evalset: EvalSet, progress: bool = True,
-                       holdout: EvalSet | None = None) -> CompressionReport:
-    """Compress ``model`` in place to ``config.target_params`` of its non-embedding parameters (within 1%)."""
+                       holdout: EvalSet | None = None, holdout_losses: tuple[torch.Tensor, torch.Tensor] | None = None
+                       ) -> CompressionReport:
+    """Compress ``model`` in place to ``config.target_params`` of its non-embedding parameters (within 1%);
+    ``holdout_losses``: the model's per-example losses on ``holdout`` as it comes, when the caller has them."""
+    if holdout_losses is not None and holdout is None:
+        raise ValueError("holdout_losses are the losses on a given holdout: pass holdout= with them.")
     if holdout is None and config.holdout_fraction > 0:
         evalset, holdout = evalset.split(config.holdout_fraction, config.seed)
     config = copy.copy(config)
@@ -68,7 +73,8 @@ def compress_to_target(model: nn.Module, config: FibrationConfig, evalset: EvalS
     if not config.parts:
         raise ValueError("target_params counts non-embedding parameters: include 'attention' or 'mlp' in parts.")
     before = non_embedding_parameters(model)
-    holdout_base = None if holdout is None else evaluate_loss(model, holdout)
+    holdout_base = None if holdout is None else evaluate_loss(model, holdout) if holdout_losses is None else \
+        float(holdout_losses[0].sum() / holdout_losses[1].sum())
     sites = _target_sites(model, config)
     if config.sensitivity == "block":
         recorded: list[float] = []
