@@ -11,7 +11,9 @@ causes (one full evaluation per group, negative scales floored at 1% of the medi
 the bisection's allocations applied with refits recalibrated on the model as the earlier sites leave it;
 ``topup-N``: after the bisection, up to N rounds in which each site tries its next cut down (cheapest block error
 per parameter first), kept when the full evaluation stays within the bound; ``taylor``: block runs priced by
-gᵀδ + ½ δᵀFδ (true-label gradient and sampled Fisher at the block output). Unseen data: test_2016_flickr.
+gᵀδ + ½ δᵀFδ (true-label gradient and sampled Fisher at the block output); ``fisher`` / ``forward`` /
+``forward-fisher``: the product's own options ``--block-error fisher`` and ``--cut-pricing forward`` (a block run
+per cut instead of the site-output error scaled once per site), alone and together. Unseen data: test_2016_flickr.
 """
 
 from __future__ import annotations
@@ -204,6 +206,9 @@ def run(mode: str, fibers: str) -> dict:
     elif mode == "taylor":
         _taylor()
         pricing, block_error = "forward", "fisher"
+    elif mode in ("fisher", "forward", "forward-fisher"):  # the product's own pricing options
+        pricing = "forward" if mode.startswith("forward") else "local"
+        block_error = "fisher" if mode.endswith("fisher") else "relative"
     elif mode != "none":
         raise ValueError(f"unknown mode {mode!r}")
     model, search, unseen, _ = sets(MODEL, 256)

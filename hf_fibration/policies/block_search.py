@@ -246,7 +246,10 @@ class _SiteInputs:
     def __exit__(self, *exc) -> None:
         for handle in self._handles:
             handle.remove()
-        self.rows = {name: torch.cat(parts) for name, parts in self._parts.items() if parts}
+        # one measured run: the recorded input itself (sites reading one tensor share it), else one copy of the runs
+        self.rows = {name: parts[0] if len(parts) == 1 else torch.cat(parts)
+                     for name, parts in self._parts.items() if parts}
+        self._parts.clear()
         self.calibrations = {name: r.calibration() for name, r in self._recorders.items() if r.tokens}
 
 
