@@ -93,7 +93,12 @@ def _compress(model: nn.Module, config: FibrationConfig, evalset: EvalSet | None
     return report
 
 
+FINITE_CHECK_CHUNK = 1 << 20  # values checked at a time
+
+
 def _check_finite(model: nn.Module) -> None:
     for name, p in model.named_parameters():
-        if p.is_floating_point() and not bool(p.isfinite().all()):
+        # a chunk at a time: isfinite's temporaries (|x| among them) are a chunk, not a copy of the weight
+        if p.is_floating_point() and not all(bool(chunk.isfinite().all()) for chunk in p.detach().reshape(-1)
+                                             .split(FINITE_CHECK_CHUNK)):
             raise ValueError(f"Parameter {name} holds NaN or inf values; fix the checkpoint before compressing.")

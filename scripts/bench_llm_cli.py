@@ -128,16 +128,18 @@ def main(argv: list[str] | None = None) -> None:
              "fibers before 15a19f2, span from then on). "
              "Wall = the whole command in a fresh process (load, search, held-out check, save); CPU = its process "
              "CPU seconds; each row's load average and threads are in rows.json.", "",
-             "| code | layers | search | exit | wall | CPU | peak RSS | non-embedding ratio | held-out loss (base → "
-             "after) | searches |", "|---|---|---|---|---|---|---|---|---|---|"]
+             "Compare wall and CPU only between rows of one date: sessions may run on different machines (the rows "
+             "from 2026-12-07 09:51 UTC on are from a machine about 2× faster than the earlier ones).", "",
+             "| code | date | layers | search | exit | wall | CPU | peak RSS | non-embedding ratio | held-out loss "
+             "(base → after) | searches |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         if r["exit_code"] != 0:
-            lines.append(f"| {r.get('tag', '')} | {r['layers']} | {_search(r)} | {r['exit_code']}: "
+            lines.append(f"| {r.get('tag', '')} | {r['date']} | {r['layers']} | {_search(r)} | {r['exit_code']}: "
                          f"{r.get('error', '')} | "
                          f"{r['seconds']:.0f} s | {r['cpu_seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB | | | |")
             continue
-        lines.append(f"| {r.get('tag', '')} | {r['layers']} | {_search(r)} | 0 | {r['seconds']:.0f} s "
-                     f"({r['seconds'] / 60:.1f} min) | "
+        lines.append(f"| {r.get('tag', '')} | {r['date']} | {r['layers']} | {_search(r)} | 0 | "
+                     f"{r['seconds']:.0f} s ({r['seconds'] / 60:.1f} min) | "
                      f"{r['cpu_seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB | {r['ratio']:.2f}× | "
                      f"{r['holdout_base']:.4f} → {r['holdout_loss']:.4f} | {r['searches']} |")
     out.mkdir(parents=True, exist_ok=True)

@@ -119,3 +119,29 @@ def test_multi30k_series_all_stages_on_a_tiny_size(tmp_path):
     assert rounds[0]["round"] == 0 and rounds[-1]["round"] == "final"
     assert "| 16 |" in (out / "results.md").read_text() and (out / "fig3f_d16.png").stat().st_size > 1000
     assert json.loads((out / "rows.json").read_text())["rows"][0]["d_model"] == 16
+
+
+def test_search_growth_bench_on_tiny_trained_lms(tmp_path):
+    from hf_fibration.evaluation.evalset import DEFAULT_TEXT
+
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import bench_search_growth
+    import train_lm
+
+    models = []
+    for d, layers in ((16, 1), (16, 2), (24, 2)):
+        out = tmp_path / f"llama-d{d}-l{layers}"
+        train_lm.main(["--arch", "llama", "--d-model", str(d), "--layers", str(layers), "--heads", "2", "--steps",
+                       "4", "--eval-every", "4", "--vocab", "300", "--block", "32", "--val-blocks", "8", "--data",
+                       str(DEFAULT_TEXT), "--out", str(out), "--no-progress"])
+        models.append(str(out))
+    rows = bench_search_growth.main(["--models", *models, "--data", str(DEFAULT_TEXT), "--block", "32",
+                                     "--examples", "16", "--out", str(tmp_path / "growth")])
+    assert sorted((Path(r["model"]).name, r["search"]) for r in rows) == sorted(
+        (Path(m).name, s) for m in models for s in ("block", "greedy"))
+    for r in rows:  # the held-out check's promise, and the unseen blocks measured apart from both
+        assert r["holdout_loss"] <= r["holdout_bound"] and r["non_embedding_after"] <= r["non_embedding_before"]
+        assert r["unseen_base"] > 0 and "validation blocks after" in r["unseen_is"]
+    text = (tmp_path / "growth" / "README.md").read_text()
+    assert "block: CPU time ∝ non-embedding parameters^" in text and "greedy: CPU time ∝" in text
+    assert (tmp_path / "growth" / "growth.png").stat().st_size > 1000

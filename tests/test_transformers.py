@@ -100,9 +100,17 @@ def test_unsupported_architecture_lists_the_supported_families():
     assert "\n" not in str(info.value)
 
 
-def test_nan_weights_are_refused():
+def test_nan_weights_are_refused(monkeypatch):
+    import hf_fibration.api as api
+
     model = tiny_model("bert")
     with torch.no_grad():
         model.bert.encoder.layer[0].intermediate.dense.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="NaN"):
+        compress_pretrained(model, FibrationConfig(epsilon=0.0))
+    monkeypatch.setattr(api, "FINITE_CHECK_CHUNK", 7)  # the weight read in chunks: an inf in the last one
+    model = tiny_model("bert")
+    with torch.no_grad():
+        model.bert.encoder.layer[1].output.dense.weight[-1, -1] = float("inf")
+    with pytest.raises(ValueError, match="encoder.layer.1.output.dense.weight holds NaN or inf"):
         compress_pretrained(model, FibrationConfig(epsilon=0.0))
