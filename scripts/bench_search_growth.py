@@ -120,6 +120,7 @@ def render(rows: list[dict], head: dict, out: Path, tolerance: float) -> None:
                      f"{r['holdout_base']:.4f} → {r['holdout_loss']:.4f} ≤ {r['holdout_bound']:.4f} {within} | "
                      f"{r['unseen_base']:.4f} → {r['unseen_loss']:.4f} | {r['cpu_seconds']:.0f} s | "
                      f"{r['searches']} |")
+    lines.append("")
     for r in rows:
         if "unseen_lines_loss" in r:
             lines.append(f"- {_short(r['model'])}, {r['search']} search: on the first 256 lines of wikitext-2 "
