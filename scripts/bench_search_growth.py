@@ -106,8 +106,9 @@ def render(rows: list[dict], head: dict, out: Path, tolerance: float) -> None:
     lines = ["# The τ search's growth curve: block search vs greedy search", "", preamble_markdown(head),
              f"τ = {tolerance}, every other option the command's default (span fibers, compensated refits, local cut "
              "pricing, held-out check on); CPU = process seconds of the search (one thread). Held-out: the check's "
-             "own examples, never used to choose; unseen: as named per model. Each row's machine and date are in "
-             "rows.json.", "",
+             "own examples, never used to choose; unseen: as named per model. Rows may come from several invocations "
+             "(a model trained later is added to the table); each row's machine, date and load are in rows.json, "
+             "and a model's two searches always ran in one invocation.", "",
              "| model | layers | d | search | non-embedding | ratio | vs greedy | held-out (base → after, bound) | "
              "unseen (base → after) | CPU | searches |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     greedy = {r["model"]: r for r in rows if r["search"] == "greedy"}
@@ -139,7 +140,11 @@ def render(rows: list[dict], head: dict, out: Path, tolerance: float) -> None:
         mine = [r for r in rows if r["search"] == search]
         ax.loglog([r["non_embedding_before"] for r in mine], [r["cpu_seconds"] for r in mine], marker,
                   label=f"{search} search", alpha=0.8)
-    ax.set_xlabel("non-embedding parameters")
+        for r in mine:
+            if r["model"] == "minilm":
+                ax.annotate("all-MiniLM-L6-v2", (r["non_embedding_before"], r["cpu_seconds"]), fontsize=7,
+                            xytext=(-70, 6), textcoords="offset points")
+    ax.set_xlabel("non-embedding parameters (Llama LMs trained here, and all-MiniLM-L6-v2)")
     ax.set_ylabel("search CPU seconds (one thread)")
     ax.legend()
     fig.tight_layout()
