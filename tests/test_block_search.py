@@ -242,3 +242,39 @@ def test_a_rows_site_error_read_from_the_input_gram_equals_the_projected_tokens(
     assert projected > 0
     measure._output = lambda model: pytest.fail("the error projected the tokens again")
     assert measure.error(model) == pytest.approx(projected, rel=1e-5)
+
+
+def test_carried_batches_past_the_measured_ones_wait_on_disk_with_the_same_curves(monkeypatch):
+    """With 3 carried batches and 1 measured, the block outputs of batches 2 and 3 go to a spill folder between
+    blocks (the calibration reads them, the block errors do not): the curves equal those of an in-memory carry."""
+    monkeypatch.setattr(block_search_module, "ERROR_TOKENS", 30)  # the carried tokens: 40 a batch, 3 batches
+    model = tiny_model("llama", layers=3)
+    evalset = _random_evalset(model, batches=3)
+    config = FibrationConfig(fibers_from="span", parts=("attention", "mlp"), holdout_fraction=0.0)
+    sites = build_sites(model, config)
+    spilled = site_error_curves(model, config, evalset, sites, progress=False, keep_refits=False)
+
+    saves: list[int] = []
+
+    class InMemory:
+        def __init__(self) -> None:
+            self.entries: dict[int, dict] = {}
+
+        def save(self, tensors: dict) -> int:
+            saves.append(len(saves))
+            self.entries[saves[-1]] = tensors
+            return saves[-1]
+
+        def load(self, key: int) -> dict:
+            return self.entries[key]
+
+        def drop(self, key: int) -> None:
+            del self.entries[key]
+
+    monkeypatch.setattr(block_search_module, "SpillFolder", InMemory)
+    kept = site_error_curves(model, config, evalset, sites, progress=False, keep_refits=False)
+    assert len(saves) == 2 * 3  # two unmeasured batches, three blocks
+    assert kept.keys() == spilled.keys()
+    for name in kept:
+        assert [c["error"] for c in kept[name]] == [c["error"] for c in spilled[name]]
+        assert [c["params"] for c in kept[name]] == [c["params"] for c in spilled[name]]

@@ -28,5 +28,9 @@ class SpillFolder:
         devices = self._devices[key]
         return {name: t.to(devices[name]) for name, t in load_file(self._path(key)).items()}
 
+    def drop(self, key: int) -> None:
+        """Delete entry ``key`` (its file goes now, not with the folder)."""
+        Path(self._path(key)).unlink(missing_ok=True)
+
     def _path(self, key: int) -> str:
         return str(Path(self._folder.name) / f"{key}.safetensors")

@@ -143,6 +143,7 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
             by_block.setdefault(pos, []).append(site)
     curves: dict[str, list[dict]] = {}
     spill = SpillFolder() if keep_refits else None  # each cut's refit consumer (gone once the curves are dropped)
+    carried_spill = SpillFolder()  # block outputs past the measured batches: only the next block's run reads them
     local = config.cut_pricing == "local"
     bar = tqdm(total=len(by_block), desc="block errors", disable=not progress, unit="block")
     with torch.no_grad():
@@ -158,7 +159,12 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
                     reference = []
                     for i, (call, h) in enumerate(zip(calls, hidden, strict=True)):
                         site_inputs.start_batch(i)
-                        reference.append(_run(block, call, h))
+                        if isinstance(h, int):  # carried on disk since the block before
+                            h, key = carried_spill.load(h)["hidden"], h
+                            carried_spill.drop(key)
+                        y = _run(block, call, h)
+                        reference.append(y if i < measured else carried_spill.save({"hidden": y}))
+                hidden = hidden[:measured]  # the block errors read the measured batches only
                 if fisher is None:  # relative error: ‖δ‖² / ‖Y‖²
                     weights = None
                     scale = 1.0 / max(sum(float(y.double().pow(2).sum()) for y in reference[:measured]), 1e-30)
