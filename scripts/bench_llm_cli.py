@@ -91,6 +91,40 @@ def run(model: Path, data: Path, search: str, threads: int, flags: str = "") -> 
     return row
 
 
+BLOCK_FORWARD = """
+import re, sys, torch, transformers as T
+torch.set_num_threads(int(sys.argv[2]))
+def hwm(): return int(re.search(r"VmHWM:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+def rss(): return int(re.search(r"VmRSS:\\s+(\\d+)", open("/proc/self/status").read()).group(1)) / 1024
+config = T.AutoConfig.from_pretrained(sys.argv[1])
+config.num_hidden_layers, config.vocab_size = 1, 1000
+model = T.AutoModelForCausalLM.from_config(config).eval()
+with torch.no_grad():
+    model.model(input_ids=torch.ones(2, 8, dtype=torch.long))  # the kernels' first run, outside the measure
+    x = torch.randn(16, 128, config.hidden_size)  # one eval batch: the command's --batch-size, --max-length
+    position = torch.arange(128)[None].expand(16, -1)
+    embeddings = model.model.rotary_emb(x, position)
+    before = rss()
+    model.model.layers[0](x, position_embeddings=embeddings, attention_mask=None, position_ids=position)
+print(hwm() - before)
+"""
+
+
+def memory_budget(model: Path, threads: int) -> dict:
+    """The goal's terms, measured in fresh processes: the imports and a first forward (scripts/peak_rss.py's floors),
+    the fp32 weights, and one block's activations (the high-water mark of one decoder layer of this shape on one eval
+    batch, 16 × 128 tokens, above the memory before it)."""
+    import peak_rss
+
+    floor = peak_rss.measure_baseline("(imports + a first forward)")["peak_rss_bytes"] / 2**20
+    done = subprocess.run([sys.executable, "-c", BLOCK_FORWARD, str(model), str(threads)], check=True,
+                          capture_output=True, text=True)
+    weights = sum(f.stat().st_size for f in model.glob("*.safetensors")) / 2**20
+    block = float(done.stdout.strip().splitlines()[-1])
+    return {"floor_mb": floor, "weights_mb": weights, "block_activations_mb": block,
+            "goal_mb": floor + 1.5 * weights + block}
+
+
 def _search(row: dict) -> str:
     return " ".join(filter(None, [row["search"], row.get("flags", "")]))
 
@@ -112,13 +146,13 @@ def main(argv: list[str] | None = None) -> None:
     model, data = checkpoint(args.layers, work), paragraphs(work)
     rows_file = out / "rows.json"
     rows = read_rows(rows_file)
+    budget = memory_budget(model, args.threads)
     for search in args.searches:
         if any(r["layers"] == args.layers and r["search"] == search and r.get("tag", "") == args.tag
                and r.get("flags", "") == args.flags for r in rows):
             continue
         rows.append({"layers": args.layers, "tag": args.tag, **run(model, data, search, args.threads, args.flags),
-                     "machine": head["machine"],
-                     "date": head["date"]})
+                     "machine": head["machine"], "date": head["date"], "memory_budget": budget})
         print(json.dumps(rows[-1]), flush=True)
         write_json(rows_file, head, rows=rows)
     lines = ["# `hf-fibration compress` on a 135M Llama-shaped checkpoint (the LLM user's command)", "",
@@ -142,6 +176,17 @@ def main(argv: list[str] | None = None) -> None:
                      f"{r['seconds']:.0f} s ({r['seconds'] / 60:.1f} min) | "
                      f"{r['cpu_seconds']:.0f} s | {r['peak_rss_mb']:.0f} MB | {r['ratio']:.2f}× | "
                      f"{r['holdout_base']:.4f} → {r['holdout_loss']:.4f} | {r['searches']} |")
+    lines += ["", f"Memory goal (#26: peak ≤ 1.5× the weights plus one block's activations, above the imports and a "
+              f"first forward), measured now on this machine (`memory_budget`): floor {budget['floor_mb']:.0f} MB + "
+              f"1.5 × {budget['weights_mb']:.0f} MB of weights + {budget['block_activations_mb']:.0f} MB for one "
+              f"block on one eval batch = **{budget['goal_mb']:.0f} MB**. Rows measured with the same budget:", ""]
+    for r in rows:
+        if r.get("memory_budget") and r["exit_code"] == 0:
+            b = r["memory_budget"]
+            share = (r["peak_rss_mb"] - b["floor_mb"] - b["block_activations_mb"]) / b["weights_mb"]
+            lines.append(f"- {r.get('tag', '')}: peak {r['peak_rss_mb']:.0f} MB against {b['goal_mb']:.0f} MB: "
+                         f"{share:.2f}× the weights above the floor and one block's activations "
+                         f"({'within' if r['peak_rss_mb'] <= b['goal_mb'] else 'over'} the goal)")
     out.mkdir(parents=True, exist_ok=True)
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
