@@ -484,7 +484,7 @@ def fold_into(gram: torch.Tensor | tuple[torch.Tensor, ...], representatives: to
     into it by a_j = ⟨h_j, h_rep⟩ / ‖h_rep‖², so cutting one site at many counts reads one Gram instead of the
     tokens at every count."""
     reps = representatives.to(torch.long)
-    parts = (gram,) if isinstance(gram, torch.Tensor) else tuple(gram)
+    parts = _gram_parts(gram)
     columns = parts[0][:, reps]  # a copy: the other parts add into it
     diagonal = parts[0].diagonal().clone()
     for part in parts[1:]:
@@ -495,6 +495,11 @@ def fold_into(gram: torch.Tensor | tuple[torch.Tensor, ...], representatives: to
     fibers[reps] = torch.arange(reps.numel())
     coef = columns[torch.arange(columns.shape[0]), fibers] / diagonal[reps].clamp_min(1e-30)[fibers]
     return _folded_partition(fibers, reps, coef)
+
+
+def _gram_parts(gram: torch.Tensor | tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """The matrices that sum to a Gram given whole or as the parts it sums (``UnitStats.parts``)."""
+    return (gram,) if isinstance(gram, torch.Tensor) else tuple(gram)
 
 
 def _folded_partition(fibers: torch.Tensor, reps: torch.Tensor, coef: torch.Tensor
@@ -534,7 +539,7 @@ def _weighted_gram(gram: torch.Tensor | tuple[torch.Tensor, ...], total: torch.T
                    down_weight: torch.Tensor) -> torch.Tensor:
     """ΦᵀΦ of ``_span_grams`` from the sums HᵀH (or the parts it sums), ΣH over n tokens: a new matrix, formed in
     place (one units × units temporary besides it)."""
-    parts = (gram,) if isinstance(gram, torch.Tensor) else tuple(gram)
+    parts = _gram_parts(gram)
     weighted = parts[0].clone()
     for part in parts[1:]:
         weighted += part

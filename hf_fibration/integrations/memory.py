@@ -23,20 +23,21 @@ DEFAULT_THRESHOLD = 4 << 20
 def return_big_frees(threshold: int = DEFAULT_THRESHOLD) -> bool:
     """Fix glibc's mmap threshold at ``threshold`` bytes; True when it took effect (False on other C libraries, or
     when ``MALLOC_MMAP_THRESHOLD_`` already chose one)."""
-    if not sys.platform.startswith("linux") or "MALLOC_MMAP_THRESHOLD_" in os.environ:
-        return False
-    try:
-        return bool(ctypes.CDLL(None).mallopt(M_MMAP_THRESHOLD, int(threshold)))  # the process's own C library
-    except (OSError, AttributeError):  # not glibc (musl has no mallopt)
-        return False
+    return "MALLOC_MMAP_THRESHOLD_" not in os.environ and _glibc("mallopt", M_MMAP_THRESHOLD, int(threshold))
 
 
 def trim_heap() -> bool:
     """Give the free pages inside glibc's heap back to the operating system (``malloc_trim(0)``: milliseconds); True
     when something was released (False on other C libraries)."""
+    return _glibc("malloc_trim", 0)
+
+
+def _glibc(function: str, *args: int) -> bool:
+    """``function(*args)`` of the process's own C library, as a bool; False off Linux or where the library lacks it
+    (musl has neither mallopt nor malloc_trim)."""
     if not sys.platform.startswith("linux"):
         return False
     try:
-        return bool(ctypes.CDLL(None).malloc_trim(0))
+        return bool(getattr(ctypes.CDLL(None), function)(*args))
     except (OSError, AttributeError):
         return False
