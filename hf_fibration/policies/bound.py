@@ -15,6 +15,17 @@ from hf_fibration.evaluation.evalset import EvalSet, evaluate_loss, join_example
 Terms = tuple[torch.Tensor, torch.Tensor]  # per example: the sum of its loss terms and their count
 
 
+def search_and_holdout(evalset: EvalSet, holdout: EvalSet | None, fraction: float, seed: int,
+                       holdout_losses: Terms | None = None) -> tuple[EvalSet, EvalSet | None]:
+    """(search examples, held-out examples or None): ``holdout`` when given, else a seeded ``fraction`` of
+    ``evalset`` (none when 0). ``holdout_losses``, the losses measured on a given holdout, need that holdout."""
+    if holdout_losses is not None and holdout is None:
+        raise ValueError("holdout_losses are the losses on a given holdout: pass holdout= with them.")
+    if holdout is None and fraction > 0:
+        return evalset.split(fraction, seed)
+    return evalset, holdout
+
+
 @dataclass(frozen=True)
 class HoldoutMargin:
     """What the held-out check will ask of the searched model, known before the search.

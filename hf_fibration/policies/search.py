@@ -35,7 +35,7 @@ from hf_fibration.models.surgery import get_module, non_embedding_parameters, se
 from hf_fibration.pipeline.blocks import BlockReplay, block_of, stacks_of
 from hf_fibration.pipeline.loop import calibrate, finish_report, start_report
 from hf_fibration.policies.block_search import block_search
-from hf_fibration.policies.bound import HoldoutMargin, SearchBound, Terms
+from hf_fibration.policies.bound import HoldoutMargin, SearchBound, Terms, search_and_holdout
 from hf_fibration.repair.calibration import Calibration, refitter
 
 MIN_HOLDOUT_EXAMPLES = 8  # below this the standard error of the held-out loss means nothing
@@ -69,10 +69,7 @@ def greedy_search(
     attempt breaks τ, the model is left uncompressed and ``HoldoutError`` says how much data to pass."""
     if config.is_fixed:  # no ε to choose, no τ to promise: the losses are reported as they come
         return _search_once(model, config, evalset, progress)
-    if holdout_losses is not None and holdout is None:
-        raise ValueError("holdout_losses are the losses on a given holdout: pass holdout= with them.")
-    if holdout is None and config.holdout_fraction > 0:
-        evalset, holdout = evalset.split(config.holdout_fraction, config.seed)
+    evalset, holdout = search_and_holdout(evalset, holdout, config.holdout_fraction, config.seed, holdout_losses)
     if holdout is None:
         return (block_search if config.search == "block" else _search_once)(model, config, evalset, progress)
     if holdout.num_examples < MIN_HOLDOUT_EXAMPLES:

@@ -30,6 +30,7 @@ from hf_fibration.models.sites import Site, build_sites
 from hf_fibration.models.surgery import get_module, linear_weight, non_embedding_parameters
 from hf_fibration.pipeline.loop import calibrate, collapse_sites, finish_report, start_report
 from hf_fibration.policies.block_search import site_error_curves
+from hf_fibration.policies.bound import search_and_holdout
 from hf_fibration.repair.calibration import refitter
 
 LADDER = (0.75, 0.5, 0.35, 0.25, 0.15, 0.08)
@@ -64,10 +65,7 @@ def compress_to_target(model: nn.Module, config: FibrationConfig, evalset: EvalS
                        ) -> CompressionReport:
     """Compress ``model`` in place to ``config.target_params`` of its non-embedding parameters (within 1%);
     ``holdout_losses``: the model's per-example losses on ``holdout`` as it comes, when the caller has them."""
-    if holdout_losses is not None and holdout is None:
-        raise ValueError("holdout_losses are the losses on a given holdout: pass holdout= with them.")
-    if holdout is None and config.holdout_fraction > 0:
-        evalset, holdout = evalset.split(config.holdout_fraction, config.seed)
+    evalset, holdout = search_and_holdout(evalset, holdout, config.holdout_fraction, config.seed, holdout_losses)
     config = copy.copy(config)
     config.parts = tuple(p for p in config.parts if p != "embeddings")  # the target counts non-embedding params
     if not config.parts:
@@ -193,8 +191,7 @@ def compress_uniform(model: nn.Module, config: FibrationConfig, evalset: EvalSet
     for every layer (each MLP site's dendrogram cut to k fibers, compensated as the config says) and attention,
     residual stream and embeddings untouched: what a family's own config expresses (``plain.to_plain``). k is the
     count whose parameters come nearest the target (every MLP site's parameters are affine in its width)."""
-    if holdout is None and config.holdout_fraction > 0:
-        evalset, holdout = evalset.split(config.holdout_fraction, config.seed)
+    evalset, holdout = search_and_holdout(evalset, holdout, config.holdout_fraction, config.seed)
     config = copy.copy(config)
     config.parts = ("mlp",)
     sites = [s for s in build_sites(model, config) if s.kind == "mlp"]
