@@ -8,7 +8,7 @@ import transformers as T
 from tiny_models import VOCAB, plant_fibers, tiny_model
 
 from hf_fibration import FibrationConfig
-from hf_fibration.evaluation.evalset import EvalSet, build_eval_set, evaluate_loss, loss_terms, task_of
+from hf_fibration.evaluation.evalset import EvalSet, build_eval_set, evaluate_loss, examples_loss, loss_terms, task_of
 from hf_fibration.models.sites import build_sites
 from hf_fibration.models.surgery import get_module
 from hf_fibration.policies import block_search as block_search_module
@@ -214,10 +214,9 @@ def test_the_curves_pass_gives_the_base_loss_when_it_covers_the_eval_set(calibra
     model = tiny_model("llama")
     evalset = _random_evalset(model, batches=3)
     config = FibrationConfig(calibration_tokens=calibration_tokens, **PLAIN)
-    base: list[float] = []
     examples: list = []
-    site_error_curves(model, config, evalset, build_sites(model, config), progress=False, base=base,
-                      examples=examples)
+    site_error_curves(model, config, evalset, build_sites(model, config), progress=False, examples=examples)
+    base = [examples_loss(examples, evalset)] if examples else []
     assert base == ([pytest.approx(evaluate_loss(model, evalset), rel=1e-12)] if covers else [])
     measured: list = []
     evaluate_loss(model, evalset, examples=measured)

@@ -379,6 +379,12 @@ def join_examples(examples: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[to
     return torch.cat([s for s, _ in examples]), torch.cat([c for _, c in examples])
 
 
+def examples_loss(examples: list[tuple[torch.Tensor, torch.Tensor]], evalset: EvalSet) -> float:
+    """The eval loss of ``evalset`` from each of its batches' per-example terms (``evaluate_loss(..., examples=)``
+    gives them; summed as it sums them)."""
+    return sum(float(sums.sum()) for sums, _ in examples) / evalset.total_weight
+
+
 def loss_increase(base: tuple[torch.Tensor, torch.Tensor], now: tuple[torch.Tensor, torch.Tensor]
                   ) -> tuple[float, float]:
     """Mean loss increase from ``base`` to ``now`` on the same examples, and its standard error (examples as the
@@ -410,7 +416,7 @@ def evaluate_loss(
                 total += batch_loss_sum(model, evalset, i)
             else:
                 examples.append(batch_example_losses(model, evalset, i))
-                total += float(examples[-1][0].sum())
+                total += float(examples[-1][0].sum())  # as ``examples_loss`` sums them
             if budget is not None and total > budget:
                 return total / evalset.total_weight  # every term is ≥ 0: the final mean can only be larger
     finally:

@@ -31,7 +31,13 @@ from tqdm.auto import tqdm
 from hf_fibration.config import FibrationConfig, loss_bound
 from hf_fibration.core.modules import FiberLinear
 from hf_fibration.core.report import CompressionReport
-from hf_fibration.evaluation.evalset import EvalSet, batch_example_losses, evaluate_loss, join_examples
+from hf_fibration.evaluation.evalset import (
+    EvalSet,
+    batch_example_losses,
+    evaluate_loss,
+    examples_loss,
+    join_examples,
+)
 from hf_fibration.integrations.memory import trim_heap
 from hf_fibration.models.architectures import mlp_activation
 from hf_fibration.models.sites import Site, SiteSwap, build_sites, layer_report, site_parameters
@@ -112,23 +118,20 @@ def _first_tokens(evalset: EvalSet, tokens: int) -> EvalSet:
 
 def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSet, sites: list[Site],
                       progress: bool = True, by_count: bool = False, grid: int = GRID, keep_refits: bool = True,
-                      base: list[float] | None = None, examples: list | None = None) -> dict[str, list[dict]]:
+                      examples: list | None = None) -> dict[str, list[dict]]:
     """Per site, one entry per distinct cut of its ε grid (``by_count``: of the counts that keep (grid−1)/grid …
     1/grid of its units, whatever their ε): ε, partition, parameters after, relative block error (on the first
     ``ERROR_TOKENS`` tokens of ``evalset``), the refit that compensated it (``keep_refits``: replayed from disk when
     the cut is applied again; else None, for a caller that only reads the errors). MLP sites that calibrate
     (``config.calibrates_mlps``) take their calibration from the carried block inputs of the first
-    ``config.calibration_tokens`` tokens. ``base`` (a list) receives the eval loss of the model as it came when the
-    carried tokens are the whole of ``evalset`` (their pass ran the whole model: no evaluation of its own), and
-    ``examples`` (a list) each batch's per-example losses then (``evaluate_loss``'s ``examples``)."""
+    ``config.calibration_tokens`` tokens. ``examples`` (a list) receives each batch's per-example losses of the model
+    as it came (``evaluate_loss``'s ``examples``; ``examples_loss`` gives the eval loss) when the carried tokens are
+    the whole of ``evalset``: their pass ran the whole model, so no evaluation of its own."""
     stacks, position = stacks_of(model)
     carried = _first_tokens(evalset, max(config.calibration_tokens, ERROR_TOKENS))
     inputs = _StackInputs(model, stacks, carried)
-    if len(carried.batches) == len(evalset.batches):
-        if base is not None:
-            base.append(sum(float(terms[0].sum()) for terms in inputs.examples) / evalset.total_weight)
-        if examples is not None:
-            examples.extend(inputs.examples)
+    if examples is not None and len(carried.batches) == len(evalset.batches):
+        examples.extend(inputs.examples)
     measured = len(_first_tokens(carried, ERROR_TOKENS).batches)
     fisher = None
     if config.block_error == "fisher":
@@ -475,11 +478,11 @@ def block_search(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
     key = (config.compensate, config.fibers_from, config.linkage, grid)
     cached = None if cache is None else cache.get(key)
     if cached is None:
-        recorded, examples = [], []
-        curves = site_error_curves(model, config, evalset, sites, progress, grid=grid, base=recorded,
-                                   examples=examples)
+        examples: list = []
+        curves = site_error_curves(model, config, evalset, sites, progress, grid=grid, examples=examples)
         # the base loss and per-example losses of the model as it came (a retry restores that model)
-        cached = (curves, recorded[0] if recorded else None, join_examples(examples) if examples else None)
+        cached = (curves, examples_loss(examples, evalset) if examples else None,
+                  join_examples(examples) if examples else None)
         if cache is not None:
             cache[key] = cached
     curves, base, terms = cached

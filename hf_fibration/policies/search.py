@@ -178,12 +178,10 @@ def _search_once(model: nn.Module, config: FibrationConfig, evalset: EvalSet, pr
                 set_module(model, cross_fit["module"], cross_fit["full"])
 
     try:
-        if margin is not None and margin.base_terms is None:
-            examples: list[Terms] = []
-            base = evaluate_loss(model, evalset, before_batch=before_batch, examples=examples)
+        examples: list[Terms] | None = [] if margin is not None and margin.base_terms is None else None
+        base = evaluate_loss(model, evalset, before_batch=before_batch, examples=examples)  # no refit swapped in yet
+        if examples is not None:
             margin = margin.with_base(join_examples(examples))
-        else:
-            base = loss()[0]
         bound = SearchBound(loss_bound(base, config.tolerance, evalset.task), base, margin)
         report.base_loss = base
         sites = build_sites(model, config)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from hf_fibration.config import FibrationConfig
 from hf_fibration.core.fibers import FiberPartition, relabel
 from hf_fibration.core.report import CompressionReport
-from hf_fibration.evaluation.evalset import EvalSet, evaluate_loss
+from hf_fibration.evaluation.evalset import EvalSet, evaluate_loss, examples_loss
 from hf_fibration.models.sites import Site, build_sites
 from hf_fibration.models.surgery import get_module, linear_weight, non_embedding_parameters
 from hf_fibration.pipeline.loop import calibrate, collapse_sites, finish_report, start_report
@@ -75,9 +75,9 @@ def compress_to_target(model: nn.Module, config: FibrationConfig, evalset: EvalS
         float(holdout_losses[0].sum() / holdout_losses[1].sum())
     sites = _target_sites(model, config)
     if config.sensitivity == "block":
-        recorded: list[float] = []
-        curves = _block_curves(model, config, evalset, sites, progress, recorded)
-        base = recorded[0] if recorded else evaluate_loss(model, evalset)
+        examples: list = []
+        curves = _block_curves(model, config, evalset, sites, progress, examples)
+        base = examples_loss(examples, evalset) if examples else evaluate_loss(model, evalset)
     else:
         base = evaluate_loss(model, evalset)
         curves = [_curve(model, config, site, evalset, base) for site in
@@ -149,12 +149,12 @@ def allocate(curves: list[SiteCurve], saving: int) -> dict[str, int]:
 
 
 def _block_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSet, sites: list[Site],
-                  progress: bool, base: list[float]) -> list[SiteCurve]:
+                  progress: bool, examples: list) -> list[SiteCurve]:
     """Each site's curve from the relative block-output error of its cuts (``block_search.site_error_curves``,
-    which puts the base loss in ``base`` when its pass covers the eval set); sites outside the blocks (none here:
-    embeddings are not counted) keep their full width."""
+    which puts the per-example base losses in ``examples`` when its pass covers the eval set); sites outside the
+    blocks (none here: embeddings are not counted) keep their full width."""
     measured = site_error_curves(model, config, evalset, sites, progress, by_count=True, keep_refits=False,
-                                 base=base)
+                                 examples=examples)
     curves = []
     for site in sites:
         cuts = measured.get(site.name) or []
