@@ -30,7 +30,13 @@ import hf_fibration  # noqa: F401
 from hf_fibration import FibrationConfig
 from hf_fibration.config import BLOCK_ERRORS
 from hf_fibration.evaluation.evalset import build_eval_set, evaluate_loss, load_split
-from hf_fibration.evaluation.results_io import command_line, preamble_markdown, print_preamble, read_rows, write_json
+from hf_fibration.evaluation.results_io import (
+    command_line,
+    keep_row,
+    preamble_markdown,
+    print_preamble,
+    read_rows,
+)
 from hf_fibration.models.surgery import non_embedding_parameters
 from hf_fibration.policies.block_search import GRID, block_search
 from hf_fibration.policies.search import greedy_search
@@ -155,16 +161,14 @@ def main(argv: list[str] | None = None) -> None:
         for kind in todo:
             searched = copy.deepcopy(model)
             report, seconds, cpu = run_search(searched, kind, args.tolerance, search)
-            rows.append({"model": name, "search": kind, "seconds": seconds, "cpu_seconds": cpu,
+            keep_row(rows, {"model": name, "search": kind, "seconds": seconds, "cpu_seconds": cpu,
                          "non_embedding_before": before, "non_embedding_after": report.non_embedding_params_after,
                          "ratio": before / report.non_embedding_params_after, "search_base": report.base_loss,
                          "search_loss": report.final_loss, "unseen_base": unseen_base,
                          "unseen_loss": evaluate_loss(searched, unseen) if unseen is not None else None,
                          "unseen_metric": what, "search_examples": search.num_examples,
                          "peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20,
-                         "tolerance": args.tolerance, "machine": head["machine"], "date": head["date"]})
-            print(rows[-1], flush=True)
-            write_json(rows_file, head, rows=rows)
+                         "tolerance": args.tolerance}, head, rows_file)
     lines = ["# Block search vs greedy search: decisions and the growth curve", "", preamble_markdown(head),
              f"τ = {args.tolerance}, plain collapse of weight fibers, attention + MLP sites, no held-out retry; "
              "CPU = process CPU seconds of the search (the machine was shared: wall seconds vary with the load, each "

@@ -21,7 +21,13 @@ from bench_block_search import sets
 
 from hf_fibration import FibrationConfig
 from hf_fibration.evaluation.evalset import evaluate_loss
-from hf_fibration.evaluation.results_io import command_line, preamble_markdown, print_preamble, read_rows, write_json
+from hf_fibration.evaluation.results_io import (
+    command_line,
+    keep_row,
+    preamble_markdown,
+    print_preamble,
+    read_rows,
+)
 from hf_fibration.policies.search import greedy_search
 
 PAIRS = ["block:span", "block:weights", "greedy:span", "greedy:weights"]  # search:fibers_from[:cut_pricing]
@@ -61,16 +67,14 @@ def main(argv: list[str] | None = None) -> None:
             config = FibrationConfig(tolerance=args.tolerance, search=how, fibers_from=source, cut_pricing=pricing)
             cpu = time.process_time()
             report = greedy_search(compressed, config, search, progress=False)
-            rows.append({"model": name, "search": how, "fibers_from": source, "cut_pricing": pricing,
+            keep_row(rows, {"model": name, "search": how, "fibers_from": source, "cut_pricing": pricing,
                          "cpu_seconds": time.process_time() - cpu, "ratio": report.non_embedding_ratio,
                          "non_embedding_before": report.non_embedding_params_before,
                          "non_embedding_after": report.non_embedding_params_after,
                          "holdout_base": report.holdout_base_loss, "holdout_loss": report.holdout_final_loss,
                          "holdout_se": report.holdout_se, "searches": len(report.attempts),
                          "unseen_base": unseen_base, "unseen_loss": evaluate_loss(compressed, unseen),
-                         "unseen_metric": what, "machine": head["machine"], "date": head["date"]})
-            print(rows[-1], flush=True)
-            write_json(rows_file, head, rows=rows)
+                         "unseen_metric": what}, head, rows_file)
     lines = ["# The command's default search and fiber source against the others", "", preamble_markdown(head),
              f"τ = {args.tolerance}, compensated collapse, attention + MLP, held-out check on half of {args.samples} "
              "eval examples (the command's settings); CPU = process CPU seconds of the search and check on one "

@@ -29,11 +29,11 @@ import transformers as T
 
 from hf_fibration.evaluation.results_io import (
     command_line,
+    keep_row,
     load_average,
     preamble_markdown,
     print_preamble,
     read_rows,
-    write_json,
 )
 
 WIKITEXT = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext2"
@@ -151,10 +151,8 @@ def main(argv: list[str] | None = None) -> None:
         if any(r["layers"] == args.layers and r["search"] == search and r.get("tag", "") == args.tag
                and r.get("flags", "") == args.flags for r in rows):
             continue
-        rows.append({"layers": args.layers, "tag": args.tag, **run(model, data, search, args.threads, args.flags),
-                     "machine": head["machine"], "date": head["date"], "memory_budget": budget})
-        print(json.dumps(rows[-1]), flush=True)
-        write_json(rows_file, head, rows=rows)
+        keep_row(rows, {"layers": args.layers, "tag": args.tag, **run(model, data, search, args.threads, args.flags),
+                        "memory_budget": budget}, head, rows_file)
     lines = ["# `hf-fibration compress` on a 135M Llama-shaped checkpoint (the LLM user's command)", "",
              preamble_markdown(head),
              "Random SmolLM-135M-shaped weights (timing only), 128 wikitext-2 valid paragraphs (64 search, 64 "

@@ -21,7 +21,13 @@ from pathlib import Path
 import torch
 
 from hf_fibration import cli
-from hf_fibration.evaluation.results_io import command_line, preamble_markdown, print_preamble, read_rows, write_json
+from hf_fibration.evaluation.results_io import (
+    command_line,
+    keep_row,
+    preamble_markdown,
+    print_preamble,
+    read_rows,
+)
 
 
 def run_variant(flags: str, threads: int | None) -> dict:
@@ -62,10 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     for flags in args.variants:
         if any(r["variant"] == flags and r.get("tag", "") == args.tag for r in rows):
             continue
-        rows.append({**run_variant(flags, args.threads), "tag": args.tag, "machine": head["machine"],
-                     "date": head["date"]})
-        print(rows[-1], flush=True)
-        write_json(rows_file, head, rows=rows)
+        keep_row(rows, {**run_variant(flags, args.threads), "tag": args.tag}, head, rows_file)
     base = rows[0] if rows else None
     lines = ["# `hf-fibration compress` on all-MiniLM-L6-v2 (the README's main command)", "", preamble_markdown(head),
              "Defaults otherwise: the packaged wikitext-2 eval text (256 lines: 128 search, 128 held out), τ = 0.01 "

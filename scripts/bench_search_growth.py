@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import time
 from pathlib import Path
 
@@ -35,7 +34,13 @@ import hf_fibration  # noqa: F401
 from hf_fibration import FibrationConfig
 from hf_fibration.config import COMMAND_DEFAULTS, loss_bound
 from hf_fibration.evaluation.evalset import EvalSet, build_eval_set, evaluate_loss
-from hf_fibration.evaluation.results_io import command_line, preamble_markdown, print_preamble, read_rows, write_json
+from hf_fibration.evaluation.results_io import (
+    command_line,
+    keep_row,
+    preamble_markdown,
+    print_preamble,
+    read_rows,
+)
 from hf_fibration.models.surgery import non_embedding_parameters
 from hf_fibration.policies.search import greedy_search
 from hf_fibration.research.causal_lm import SHAKESPEARE, blocks, split_text
@@ -174,10 +179,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for search in args.searches:
             if any(r["model"] == name and r["search"] == search for r in rows):
                 continue
-            row = run(name, search, args.tolerance, text=Path(args.data), block=args.block, examples=args.examples)
-            rows.append({**row, "machine": head["machine"], "date": head["date"]})
-            print(json.dumps(rows[-1]), flush=True)
-            write_json(out / "rows.json", head, rows=rows)
+            keep_row(rows, run(name, search, args.tolerance, text=Path(args.data), block=args.block,
+                               examples=args.examples), head, out / "rows.json")
     render(rows, head, out, args.tolerance)
     return rows
 

@@ -29,7 +29,13 @@ from bench_block_search import sets
 
 from hf_fibration import FibrationConfig
 from hf_fibration.evaluation.evalset import batch_loss_sum, evaluate_loss, task_loss
-from hf_fibration.evaluation.results_io import command_line, preamble_markdown, print_preamble, read_rows, write_json
+from hf_fibration.evaluation.results_io import (
+    command_line,
+    keep_row,
+    preamble_markdown,
+    print_preamble,
+    read_rows,
+)
 from hf_fibration.pipeline import fisher as fisher_module
 from hf_fibration.pipeline.blocks import CalibrationPasses, block_of, first_output, stacks_of
 from hf_fibration.pipeline.loop import calibrate, calibrates
@@ -242,12 +248,11 @@ def main(argv: list[str] | None = None) -> None:
             if any(r["mode"] == mode and r["fibers_from"] == fibers for r in rows):
                 continue
             try:
-                rows.append({**run(mode, fibers), "machine": head["machine"], "date": head["date"]})
+                row = run(mode, fibers)
             finally:  # each mode patches from the product's own steps
                 (B.site_error_curves, B._apply, B._refine, B.allocation_ladder, B.output_fisher,
                  B._BlockError.__call__, S.block_search) = originals
-            print(rows[-1], flush=True)
-            write_json(out / "rows.json", head, rows=rows)
+            keep_row(rows, row, head, out / "rows.json")
     lines = ["# Block search vs greedy on a small over-fitted model: variants tried", "", preamble_markdown(head),
              f"{MODEL}, τ 0.01, compensated, local cut pricing unless named, held-out check on half of 256 val "
              "pairs; unseen = test_2016_flickr; CPU = process seconds on one thread.", "",

@@ -67,6 +67,16 @@ def write_rows(directory: str | Path, rows: list[dict[str, Any]], head: dict[str
     return write_json(Path(directory) / "rows.json", head, **extra, rows=rows)
 
 
+def keep_row(rows: list[dict[str, Any]], row: dict[str, Any], head: dict[str, str], path: str | Path
+             ) -> dict[str, Any]:
+    """Append ``row`` stamped with this run's machine and date to ``rows``, print it and write every row to ``path``
+    at once (a resumable benchmark cut short keeps what it measured); returns the stamped row."""
+    rows.append({**row, "machine": head["machine"], "date": head["date"]})
+    print(json.dumps(rows[-1], default=str), flush=True)
+    write_json(path, head, rows=rows)
+    return rows[-1]
+
+
 def read_rows(path: str | Path) -> list[dict[str, Any]]:
     """The rows a resumable benchmark wrote to ``path`` (``write_json(path, head, rows=...)``), or none yet."""
     path = Path(path)
