@@ -11,6 +11,7 @@ from hf_fibration import FibrationConfig
 from hf_fibration.evaluation.evalset import EvalSet, build_eval_set, evaluate_loss, examples_loss, loss_terms, task_of
 from hf_fibration.models.sites import build_sites
 from hf_fibration.models.surgery import get_module
+from hf_fibration.pipeline.blocks import block_of, stacks_of
 from hf_fibration.policies import block_search as block_search_module
 from hf_fibration.policies.block_search import allocate, allocation_ladder, block_search, site_error_curves
 from hf_fibration.policies.search import greedy_search
@@ -243,9 +244,10 @@ def test_a_rows_site_error_read_from_the_input_gram_equals_the_projected_tokens(
     assert measure.error(model) == pytest.approx(projected, rel=1e-5)
 
 
-def test_carried_batches_past_the_measured_ones_wait_on_disk_with_the_same_curves(monkeypatch):
+def test_carried_batches_and_waiting_captures_go_to_disk_with_the_same_curves(monkeypatch):
     """With 3 carried batches and 1 measured, the block outputs of batches 2 and 3 go to a spill folder between
-    blocks (the calibration reads them, the block errors do not): the curves equal those of an in-memory carry."""
+    blocks (the calibration reads them, the block errors do not), and each site's captured rows but the block's
+    first wait there until the site is priced: the curves equal those of an in-memory carry."""
     monkeypatch.setattr(block_search_module, "ERROR_TOKENS", 30)  # the carried tokens: 40 a batch, 3 batches
     model = tiny_model("llama", layers=3)
     evalset = _random_evalset(model, batches=3)
@@ -253,16 +255,18 @@ def test_carried_batches_past_the_measured_ones_wait_on_disk_with_the_same_curve
     sites = build_sites(model, config)
     spilled = site_error_curves(model, config, evalset, sites, progress=False, keep_refits=False)
 
-    saves: list[int] = []
+    saves: list[str] = []
+    folders: list = []
 
     class InMemory:
         def __init__(self) -> None:
             self.entries: dict[int, dict] = {}
+            folders.append(self)
 
         def save(self, tensors: dict) -> int:
-            saves.append(len(saves))
-            self.entries[saves[-1]] = tensors
-            return saves[-1]
+            saves.append(next(iter(tensors)))
+            self.entries[len(saves)] = tensors
+            return len(saves)
 
         def load(self, key: int) -> dict:
             return self.entries[key]
@@ -272,7 +276,10 @@ def test_carried_batches_past_the_measured_ones_wait_on_disk_with_the_same_curve
 
     monkeypatch.setattr(block_search_module, "SpillFolder", InMemory)
     kept = site_error_curves(model, config, evalset, sites, progress=False, keep_refits=False)
-    assert len(saves) == 2 * 3  # two unmeasured batches, three blocks
+    assert saves.count("hidden") == 2 * 3  # two unmeasured batches, three blocks
+    per_block = len({s.name for s in sites if block_of(s, stacks_of(model)[1]) == (0, 0)})
+    assert saves.count("rows") == 3 * (per_block - 3)  # q, k and v read one capture, kept in memory
+    assert not [e for folder in folders for e in folder.entries.values() if "rows" in e]  # each taken and dropped
     assert kept.keys() == spilled.keys()
     for name in kept:
         assert [c["error"] for c in kept[name]] == [c["error"] for c in spilled[name]]

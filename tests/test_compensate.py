@@ -286,13 +286,17 @@ def test_prefix_held_errors_equal_each_prefix_refit_scored_alone(monkeypatch, ro
         prefix_held_errors(stats, order, (0, 1), (2, 3), (0.0,))
 
 
-def test_prefix_refits_decide_and_install_every_span_cut_as_the_refitter_does():
+def test_prefix_refits_decide_and_install_every_span_cut_as_the_refitter_does_from_the_statistics_alone():
     from hf_fibration.repair.calibration import Refitter
 
     model, config, site, cal = _span_mlp_calibration()
     dendro = site.dendrogram(model, config, cal)
     refitter = Refitter(cal, None, 1.0, many_cuts=True)
-    prefix = refitter.prefixes(site, model, dendro.order)
+    tokens = len(cal)
+    prefix = refitter.prefixes(site, model, dendro.order, drop_rows=True)  # as the block search prices them
+    assert len(cal) == tokens
+    with pytest.raises(RuntimeError, match="dropped"):
+        cal.rows(slice(0, 4))
     refit_seen = set()
     for count in (dendro.num_units - 1, dendro.num_units // 2, dendro.num_units // 4, 2):
         site.apply(model, dendro.cut_to_count(count), None)

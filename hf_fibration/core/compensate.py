@@ -299,51 +299,56 @@ class PrefixHeldErrors:
     cross-products at the fit mean) is a prefix sum over i, j ≤ k of (L⁻¹AL⁻ᵀ)_ij (ZZᵀ)_ij and over i ≤ k of
     ⟨Z_i, (L⁻¹B)_i⟩: O(n³) per λ for all n cuts, instead of O(k³) for each.
 
-    Memory: three m × m float64 buffers — the two symmetric Grams share one (G's lower triangle, A's strict upper),
-    the factor, and L⁻¹A solved in place; L⁻¹AL⁻ᵀ and ZZᵀ are formed ``PREFIX_ROW_BLOCK`` rows at a time."""
+    Memory: two m × m float64 buffers, the factor and L⁻¹A (solved in place), each written ``PREFIX_ROW_BLOCK``
+    rows at a time from ``stats``' own cells (the ridged G into the first, A into the second) at every λ rather
+    than kept as a copy beside them; L⁻¹AL⁻ᵀ and ZZᵀ are formed a row block at a time."""
 
     def __init__(self, stats: UnitStats, order: torch.Tensor, fit: tuple[int, ...], held: tuple[int, ...],
                  upto: int | None = None) -> None:
         weight, mean = stats.weight, stats.mean(fit)
         order = order.to(torch.long)[:upto]  # the prefixes up to m read only the leading m × m block
-        gram = stats.centered_gram(fit, mean)  # one units × units Gram at a time, gathered to the order's m × m
-        self.cross_fit, self._grams = (gram @ weight.T)[order], gram[order[:, None], order[None, :]]
+        gram = stats.centered_gram(fit, mean)  # one units × units Gram at a time
+        self.cross_fit = (gram @ weight.T)[order]
         del gram
         gram = stats.centered_gram(held, mean)  # the held-out tokens centered at the fit mean (the refit's bias)
         self.cross_held = (gram @ weight.T)[order]
         self.constant = float(((weight @ gram) * weight).sum())
-        self._held_diagonal = gram.diagonal()[order]
-        self.size = m = order.numel()
-        columns = torch.arange(m)
-        for rows in _row_blocks(m):
-            upper = columns[None, :] > columns[rows, None]
-            self._grams[rows] = torch.where(upper, gram[order[rows]][:, order], self._grams[rows])
         del gram
+        self._stats, self._order, self._mean = stats, order, mean
+        self._fit, self._held = (tuple(c for c in cells if c in stats.gram) for cells in (fit, held))
+        self.size = m = order.numel()
         self.mu = stats.scale(fit)
         self._factor, self._solved = (torch.empty(m, m, dtype=torch.float64) for _ in range(2))
         self._info = torch.empty((), dtype=torch.int32)
 
-    def _held_gram_into(self, out: torch.Tensor) -> torch.Tensor:
-        """A (the held-out Gram) written whole into ``out`` from the shared buffer's strict upper triangle."""
-        m, grams = out.shape[0], self._grams
-        columns = torch.arange(m)
-        for rows in _row_blocks(m):
-            upper = columns[None, :] > columns[rows, None]
-            torch.where(upper, grams[rows], grams[:, rows].T, out=out[rows])
-        out.diagonal().copy_(self._held_diagonal)
+    def _gram_into(self, out: torch.Tensor, cells: tuple[int, ...]) -> torch.Tensor:
+        """``stats.centered_gram(cells, fit mean)`` gathered to the order's m × m, written into ``out`` a row block
+        at a time (the same operations element by element, so the same values)."""
+        stats, order, mean = self._stats, self._order, self._mean
+        n, total = sum(stats.n[c] for c in cells), _total(stats.sum, cells)
+        for rows in _row_blocks(out.shape[0]):
+            picked = order[rows]
+            block = out[rows]
+            torch.index_select(stats.gram[cells[0]][picked], 1, order, out=block)
+            for c in cells[1:]:
+                block += stats.gram[c][picked[:, None], order[None, :]]
+            block.sub_(torch.outer(total[picked], mean[order])).sub_(torch.outer(mean[picked], total[order]))
+            block.add_(torch.outer(mean[picked], mean[order]).mul_(n))
         return out
 
     def __call__(self, ridge: float) -> torch.Tensor:
         if ridge <= 0:
             raise ValueError("PrefixHeldErrors needs a ridge > 0 (a factorization per λ).")
-        factor = self._factor
-        factor.copy_(self._grams).diagonal().add_(ridge * self.mu)  # the factorization reads the lower triangle
+        factor = self._gram_into(self._factor, self._fit)
+        factor.diagonal().add_(ridge * self.mu)
         torch.linalg.cholesky_ex(factor, out=(factor, self._info))
         if int(self._info):
             raise ValueError(f"The ridged Gram is not positive definite at λ = {ridge:g} (its units carry no signal).")
         z = torch.linalg.solve_triangular(factor, self.cross_fit, upper=False)
         b_hat = torch.linalg.solve_triangular(factor, self.cross_held, upper=False)
-        solved = self._held_gram_into(self._solved)
+        linear = (z * b_hat).sum(1).cumsum(0)
+        del b_hat  # freed before the row blocks' temporaries
+        solved = self._gram_into(self._solved, self._held)
         torch.linalg.solve_triangular(factor, solved, upper=False, out=solved)  # L⁻¹A, in place
         quadratic = torch.empty(z.shape[0], dtype=torch.float64)
         for rows in _row_blocks(z.shape[0]):
@@ -352,7 +357,6 @@ class PrefixHeldErrors:
             products = (z[rows] @ z.T).mul_(a_hat)
             diagonal = products.diagonal(offset=rows.start).clone()
             quadratic[rows] = 2 * products.tril_(rows.start - 1).sum(1) + diagonal
-        linear = (z * b_hat).sum(1).cumsum(0)
         return quadratic.cumsum_(0) - 2 * linear + self.constant
 
 
@@ -562,7 +566,9 @@ def _span_pivots(gram: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"LAPACK dpstrf rejected argument {-info} of the span Gram.")
     piv = torch.from_numpy(piv.astype("int64") - 1)
     pivots = torch.cat([piv[:rank], piv[rank:].sort().values])
-    explained = torch.from_numpy(factor[:, :rank]).tril().pow(2).sum(0).cumsum(0)
+    # L's first rank columns are the rows of the C-ordered transpose: squared and summed in place (L is not needed
+    # after; copies would double the units × rank floats at the site's peak)
+    explained = torch.from_numpy(factor[:, :rank].T).triu_().pow_(2).sum(1).cumsum(0)
     energy = torch.zeros(n + 1, dtype=torch.float64)
     energy[0] = total
     energy[1:rank + 1] = (total - explained).clamp_min(0)

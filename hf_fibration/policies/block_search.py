@@ -23,6 +23,7 @@ outside the blocks (embeddings) are left uncompressed.
 from __future__ import annotations
 
 import math
+from collections import Counter
 
 import torch
 from torch import nn
@@ -158,7 +159,7 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
                 block_sites = by_block.get((s, b), [])
                 calibrating = [site for site in block_sites if calibrates(site, config)]
                 with _SiteInputs(model, block_sites if local else [], measured, calibrating,
-                                 config.calibration_tokens) as site_inputs:
+                                 config.calibration_tokens, carried_spill) as site_inputs:
                     reference = []
                     for i, (call, h) in enumerate(zip(calls, hidden, strict=True)):
                         site_inputs.start_batch(i)
@@ -167,6 +168,8 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
                             carried_spill.drop(key)
                         y = _run(block, call, h)
                         reference.append(y if i < measured else carried_spill.save({"hidden": y}))
+                        trim_heap()  # the batch's freed buffers (and the spill's I/O copies) would pile up until the
+                        # block's first site trims: ~100 MB on a 576-wide model
                 hidden = hidden[:measured]  # the block errors read the measured batches only
                 if fisher is None:  # relative error: ‖δ‖² / ‖Y‖²
                     weights = None
@@ -175,9 +178,10 @@ def site_error_curves(model: nn.Module, config: FibrationConfig, evalset: EvalSe
                     weights, scale = fisher[(s, b)], 0.5 / max(loss_terms, 1)
                 measure = _BlockError(block, calls[:measured], hidden, reference, weights)
                 for site in block_sites:
-                    local_output = _SiteOutput(model, site, site_inputs.rows[site.name]) if local else None
-                    curves[site.name] = _site_curve(model, config, site, site_inputs.calibrations.get(site.name),
-                                                    measure, scale, local_output, by_count, grid, spill)
+                    # each capture and calibration let go once its site is priced (q/k/v's shared one, by the last)
+                    curves[site.name] = _site_curve(model, config, site, site_inputs.calibrations.pop(site.name, None),
+                                                    measure, scale, site_inputs.take(site.name) if local
+                                                    else None, by_count, grid, spill)
                 hidden = reference
                 if (s, b) in by_block:
                     bar.update(1)
@@ -219,13 +223,16 @@ class _BlockError:
 
 
 class _SiteInputs:
-    """While open, records what enters each site's first module on the first ``measured`` block runs (``rows``), and
+    """While open, records what enters each site's first module on the first ``measured`` block runs (``take``), and
     the calibration of each site in ``calibrating`` (``calibrations``: up to ``max_tokens``, ``start_batch`` naming
-    the block run in progress), so the block's reference run is also its sites' calibration pass."""
+    the block run in progress), so the block's reference run is also its sites' calibration pass. With ``park``,
+    every capture but the first site's waits there until its site takes it: the sites are priced one at a time,
+    and a site's pricing then shares memory with its own capture only."""
 
     def __init__(self, model: nn.Module, sites: list[Site], measured: int, calibrating: list[Site] = (),
-                 max_tokens: int = 0) -> None:
-        self.rows: dict[str, torch.Tensor] = {}
+                 max_tokens: int = 0, park: SpillFolder | None = None) -> None:
+        self.rows: dict[str, torch.Tensor | int] = {}  # a capture, or its key in ``park``
+        self._park, self._waiting, self._loaded = park, Counter(), {}
         self.calibrations: dict[str, Calibration] = {}
         self._parts: dict[str, list[torch.Tensor]] = {site.name: [] for site in sites}
         self._recorders = {site.name: CalibrationRecorder(max_tokens) for site in calibrating}
@@ -260,6 +267,28 @@ class _SiteInputs:
                      for name, parts in self._parts.items() if parts}
         self._parts.clear()
         self.calibrations = {name: r.calibration() for name, r in self._recorders.items() if r.tokens}
+        first = self.rows.get(self._sites[0].name) if self._sites and self._park is not None else None
+        keys: dict[int, int] = {}
+        for name, rows in self.rows.items():
+            if first is not None and rows.data_ptr() != first.data_ptr():  # sites reading one tensor park it once
+                keys.setdefault(rows.data_ptr(), self._park.save({"rows": rows}))
+                self.rows[name] = keys[rows.data_ptr()]
+        self._waiting = Counter(key for key in self.rows.values() if isinstance(key, int))
+
+    def take(self, name: str) -> torch.Tensor:
+        """Site ``name``'s capture, which this object then lets go (read back once where sites share it)."""
+        rows = self.rows.pop(name)
+        if not isinstance(rows, int):
+            return rows
+        tensor = self._loaded.pop(rows, None)
+        if tensor is None:
+            tensor = self._park.load(rows)["rows"]
+        self._waiting[rows] -= 1
+        if self._waiting[rows]:
+            self._loaded[rows] = tensor
+        else:
+            self._park.drop(rows)
+        return tensor
 
 
 class _SiteOutput:
@@ -306,12 +335,13 @@ def _dense_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, calibration: Calibration | None,
-                block_error: _BlockError, scale: float, local: _SiteOutput | None, by_count: bool, grid: int,
+                block_error: _BlockError, scale: float, local_inputs: torch.Tensor | None, by_count: bool, grid: int,
                 spill: SpillFolder | None) -> list[dict]:
     """The site's cuts with their block errors: each measured by ``block_error`` (a block run per cut), or with
-    ``local`` each cut's site-output error, scaled to the block's error by the one cut nearest half the units
-    (the most compressed cut whose site output changes, when that one is exact). ``calibration``: what entered the
-    site on the block's reference run (MLP sites that calibrate)."""
+    ``local_inputs`` (what entered the site on the measured block runs) each cut's local error — its site output's
+    error on them, or its refit's held-out error where the cuts are nested — scaled to the block's error by the one
+    cut nearest half the units (the most compressed cut whose local error is not 0, when that one is exact).
+    ``calibration``: what entered the site on the block's reference run (MLP sites that calibrate)."""
     refit = refitter(calibration, config, many_cuts=True)
     dendro = site.dendrogram(model, config, calibration)
     site.commit()
@@ -323,8 +353,12 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, calibrati
     ratio = None  # block error per unit of site-output error
     # nested cuts (span) with local pricing: each cut priced by its refit's held-out error, all cuts from one
     # factorization per λ; a consumer is solved only where a cut is applied or kept
-    prefix = None if local is None or refit is None or not getattr(dendro, "nested", False) else refit.prefixes(
-        site, model, dendro.order, sorted({part.num_fibers for _, part in cuts}))
+    priced_locally = local_inputs is not None
+    prefix = None if not priced_locally or refit is None or not getattr(dendro, "nested", False) else refit.prefixes(
+        site, model, dendro.order, sorted({part.num_fibers for _, part in cuts}), drop_rows=True)
+    # the site's own output on the captured rows is read only where no prefix pricing prices the cuts
+    local = _SiteOutput(model, site, local_inputs) if priced_locally and prefix is None else None
+    del local_inputs
     for eps, part in cuts:
         if part.num_fibers in curve or part.is_trivial:
             continue
@@ -335,7 +369,7 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, calibrati
         else:
             result = site.apply(model, part, refit)
             error = block_error() if local is None else local.error(model)
-        sets_ratio = local is not None and ratio is None and error > 0 and part.num_fibers <= units / 2
+        sets_ratio = priced_locally and ratio is None and error > 0 and part.num_fibers <= units / 2
         if prefix is not None and (spill is not None or sets_ratio):  # this cut's consumer is kept or measured
             prefix.install(site, model, result)
         if sets_ratio:
@@ -345,7 +379,7 @@ def _site_curve(model: nn.Module, config: FibrationConfig, site: Site, calibrati
                                   "params_before": params_before, "error": error, "refit": replay}
         site.restore(model)
         site.commit()  # forget the originals: a later apply must take the model's modules as they are then
-    if local is not None and curve:
+    if priced_locally and curve:
         changed = [cut for cut in curve.values() if cut["error"] > 0]
         if ratio is None and changed:
             cut = min(changed, key=lambda c: c["params"])

@@ -39,9 +39,10 @@ class Calibration:
     applies its cuts: float32 or bfloat16 halves or quarters that memory, and loses nothing, since those are the
     values the model computed); ``inputs`` and ``rows`` give them in float64, where the refits compute.
     ``original_stats`` keeps the per-cell sums of the site's original hidden units once computed: the span fibers
-    and every refit of the site read them (one pass over the tokens for both)."""
+    and every refit of the site read them (one pass over the tokens for both); a caller that reads nothing else
+    after them lets go of the rows (``drop_rows``)."""
 
-    stored: torch.Tensor
+    stored: torch.Tensor | None
     sequence: torch.Tensor
     batch: torch.Tensor | None = None  # the eval batch each token came from (for cross-fitting)
     _stats: UnitStats | None = field(default=None, repr=False, compare=False)
@@ -49,11 +50,21 @@ class Calibration:
 
     @property
     def inputs(self) -> torch.Tensor:
-        return self.stored.to(torch.float64)
+        return self._stored().to(torch.float64)
 
     def rows(self, rows: slice, dtype: torch.dtype = torch.float64) -> torch.Tensor:
         """``inputs[rows]`` without converting the other rows."""
-        return self.stored[rows].to(dtype)
+        return self._stored()[rows].to(dtype)
+
+    def _stored(self) -> torch.Tensor:
+        if self.stored is None:
+            raise RuntimeError("This calibration's token rows were dropped once its statistics were formed; "
+                               "capture the site's calibration again to refit from rows.")
+        return self.stored
+
+    def drop_rows(self) -> None:
+        """Free the token rows, keeping the sequence and batch of each token and the statistics already formed."""
+        self.stored = None
 
     @classmethod
     def from_tokens(cls, inputs: torch.Tensor, block: int = 32) -> Calibration:
@@ -64,7 +75,7 @@ class Calibration:
         return (self.sequence * 2654435761 + 97) % 2**32 % every == 0
 
     def __len__(self) -> int:
-        return self.stored.shape[0]
+        return self.sequence.shape[0]
 
     def original_stats(self, site: Site, model: nn.Module, parity: bool = False) -> UnitStats:
         """``UnitStats`` of the site's original hidden units on these tokens, in the cells of ``_cells`` — split by
@@ -248,16 +259,19 @@ class Refitter:
         data = _RefitData.of_kept(stats, kept, self.calibration, self.min_tokens_per_unit)
         return _refit(model, site.modules[-1], data, self.calibration, self.ridge, self.cross_fit)
 
-    def prefixes(self, site: Site, model: nn.Module, order: torch.Tensor, counts: list[int] | None = None
-                 ) -> PrefixRefits | None:
+    def prefixes(self, site: Site, model: nn.Module, order: torch.Tensor, counts: list[int] | None = None,
+                 drop_rows: bool = False) -> PrefixRefits | None:
         """The refits of the cuts that keep a prefix of ``order`` (nested cuts: span) of ``counts`` units (default:
         every prefix), priced at once; None where the statistics path does not apply (a wide site, a ridge fixed at
-        0, no held-out tokens)."""
+        0, no held-out tokens). ``drop_rows``: free the calibration's token rows before pricing, for a caller whose
+        every later refit of the site reads the statistics alone."""
         if not _stats_fit(site, model) or self.ridge == 0:
             return None
         stats = self.calibration.original_stats(site, model, self.cross_fit)
         if not any(stats.n[c] for c in (2, 3)) or not any(stats.n[c] for c in (0, 1)):
             return None
+        if drop_rows:
+            self.calibration.drop_rows()
         return PrefixRefits(self, site, model, order, counts)
 
     def release(self) -> None:
