@@ -236,9 +236,10 @@ def test_a_rows_site_error_read_from_the_input_gram_equals_the_projected_tokens(
     site = next(s for s in build_sites(model, config) if s.kind == "rows")
     inputs = torch.randn(50, get_module(model, site.modules[0]).weight.shape[1 if family != "gpt2" else 0]) + 0.5
     measure = _SiteOutput(model, site, inputs)
+    reference = measure._output(model)
     dendro = site.dendrogram(model, config, None)
     site.apply(model, dendro.cut_to_count(max(1, site.units(model) // 3)), None)
-    projected = float((measure._output(model) - measure.reference).double().pow(2).sum())
+    projected = float((measure._output(model) - reference).double().pow(2).sum())
     assert projected > 0
     measure._output = lambda model: pytest.fail("the error projected the tokens again")
     assert measure.error(model) == pytest.approx(projected, rel=1e-5)

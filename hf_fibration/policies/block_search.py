@@ -299,11 +299,12 @@ class _SiteOutput:
     def __init__(self, model: nn.Module, site: Site, inputs: torch.Tensor) -> None:
         self.site, self.inputs = site, inputs
         self.act = mlp_activation(model)[1] if site.kind == "mlp" else None
-        self.reference = self._output(model)
-        if site.kind == "rows":
+        if site.kind == "rows":  # no projection of the tokens: the original weights and the inputs' Gram suffice
             x = inputs.reshape(-1, inputs.shape[-1]).to(torch.float64)
             self.gram, self.total, self.tokens = x.T @ x, x.sum(0), x.shape[0]
             self.weight, self.bias = _dense_weights(get_module(model, site.modules[0]))
+        else:
+            self.reference = self._output(model)
 
     def _output(self, model: nn.Module) -> torch.Tensor:
         if self.site.kind == "rows":
@@ -320,6 +321,8 @@ class _SiteOutput:
             if weight.shape == self.weight.shape:
                 dw, db = weight - self.weight, bias - self.bias
                 return float(((dw @ self.gram) * dw).sum() + 2 * db @ (dw @ self.total) + self.tokens * db @ db)
+            reference = self.inputs.to(torch.float64) @ self.weight.T + self.bias  # the original projection
+            return float((self._output(model).double() - reference).pow(2).sum())
         return float((self._output(model) - self.reference).double().pow(2).sum())
 
 
