@@ -248,15 +248,26 @@ class UnitStats:
         cells = tuple(self.gram)
         return tuple(self.gram[c] for c in cells), _total(self.sum, cells), sum(self.n)
 
-    def centered_gram(self, cells: tuple[int, ...], mean: torch.Tensor | None = None) -> torch.Tensor:
-        """Σ (h − m)(h − m)ᵀ over the tokens of ``cells`` (all units), m = ``mean`` or those tokens' own mean."""
+    def centered_gram(self, cells: tuple[int, ...], mean: torch.Tensor | None = None, rows: torch.Tensor | None = None,
+                      columns: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Σ (h − m)(h − m)ᵀ over the tokens of ``cells``, m = ``mean`` or those tokens' own mean: over all units, or
+        the block of units ``rows`` × ``columns`` (index tensors), written into ``out`` when given."""
         cells = tuple(c for c in cells if c in self.gram)
+        units = torch.arange(self.weight.shape[1])
+        rows, columns, whole = (units if rows is None else rows, units if columns is None else columns,
+                                rows is None and columns is None and out is None)
         if not cells:
-            return self.weight.new_zeros(self.weight.shape[1], self.weight.shape[1])
+            return self.weight.new_zeros(rows.numel(), columns.numel()) if out is None else out.zero_()
         n, total = sum(self.n[c] for c in cells), _total(self.sum, cells)
         mean = total / max(n, 1) if mean is None else mean
-        cross = torch.outer(total, mean)
-        return _total(self.gram, cells).sub_(cross).sub_(cross.T).add_(torch.outer(mean, mean).mul_(n))
+        if whole:
+            gram = _total(self.gram, cells)
+        else:
+            gram = torch.index_select(self.gram[cells[0]][rows], 1, columns, out=out)
+            for c in cells[1:]:
+                gram += self.gram[c][rows[:, None], columns[None, :]]
+        gram.sub_(torch.outer(total[rows], mean[columns])).sub_(torch.outer(mean[rows], total[columns]))
+        return gram.add_(torch.outer(mean[rows], mean[columns]).mul_(n))
 
     def mean(self, cells: tuple[int, ...]) -> torch.Tensor:
         cells = tuple(c for c in cells if c in self.gram)
@@ -314,26 +325,16 @@ class PrefixHeldErrors:
         self.cross_held = (gram @ weight.T)[order]
         self.constant = float(((weight @ gram) * weight).sum())
         del gram
-        self._stats, self._order, self._mean = stats, order, mean
-        self._fit, self._held = (tuple(c for c in cells if c in stats.gram) for cells in (fit, held))
+        self._stats, self._order, self._mean, self._fit, self._held = stats, order, mean, fit, held
         self.size = m = order.numel()
         self.mu = stats.scale(fit)
         self._factor, self._solved = (torch.empty(m, m, dtype=torch.float64) for _ in range(2))
         self._info = torch.empty((), dtype=torch.int32)
 
     def _gram_into(self, out: torch.Tensor, cells: tuple[int, ...]) -> torch.Tensor:
-        """``stats.centered_gram(cells, fit mean)`` gathered to the order's m × m, written into ``out`` a row block
-        at a time (the same operations element by element, so the same values)."""
-        stats, order, mean = self._stats, self._order, self._mean
-        n, total = sum(stats.n[c] for c in cells), _total(stats.sum, cells)
+        """``stats.centered_gram(cells, fit mean)`` on the order's m × m, into ``out`` a row block at a time."""
         for rows in _row_blocks(out.shape[0]):
-            picked = order[rows]
-            block = out[rows]
-            torch.index_select(stats.gram[cells[0]][picked], 1, order, out=block)
-            for c in cells[1:]:
-                block += stats.gram[c][picked[:, None], order[None, :]]
-            block.sub_(torch.outer(total[picked], mean[order])).sub_(torch.outer(mean[picked], total[order]))
-            block.add_(torch.outer(mean[picked], mean[order]).mul_(n))
+            self._stats.centered_gram(cells, self._mean, self._order[rows], self._order, out=out[rows])
         return out
 
     def __call__(self, ridge: float) -> torch.Tensor:

@@ -23,7 +23,6 @@ outside the blocks (embeddings) are left uncompressed.
 from __future__ import annotations
 
 import math
-from collections import Counter
 
 import torch
 from torch import nn
@@ -232,7 +231,7 @@ class _SiteInputs:
     def __init__(self, model: nn.Module, sites: list[Site], measured: int, calibrating: list[Site] = (),
                  max_tokens: int = 0, park: SpillFolder | None = None) -> None:
         self.rows: dict[str, torch.Tensor | int] = {}  # a capture, or its key in ``park``
-        self._park, self._waiting, self._loaded = park, Counter(), {}
+        self._park, self._loaded = park, {}  # a parked capture read back while another site still waits for it
         self.calibrations: dict[str, Calibration] = {}
         self._parts: dict[str, list[torch.Tensor]] = {site.name: [] for site in sites}
         self._recorders = {site.name: CalibrationRecorder(max_tokens) for site in calibrating}
@@ -273,7 +272,6 @@ class _SiteInputs:
             if first is not None and rows.data_ptr() != first.data_ptr():  # sites reading one tensor park it once
                 keys.setdefault(rows.data_ptr(), self._park.save({"rows": rows}))
                 self.rows[name] = keys[rows.data_ptr()]
-        self._waiting = Counter(key for key in self.rows.values() if isinstance(key, int))
 
     def take(self, name: str) -> torch.Tensor:
         """Site ``name``'s capture, which this object then lets go (read back once where sites share it)."""
@@ -283,8 +281,7 @@ class _SiteInputs:
         tensor = self._loaded.pop(rows, None)
         if tensor is None:
             tensor = self._park.load(rows)["rows"]
-        self._waiting[rows] -= 1
-        if self._waiting[rows]:
+        if any(isinstance(key, int) and key == rows for key in self.rows.values()):  # another site reads it
             self._loaded[rows] = tensor
         else:
             self._park.drop(rows)
